@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from django.db import models
+
+
+class AgentStatus(models.TextChoices):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DRAINING = "draining"
+
+
+class Agent(models.Model):
+    """Table and column names are fixed: operators query `agents` by hand (SPEC 2)."""
+
+    agent_id = models.CharField(max_length=64, primary_key=True)
+    agent_name = models.CharField(max_length=253)
+    pool = models.ForeignKey(
+        "pools.AgentPool", on_delete=models.PROTECT, db_column="pool_id", related_name="agents"
+    )
+    status = models.CharField(
+        max_length=16, choices=AgentStatus.choices, default=AgentStatus.ONLINE
+    )
+    version = models.CharField(max_length=64, blank=True, default="")
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    last_ping_at = models.DateTimeField(null=True, blank=True)
+    registered_at = models.DateTimeField()
+    reported_task_ids = models.JSONField(default=list, blank=True)
+    cpu = models.FloatField(null=True, blank=True)
+    memory = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        db_table = "agents"
+        ordering = ["agent_name"]
+        constraints = [
+            models.UniqueConstraint(fields=["pool", "agent_name"], name="uniq_agent_name_in_pool")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_name} ({self.agent_id})"

@@ -1,0 +1,83 @@
+"""JSON plumbing shared by the agent API and the admin API: body parsing with field-named
+400s, and one mapping from domain errors to HTTP statuses."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from poolsadmin.lib.errors import DomainError, InvalidInput
+
+Handler = TypeVar("Handler", bound=Callable[..., HttpResponse])
+
+
+def json_body(request: HttpRequest) -> dict[str, Any]:
+    """The request's JSON object, or InvalidInput naming what is wrong."""
+    if not request.body:
+        return {}
+    try:
+        data = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"body is not valid JSON: {exc}", field="body") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("body must be a JSON object", field="body")
+    return data
+
+
+def field_str(data: dict[str, Any], name: str, *, required: bool = True, default: str = "") -> str:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise InvalidInput(f"{name} is required", field=name)
+        return default
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string", field=name)
+    return value
+
+
+def field_bool(data: dict[str, Any], name: str, *, default: bool = False) -> bool:
+    value = data.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be true or false", field=name)
+    return value
+
+
+def field_int(data: dict[str, Any], name: str, *, required: bool = True, default: int = 0) -> int:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise InvalidInput(f"{name} is required", field=name)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be an integer", field=name)
+    return value
+
+
+def field_number(data: dict[str, Any], name: str) -> float | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{name} must be a number", field=name)
+    return float(value)
+
+
+def error_response(error: DomainError) -> JsonResponse:
+    return JsonResponse(error.as_dict(), status=error.http_status)
+
+
+def json_errors(view: Handler) -> Handler:
+    """Turn domain errors raised by a view into JSON error responses."""
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return view(request, *args, **kwargs)
+        except DomainError as error:
+            return error_response(error)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""App-agnostic helpers: nothing here imports a poolsadmin app."""

@@ -1,0 +1,343 @@
+"""Writes to pools, tokens, pods and slots. Every slot change is a conditional update keyed by
+what the caller expects the slot to hold, inside a transaction, with an event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+
+from poolsadmin.events.services import event_record
+from poolsadmin.lib import clock
+from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
+from poolsadmin.pools.models import (
+    AgentPool,
+    Pod,
+    PodPhase,
+    PoolToken,
+    PoolType,
+    Slot,
+    SlotState,
+)
+from poolsadmin.realtime.broadcast import broadcast_pool_changed
+
+
+def slot_label(slot: Slot) -> str:
+    return f"{slot.pod.name}[{slot.index}]"
+
+
+def _slot_snapshot(slot: Slot) -> dict[str, Any]:
+    return {
+        "state": slot.state,
+        "task_id": slot.task_id,
+        "task_type": slot.task_type,
+        "version": slot.version,
+        "reserved_until": slot.reserved_until.isoformat() if slot.reserved_until else None,
+    }
+
+
+# --- pools -------------------------------------------------------------------------------------
+
+
+def pool_validate(
+    *,
+    pool_type: str,
+    slots_per_pod: int,
+    plan_and_apply_per_pod: int,
+    min_replicas: int,
+    max_replicas: int,
+    pod_image: str,
+) -> None:
+    if pool_type not in PoolType.values:
+        raise InvalidInput(f"pool_type must be one of {PoolType.values}", field="pool_type")
+    if slots_per_pod < 1:
+        raise InvalidInput("slots_per_pod must be at least 1", field="slots_per_pod")
+    if plan_and_apply_per_pod < 1 or plan_and_apply_per_pod > slots_per_pod:
+        raise InvalidInput(
+            "plan_and_apply_per_pod must be between 1 and slots_per_pod",
+            field="plan_and_apply_per_pod",
+        )
+    if pool_type == PoolType.K8S:
+        if max_replicas < 1:
+            raise InvalidInput("max_replicas must be at least 1", field="max_replicas")
+        if not 0 <= min_replicas <= max_replicas:
+            raise InvalidInput("need 0 <= min_replicas <= max_replicas", field="min_replicas")
+        if not pod_image:
+            raise InvalidInput("a k8s pool needs a pod image", field="pod_image")
+
+
+def pool_create(
+    *,
+    name: str,
+    actor: str,
+    pool_type: str = PoolType.STATIC,
+    pool_id: str | None = None,
+    description: str = "",
+    slots_per_pod: int = 4,
+    plan_and_apply_per_pod: int = 1,
+    min_replicas: int = 0,
+    max_replicas: int = 1,
+    pod_image: str = "",
+    namespace: str = "",
+    **extra: Any,
+) -> AgentPool:
+    if not name.strip():
+        raise InvalidInput("name is required", field="name")
+    if pool_id is not None and not POOL_ID_RE.match(pool_id):
+        raise InvalidInput("pool_id must be 'pool-' and 16 of [a-z0-9]", field="pool_id")
+    pool_validate(
+        pool_type=pool_type,
+        slots_per_pod=slots_per_pod,
+        plan_and_apply_per_pod=plan_and_apply_per_pod,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        pod_image=pod_image,
+    )
+    with transaction.atomic():
+        pool_id = pool_id or random_id("pool-")
+        if AgentPool.objects.filter(pk=pool_id).exists():
+            raise Conflict(f"pool {pool_id} already exists", field="pool_id")
+        pool = AgentPool.objects.create(
+            pool_id=pool_id,
+            name=name.strip(),
+            description=description,
+            pool_type=pool_type,
+            slots_per_pod=slots_per_pod,
+            plan_and_apply_per_pod=plan_and_apply_per_pod,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            pod_image=pod_image,
+            namespace=namespace,
+            created_at=clock.now(),
+            **extra,
+        )
+        event_record(
+            actor=actor,
+            kind="pool.created",
+            target_type="pool",
+            target_id=pool.pool_id,
+            pool_id=pool.pool_id,
+            after={"name": pool.name, "pool_type": pool.pool_type},
+        )
+    return pool
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: PoolToken
+    secret: str  # shown once, never stored
+
+
+def pool_token_create(
+    *, pool: AgentPool, name: str, actor: str, expires_at: datetime | None = None
+) -> IssuedToken:
+    if not name.strip():
+        raise InvalidInput("name is required", field="name")
+    secret = f"apt_{pool.pool_id}_{secret_hex(32)}"
+    with transaction.atomic():
+        token = PoolToken.objects.create(
+            pool=pool,
+            name=name.strip(),
+            token_hash=sha256_hex(secret),
+            created_by=actor,
+            created_at=clock.now(),
+            expires_at=expires_at,
+        )
+        event_record(
+            actor=actor,
+            kind="pool.token_created",
+            target_type="pool",
+            target_id=pool.pool_id,
+            pool_id=pool.pool_id,
+            after={"token_name": token.name},
+        )
+    return IssuedToken(token=token, secret=secret)
+
+
+def pool_token_authenticate(*, secret: str) -> PoolToken:
+    """The pool token behind a bearer secret, or Unauthenticated."""
+    if not secret.startswith("apt_"):
+        raise Unauthenticated("not a pool token (expected apt_<pool_id>_<hex>)")
+    token = PoolToken.objects.select_related("pool").filter(token_hash=sha256_hex(secret)).first()
+    now = clock.now()
+    if token is None:
+        raise Unauthenticated("unknown pool token")
+    if token.revoked_at is not None:
+        raise Unauthenticated("pool token revoked")
+    if token.expires_at is not None and token.expires_at <= now:
+        raise Unauthenticated("pool token expired")
+    # Touch at most once a minute: agents heartbeat every few seconds.
+    if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
+        PoolToken.objects.filter(pk=token.pk).update(last_used_at=now)
+    return token
+
+
+# --- pods --------------------------------------------------------------------------------------
+
+
+def pod_create(
+    *, pool: AgentPool, name: str, phase: str, actor: str, agent_id: str | None = None
+) -> Pod:
+    """A pod and its `slots_per_pod` idle slots, in one transaction."""
+    now = clock.now()
+    with transaction.atomic():
+        pod = Pod.objects.create(
+            pool=pool, name=name, phase=phase, agent_id=agent_id, created_at=now, last_seen_at=now
+        )
+        Slot.objects.bulk_create(
+            [Slot(pod=pod, index=i, since=now) for i in range(pool.slots_per_pod)]
+        )
+        event_record(
+            actor=actor,
+            kind="pod.adopted",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pool.pool_id,
+            after={"phase": phase, "slots": pool.slots_per_pod, "agent_id": agent_id},
+        )
+        broadcast_pool_changed(pool_id=pool.pool_id, kind="pod", payload={"pod": pod.name})
+    return pod
+
+
+def pod_for_static_agent(*, pool: AgentPool, agent_id: str, name: str, actor: str) -> Pod:
+    """In a static pool every agent is its own execution host (a pod with no cluster)."""
+    pod = Pod.objects.filter(pool=pool, name=name).first()
+    if pod is None:
+        return pod_create(
+            pool=pool, name=name, phase=PodPhase.RUNNING, actor=actor, agent_id=agent_id
+        )
+    if pod.agent_id != agent_id:
+        Pod.objects.filter(pk=pod.pk).update(agent_id=agent_id)
+        pod.agent_id = agent_id
+    return pod
+
+
+# --- slots -------------------------------------------------------------------------------------
+
+
+def slot_take(*, slot: Slot, task_id: int, task_type: str, actor: str, pool_id: str) -> bool:
+    """idle -> running for `task_id`. False if the slot is no longer idle."""
+    now = clock.now()
+    changed = Slot.objects.filter(pk=slot.pk, state=SlotState.IDLE, task__isnull=True).update(
+        state=SlotState.RUNNING,
+        task_id=task_id,
+        task_type=task_type,
+        since=now,
+        reserved_until=None,
+        version=F("version") + 1,
+    )
+    if changed != 1:
+        return False
+    event_record(
+        actor=actor,
+        kind="slot.taken",
+        target_type="slot",
+        target_id=slot_label(slot),
+        pool_id=pool_id,
+        task_id=task_id,
+        before=_slot_snapshot(slot),
+        after={"state": SlotState.RUNNING, "task_id": task_id, "task_type": task_type},
+    )
+    broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
+    return True
+
+
+def slot_resume_reserved(*, task_id: int, actor: str, pool_id: str) -> Slot | None:
+    """reserved -> running for the confirmed apply that owns the reservation (I-598)."""
+    slot = Slot.objects.select_related("pod").filter(task_id=task_id).first()
+    if slot is None or slot.state != SlotState.RESERVED:
+        return None
+    changed = Slot.objects.filter(pk=slot.pk, state=SlotState.RESERVED, task_id=task_id).update(
+        state=SlotState.RUNNING, since=clock.now(), version=F("version") + 1
+    )
+    if changed != 1:
+        return None
+    event_record(
+        actor=actor,
+        kind="slot.reservation_used",
+        target_type="slot",
+        target_id=slot_label(slot),
+        pool_id=pool_id,
+        task_id=task_id,
+        before=_slot_snapshot(slot),
+        after={"state": SlotState.RUNNING, "task_id": task_id},
+        reason="confirmed apply reuses the plan's reserved slot",
+    )
+    broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
+    return slot
+
+
+def slot_reserve_for_task(*, task_id: int, until: datetime, actor: str, pool_id: str) -> bool:
+    """running -> reserved, keyed by task: the plan found changes and the apply will want the
+    warm working directory."""
+    slot = Slot.objects.select_related("pod").filter(task_id=task_id).first()
+    if slot is None:
+        return False
+    changed = Slot.objects.filter(pk=slot.pk, task_id=task_id, state=SlotState.RUNNING).update(
+        state=SlotState.RESERVED, since=clock.now(), reserved_until=until, version=F("version") + 1
+    )
+    if changed != 1:
+        return False
+    event_record(
+        actor=actor,
+        kind="slot.reserved",
+        target_type="slot",
+        target_id=slot_label(slot),
+        pool_id=pool_id,
+        task_id=task_id,
+        before=_slot_snapshot(slot),
+        after={
+            "state": SlotState.RESERVED,
+            "task_id": task_id,
+            "reserved_until": until.isoformat(),
+        },
+    )
+    broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
+    return True
+
+
+def slot_free_for_task(
+    *, task_id: int, actor: str, reason: str, pool_id: str, only_state: str | None = None
+) -> Slot | None:
+    """Free whatever slot still holds `task_id` (every free is keyed by task). Returns the slot
+    as it was, or None if no slot held the task (already freed: nothing to do)."""
+    slot = Slot.objects.select_related("pod").filter(task_id=task_id).first()
+    if slot is None or (only_state is not None and slot.state != only_state):
+        return None
+    query = Slot.objects.filter(pk=slot.pk, task_id=task_id)
+    if only_state is not None:
+        query = query.filter(state=only_state)
+    changed = query.update(
+        state=SlotState.IDLE,
+        task=None,
+        task_type="",
+        since=clock.now(),
+        reserved_until=None,
+        version=F("version") + 1,
+    )
+    if changed != 1:
+        return None
+    event_record(
+        actor=actor,
+        kind="slot.freed",
+        target_type="slot",
+        target_id=slot_label(slot),
+        pool_id=pool_id,
+        task_id=task_id,
+        before=_slot_snapshot(slot),
+        after={"state": SlotState.IDLE, "task_id": None},
+        reason=reason,
+    )
+    broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
+    return slot
+
+
+def slot_get(*, slot_id: int) -> Slot:
+    slot = Slot.objects.select_related("pod", "pod__pool").filter(pk=slot_id).first()
+    if slot is None:
+        raise NotFound(f"slot {slot_id} does not exist")
+    return slot

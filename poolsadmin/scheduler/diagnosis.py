@@ -1,0 +1,173 @@
+"""Why is this task waiting? (SPEC 9)
+
+`task_diagnose` computes a code and a sentence that names the blocker from the ledger, with
+the very rule functions the scheduler dispatches by. `diagnosis_record_all` keeps the history:
+one row per change of (code, blocker).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import transaction
+
+from poolsadmin.lib import clock
+from poolsadmin.lib.humanize import duration, stamp
+from poolsadmin.pools.models import AgentPool, Slot, SlotState
+from poolsadmin.pools.selectors import PodView, pool_capacity
+from poolsadmin.scheduler.rules import (
+    Diagnosis,
+    backoff_block,
+    placement_candidates,
+    pool_block,
+    workspace_block,
+)
+from poolsadmin.scheduler.services import ack_timeout
+from poolsadmin.tasks.models import (
+    TERMINAL_STATUSES,
+    TaskStatus,
+    WaitReason,
+    WorkspaceTask,
+)
+from poolsadmin.tasks.services import tasks_waiting_filter
+
+CapacityCache = dict[str, list[PodView]]
+
+
+def _capacity(pool: AgentPool, now: datetime, cache: CapacityCache | None) -> list[PodView]:
+    if cache is None:
+        return pool_capacity(pool=pool, now=now)
+    if pool.pool_id not in cache:
+        cache[pool.pool_id] = pool_capacity(pool=pool, now=now)
+    return cache[pool.pool_id]
+
+
+def task_diagnose(
+    *, task: WorkspaceTask, now: datetime | None = None, cache: CapacityCache | None = None
+) -> Diagnosis:
+    now = now or clock.now()
+    if task.status in TERMINAL_STATUSES:
+        return Diagnosis("finished", f"Task #{task.pk} is {task.status}.")
+    if task.status == TaskStatus.RUNNING:
+        where = f"{task.pod_name}[{task.slot_index}]"
+        if task.acked_at is None:
+            assert task.dispatched_at is not None
+            return Diagnosis(
+                "dispatched",
+                f"Sent to agent {task.agent_id} ({where}) at {stamp(task.dispatched_at)}, "
+                "waiting for its acknowledgement (rolled back at "
+                f"{stamp(task.dispatched_at + ack_timeout())} if none comes).",
+                blocker=f"agent:{task.agent_id}",
+            )
+        return Diagnosis(
+            "running",
+            f"Running ({task.stage}) on agent {task.agent_id} in {where} since "
+            f"{stamp(task.apply_started_at or task.started_at)}.",
+        )
+
+    own_slot: Slot | None = None
+    if task.status == TaskStatus.APPLY_PENDING:
+        own_slot = Slot.objects.select_related("pod").filter(task_id=task.pk).first()
+    lost = task.status == TaskStatus.APPLY_PENDING and own_slot is None and bool(task.plan_pod_name)
+    lost_text = (
+        f"The reserved slot {task.plan_pod_name}[{task.plan_slot_index}] of this apply is "
+        "gone; the apply will take a fresh slot, re-init and restore the stored plan."
+    )
+
+    if task.status == TaskStatus.APPLY_PENDING and not task.apply_confirmed_by:
+        if lost:
+            return Diagnosis(
+                "reservation_lost",
+                lost_text + " It is also still waiting for someone to confirm the apply.",
+                blocker=f"task:{task.pk}",
+            )
+        base = workspace_block(task=task, workspace=task.workspace)
+        assert base is not None
+        if own_slot is not None and own_slot.state == SlotState.RESERVED:
+            until = own_slot.reserved_until
+            left = f", for {duration(until - now)} more" if until else ""
+            return Diagnosis(
+                base.code,
+                f"{base.text} Its slot {own_slot.pod.name}[{own_slot.index}] stays reserved "
+                f"for it{left}: once confirmed, the apply runs there and reuses the plan's "
+                "working directory.",
+                blocker=base.blocker,
+            )
+        return base
+
+    backoff = backoff_block(task=task, now=now)
+    if backoff:
+        return backoff
+    blocked = pool_block(pool=task.pool, now=now) or workspace_block(
+        task=task, workspace=task.workspace
+    )
+    if blocked is None:
+        views = _capacity(task.pool, now, cache)
+        candidates, blocked = placement_candidates(
+            task=task, pool=task.pool, views=views, own_slot=own_slot, now=now
+        )
+        if blocked is None:
+            view, reserved = candidates[0]
+            if reserved is not None:
+                return Diagnosis(
+                    "dispatchable",
+                    f"Confirmed; the next scheduler pass sends the apply to its own reserved "
+                    f"slot {view.pod.name}[{reserved.index}], reusing the plan's working "
+                    "directory.",
+                )
+            if lost:
+                return Diagnosis("reservation_lost", lost_text, blocker=f"task:{task.pk}")
+            return Diagnosis(
+                "dispatchable",
+                f"The next scheduler pass places it on {view.pod.name} "
+                f"({len(view.idle_slots)} free slots).",
+            )
+    if lost:
+        return Diagnosis(blocked.code, f"{blocked.text} {lost_text}", blocker=blocked.blocker)
+    return blocked
+
+
+def task_wait_history(*, task: WorkspaceTask) -> list[WaitReason]:
+    return list(WaitReason.objects.filter(task=task).order_by("id"))
+
+
+def diagnosis_record(*, task: WorkspaceTask, diagnosis: Diagnosis, now: datetime) -> bool:
+    """Open a new history row if (code, blocker) changed; close the previous one."""
+    current = WaitReason.objects.filter(task=task, ended_at__isnull=True).order_by("-id").first()
+    if current and current.code == diagnosis.code and current.blocker == diagnosis.blocker:
+        return False
+    with transaction.atomic():
+        if current:
+            WaitReason.objects.filter(pk=current.pk, ended_at__isnull=True).update(ended_at=now)
+        if diagnosis.code not in {"running", "finished"}:
+            WaitReason.objects.create(
+                task=task,
+                code=diagnosis.code,
+                text=diagnosis.text,
+                blocker=diagnosis.blocker,
+                started_at=now,
+            )
+    return True
+
+
+def diagnosis_record_all(*, limit: int = 2000) -> int:
+    """One pass of the diagnosis loop: 1. diagnose every waiting task and record changes;
+    2. close the open history rows of tasks that stopped waiting. Returns rows changed."""
+    now = clock.now()
+    cache: CapacityCache = {}
+    changed = 0
+    waiting = (
+        WorkspaceTask.objects.filter(tasks_waiting_filter())
+        .select_related("pool", "workspace")
+        .order_by("id")[:limit]
+    )
+    for task in waiting:
+        if diagnosis_record(
+            task=task, diagnosis=task_diagnose(task=task, now=now, cache=cache), now=now
+        ):
+            changed += 1
+    stale = WaitReason.objects.filter(ended_at__isnull=True).exclude(
+        task__in=WorkspaceTask.objects.filter(tasks_waiting_filter())
+    )
+    changed += stale.update(ended_at=now)
+    return changed

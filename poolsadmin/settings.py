@@ -1,0 +1,218 @@
+"""One settings module, configured from the environment.
+
+Every variable is listed in `.env.example`. Bad values fail at start-up with a message that
+names the variable; with nothing set, the zero-setup default runs (SQLite file in `var/`,
+in-memory channel layer, DEBUG on).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("POOLSADMIN_VAR_DIR", BASE_DIR / "var"))
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use true/false, 1/0).")
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer.") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} must be >= {minimum}.")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+DEBUG = env_bool("DEBUG", default=True)
+
+SECRET_KEY = os.environ.get("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
+    SECRET_KEY = "insecure-development-key-only-for-debug"
+
+ALLOWED_HOSTS = env_list(
+    "ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"] if DEBUG else []
+)
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "template_partials",
+    "channels",
+    "poolsadmin.events",
+    "poolsadmin.pools",
+    "poolsadmin.agents",
+    "poolsadmin.tasks",
+    "poolsadmin.scheduler",
+    "poolsadmin.worker",
+    "poolsadmin.api",
+    "poolsadmin.dashboard",
+    "poolsadmin.realtime",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "poolsadmin.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "poolsadmin.wsgi.application"
+ASGI_APPLICATION = "poolsadmin.asgi.application"
+
+# --- Database -------------------------------------------------------------------------------
+# Zero-setup default: an SQLite file in WAL mode. Every transaction is IMMEDIATE, so a writer
+# takes the database write lock at BEGIN: two scheduler processes serialise instead of both
+# reading "slot idle" and one failing at COMMIT. The busy timeout makes the loser wait.
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+SQLITE_BUSY_TIMEOUT_SECONDS = env_int("SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum=1)
+
+
+def _database_from_env() -> dict[str, Any]:
+    if not DATABASE_URL:
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        config: dict[str, Any] = {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "poolsadmin.sqlite3",
+        }
+    else:
+        try:
+            config = dict(dj_database_url.parse(DATABASE_URL, conn_max_age=60))
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from exc
+        if config.get("ENGINE") not in {
+            "django.db.backends.sqlite3",
+            "django.db.backends.postgresql",
+        }:
+            raise ImproperlyConfigured(
+                f"DATABASE_URL uses {config.get('ENGINE')!r}; poolsadmin supports "
+                "postgres:// and sqlite:// only."
+            )
+    if config["ENGINE"] == "django.db.backends.sqlite3":
+        config["OPTIONS"] = {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": SQLITE_BUSY_TIMEOUT_SECONDS,
+            "init_command": (
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"
+            ),
+        }
+        config["CONN_MAX_AGE"] = 0
+        # Tests use a file, not shared-cache memory: shared cache uses table locks that
+        # ignore the busy timeout, and the concurrency tests need real SQLite behaviour.
+        config["TEST"] = {"NAME": str(VAR_DIR / "test-poolsadmin.sqlite3")}
+    return config
+
+
+DATABASES = {"default": _database_from_env()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Channels -------------------------------------------------------------------------------
+CHANNEL_LAYER_URL = os.environ.get("CHANNEL_LAYER_URL", "")
+if not CHANNEL_LAYER_URL or CHANNEL_LAYER_URL == "memory://":
+    CHANNEL_LAYERS: dict[str, Any] = {
+        "default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+    }
+elif CHANNEL_LAYER_URL.startswith(("redis://", "rediss://")):
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [CHANNEL_LAYER_URL]},
+        }
+    }
+else:
+    raise ImproperlyConfigured(
+        f"CHANNEL_LAYER_URL={CHANNEL_LAYER_URL!r}: use redis://host:port/db or memory://."
+    )
+
+# --- Auth -------------------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/pools/"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "staticfiles"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+# --- poolsadmin -------------------------------------------------------------------------------
+# How long an agent has to acknowledge a dispatch before it is rolled back (SPEC 4).
+POOLSADMIN_ACK_TIMEOUT_SECONDS = env_int("POOLSADMIN_ACK_TIMEOUT_SECONDS", 30, minimum=1)
+# Back-off between dispatch attempts after unacknowledged dispatches (SPEC 4).
+POOLSADMIN_RETRY_BACKOFF_SECONDS = (5, 10, 20, 40, 60)
+# Seconds a worker loop sleeps when a pass found nothing to do.
+POOLSADMIN_WORKER_IDLE_SLEEP_SECONDS = float(
+    env_int("POOLSADMIN_WORKER_IDLE_SLEEP_MS", 1000, minimum=10) / 1000
+)

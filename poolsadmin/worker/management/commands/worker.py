@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import close_old_connections
+
+from poolsadmin.worker.loops import LOOPS, Loop
+
+logger = logging.getLogger("poolsadmin.worker")
+
+
+def run_loops(loops: list[Loop], *, stop: threading.Event, once: bool = False) -> None:
+    """Run each loop when it is due until `stop` is set. A failing pass is logged and retried
+    on the next turn: one bad row must not stop the control plane."""
+    next_due = {loop.name: 0.0 for loop in loops}
+    while not stop.is_set():
+        for loop in loops:
+            if stop.is_set():
+                break
+            if not once and time.monotonic() < next_due[loop.name]:
+                continue
+            close_old_connections()
+            try:
+                did_work = loop.run_once()
+            except Exception:
+                logger.exception("%s pass failed", loop.name)
+                did_work = False
+            # A loop that found work goes again soon; an idle one waits its interval.
+            next_due[loop.name] = time.monotonic() + (0.05 if did_work else loop.interval_seconds)
+        if once:
+            return
+        wait = max(0.0, min(next_due.values()) - time.monotonic())
+        stop.wait(min(wait, 1.0))
+
+
+class Command(BaseCommand):
+    help = "Run the background loops (scheduler, reconciler, diagnosis) until SIGTERM."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--once", action="store_true", help="run one pass of each and exit")
+        parser.add_argument(
+            "--only",
+            default="",
+            help=f"comma-separated loops to run (of {', '.join(LOOPS)})",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        names = [n.strip() for n in options["only"].split(",") if n.strip()] or list(LOOPS)
+        unknown = [n for n in names if n not in LOOPS]
+        if unknown:
+            raise CommandError(f"unknown loop(s) {unknown}; choose from {list(LOOPS)}")
+        loops = [LOOPS[n] for n in names]
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            logger.info("signal %s: finishing the current pass, then stopping", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.stdout.write(
+            f"worker: running {', '.join(names)}" + (" once" if options["once"] else "")
+        )
+        run_loops(loops, stop=stop, once=options["once"])
+        self.stdout.write("worker: stopped")
