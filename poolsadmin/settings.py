@@ -155,7 +155,10 @@ def _database_from_env() -> dict[str, Any]:
         config["CONN_MAX_AGE"] = 0
         # Tests use a file, not shared-cache memory: shared cache uses table locks that
         # ignore the busy timeout, and the concurrency tests need real SQLite behaviour.
-        config["TEST"] = {"NAME": str(VAR_DIR / "test-poolsadmin.sqlite3")}
+        # One file per test run, so two runs on one machine do not clobber each other.
+        config["TEST"] = {"NAME": str(VAR_DIR / f"test-poolsadmin-{os.getpid()}.sqlite3")}
+    else:
+        config["TEST"] = {"NAME": f"test_poolsadmin_{os.getpid()}"}
     return config
 
 

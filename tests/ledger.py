@@ -20,8 +20,12 @@ def make_pool(**kwargs: object) -> AgentPool:
     return pool_create(actor=ADMIN, **kwargs)  # type: ignore[arg-type]
 
 
-def make_workspace(pool: AgentPool, name: str | None = None) -> Workspace:
-    return workspace_create(name=name or random_id("ws", 4), pool=pool, actor=ADMIN)
+def make_workspace(
+    pool: AgentPool, name: str | None = None, workspace_id: str | None = None
+) -> Workspace:
+    return workspace_create(
+        name=name or random_id("ws", 4), pool=pool, actor=ADMIN, workspace_id=workspace_id
+    )
 
 
 def make_agent(pool: AgentPool, name: str) -> Agent:

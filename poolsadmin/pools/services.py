@@ -4,7 +4,7 @@ what the caller expects the slot to hold, inside a transaction, with an event.""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, time
 from typing import Any
 
 from django.db import transaction
@@ -16,13 +16,16 @@ from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthentica
 from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
 from poolsadmin.pools.models import (
     AgentPool,
+    FreezeWindow,
     Pod,
     PodPhase,
+    PoolStatus,
     PoolToken,
     PoolType,
     Slot,
     SlotState,
 )
+from poolsadmin.pools.selectors import end_of_local_day
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
 
 
@@ -341,3 +344,126 @@ def slot_get(*, slot_id: int) -> Slot:
     if slot is None:
         raise NotFound(f"slot {slot_id} does not exist")
     return slot
+
+
+def pool_pause(
+    *, pool_id: str, actor: str, reason: str, until: datetime | None = None
+) -> AgentPool:
+    """Stop dispatching new work in the pool (rule 6). Running work continues."""
+    if not reason.strip():
+        raise InvalidInput("a reason is required to pause a pool", field="reason")
+    with transaction.atomic():
+        pool = AgentPool.objects.select_for_update().filter(pk=pool_id).first()
+        if pool is None:
+            raise NotFound(f"pool {pool_id} does not exist")
+        if pool.status == PoolStatus.PAUSED:
+            raise Conflict(f"pool {pool_id} is already paused by {pool.paused_by}")
+        AgentPool.objects.filter(pk=pool_id, status=PoolStatus.ACTIVE).update(
+            status=PoolStatus.PAUSED,
+            paused_by=actor,
+            paused_reason=reason,
+            paused_at=clock.now(),
+            paused_until=until,
+        )
+        event_record(
+            actor=actor,
+            kind="pool.paused",
+            target_type="pool",
+            target_id=pool_id,
+            pool_id=pool_id,
+            before={"status": PoolStatus.ACTIVE},
+            after={"status": PoolStatus.PAUSED, "until": until.isoformat() if until else None},
+            reason=reason,
+        )
+        broadcast_pool_changed(pool_id=pool_id, kind="pool", payload={"status": "paused"})
+        pool.refresh_from_db()
+    return pool
+
+
+def pool_resume(*, pool_id: str, actor: str, reason: str = "") -> AgentPool:
+    with transaction.atomic():
+        pool = AgentPool.objects.select_for_update().filter(pk=pool_id).first()
+        if pool is None:
+            raise NotFound(f"pool {pool_id} does not exist")
+        if pool.status != PoolStatus.PAUSED:
+            raise Conflict(f"pool {pool_id} is not paused")
+        AgentPool.objects.filter(pk=pool_id, status=PoolStatus.PAUSED).update(
+            status=PoolStatus.ACTIVE,
+            paused_by="",
+            paused_reason="",
+            paused_at=None,
+            paused_until=None,
+        )
+        event_record(
+            actor=actor,
+            kind="pool.resumed",
+            target_type="pool",
+            target_id=pool_id,
+            pool_id=pool_id,
+            before={"status": PoolStatus.PAUSED, "paused_by": pool.paused_by},
+            after={"status": PoolStatus.ACTIVE},
+            reason=reason,
+        )
+        broadcast_pool_changed(pool_id=pool_id, kind="pool", payload={"status": "active"})
+        pool.refresh_from_db()
+    return pool
+
+
+def pool_freeze_window_add(
+    *,
+    pool: AgentPool,
+    weekdays: list[int],
+    start: time,
+    end: time,
+    actor: str,
+    name: str = "",
+) -> FreezeWindow:
+    if not weekdays or any(d not in range(7) for d in weekdays):
+        raise InvalidInput("weekdays must be a non-empty list of 0 (Monday) .. 6", field="weekdays")
+    if start == end:
+        raise InvalidInput("a freeze window needs different start and end times", field="end")
+    with transaction.atomic():
+        window = FreezeWindow.objects.create(
+            pool=pool, name=name, weekdays=sorted(set(weekdays)), start=start, end=end
+        )
+        event_record(
+            actor=actor,
+            kind="pool.freeze_window_added",
+            target_type="pool",
+            target_id=pool.pool_id,
+            pool_id=pool.pool_id,
+            after={
+                "name": name,
+                "weekdays": window.weekdays,
+                "start": f"{start:%H:%M}",
+                "end": f"{end:%H:%M}",
+            },
+        )
+    return window
+
+
+def pool_unfreeze_once(*, pool_id: str, actor: str, reason: str) -> AgentPool:
+    """One-time unfreeze until the end of the pool's local day (SPEC 6)."""
+    if not reason.strip():
+        raise InvalidInput("a reason is required to unfreeze a pool", field="reason")
+    now = clock.now()
+    with transaction.atomic():
+        pool = AgentPool.objects.select_for_update().filter(pk=pool_id).first()
+        if pool is None:
+            raise NotFound(f"pool {pool_id} does not exist")
+        until = end_of_local_day(pool=pool, now=now)
+        AgentPool.objects.filter(pk=pool_id).update(
+            unfrozen_until=until, unfrozen_by=actor, unfrozen_at=now
+        )
+        event_record(
+            actor=actor,
+            kind="pool.unfrozen",
+            target_type="pool",
+            target_id=pool_id,
+            pool_id=pool_id,
+            after={"unfrozen_until": until.isoformat()},
+            reason=reason,
+        )
+        broadcast_pool_changed(pool_id=pool_id, kind="pool", payload={"unfrozen": True})
+        pool.refresh_from_db()
+    return pool

@@ -98,10 +98,12 @@ def workspace_block(*, task: WorkspaceTask, workspace: Workspace) -> Diagnosis |
                 "one at a time.",
                 blocker=f"task:{earlier.pk}",
             )
-    if workspace.is_locked:
+    if workspace.is_locked and task.task_type != TaskType.PLAN:
         owns_lock = workspace.lock_task_id == task.pk and task.status == TaskStatus.APPLY_PENDING
         if not owns_lock:
             # Rule 1: a locked workspace runs nothing but the apply that owns the lock.
+            # Speculative `plan` tasks are the exception (rule 3, I-523): they only read
+            # state, so they stay independent of plan_and_apply and of its apply lock.
             owner = f", owning task #{workspace.lock_task_id}" if workspace.lock_task_id else ""
             return Diagnosis(
                 "workspace_locked",

@@ -315,15 +315,18 @@ class PassResult:
         return bool(self.dispatched or self.rolled_back)
 
 
-def dispatch_candidates(*, now: datetime, limit: int) -> list[tuple[int, str, str, str]]:
-    """Waiting tasks in dispatch order (rules 4 and 7): confirmed applies first, then FIFO by
-    creation, drift checks last."""
+def _waiting(now: datetime) -> Q:
+    return (
+        Q(status=TaskStatus.PENDING)
+        | (Q(status=TaskStatus.APPLY_PENDING) & ~Q(apply_confirmed_by=""))
+    ) & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+
+
+def dispatch_candidates(*, pool_id: str, now: datetime, limit: int) -> list[tuple[int, str, str]]:
+    """A pool's waiting tasks in dispatch order (rules 4 and 7): confirmed applies first, then
+    FIFO by creation, drift checks last."""
     rows = (
-        WorkspaceTask.objects.filter(
-            Q(status=TaskStatus.PENDING)
-            | (Q(status=TaskStatus.APPLY_PENDING) & ~Q(apply_confirmed_by=""))
-        )
-        .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+        WorkspaceTask.objects.filter(_waiting(now), pool_id=pool_id)
         .annotate(
             priority=Case(
                 When(status=TaskStatus.APPLY_PENDING, then=Value(0)),
@@ -333,15 +336,19 @@ def dispatch_candidates(*, now: datetime, limit: int) -> list[tuple[int, str, st
             )
         )
         .order_by("priority", "created_at", "id")
-        .values_list("id", "pool_id", "task_type", "status")[:limit]
+        .values_list("id", "task_type", "status")[:limit]
     )
     return list(rows)
 
 
-def scheduler_pass(*, actor: str = SCHEDULER, limit: int = 1000) -> PassResult:
-    """One pass: 1. roll back unacknowledged dispatches; 2. dispatch as many waiting tasks as
-    fit, in priority order. A pool found without any free slot is not tried again in this pass
-    for new work (confirmed applies still are: they may own a reserved slot)."""
+def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> PassResult:
+    """One pass: 1. roll back unacknowledged dispatches; 2. per pool with waiting work,
+    dispatch as many waiting tasks as fit, in priority order.
+
+    Pools are independent (their capacity is their own), so each is walked separately: a
+    long queue in one pool never starves another. Once a pool has no free slot for anyone,
+    its remaining pending tasks are not tried in this pass (confirmed applies still are: they
+    may own a reserved slot, I-598)."""
     result = PassResult()
     now = clock.now()
     expired = WorkspaceTask.objects.filter(
@@ -353,13 +360,24 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit: int = 1000) -> PassResult:
         if task_dispatch_rollback(task_id=task_id, actor=actor):
             result.rolled_back.append(task_id)
 
-    exhausted: set[str] = set()
-    no_plan_and_apply_room: set[str] = set()
-    for task_id, pool_id, task_type, status in dispatch_candidates(now=now, limit=limit):
+    pool_ids = (
+        WorkspaceTask.objects.filter(_waiting(now)).values_list("pool_id", flat=True).distinct()
+    )
+    for pool_id in sorted(pool_ids):
+        _pass_pool(pool_id=pool_id, now=now, limit=limit_per_pool, actor=actor, result=result)
+    if result.dispatched:
+        logger.info("dispatched %s", result.dispatched)
+    return result
+
+
+def _pass_pool(*, pool_id: str, now: datetime, limit: int, actor: str, result: PassResult) -> None:
+    exhausted = False
+    no_plan_and_apply_room = False
+    for task_id, task_type, status in dispatch_candidates(pool_id=pool_id, now=now, limit=limit):
         if status == TaskStatus.PENDING:
-            if pool_id in exhausted:
+            if exhausted:
                 continue
-            if task_type == TaskType.PLAN_AND_APPLY and pool_id in no_plan_and_apply_room:
+            if task_type == TaskType.PLAN_AND_APPLY and no_plan_and_apply_room:
                 continue
         try:
             outcome = task_dispatch(task_id=task_id, actor=actor)
@@ -373,11 +391,9 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit: int = 1000) -> PassResult:
             continue
         result.waiting[task_id] = outcome.diagnosis
         code = outcome.diagnosis.code
-        pool_closed = code in {"pool_paused", "pool_frozen"}
-        if pool_closed or (code in POOL_EXHAUSTED and status == TaskStatus.PENDING):
-            exhausted.add(pool_id)
+        if code in {"pool_paused", "pool_frozen"}:
+            return
+        if code in POOL_EXHAUSTED and status == TaskStatus.PENDING:
+            exhausted = True
         elif code == "plan_and_apply_capacity":
-            no_plan_and_apply_room.add(pool_id)
-    if result.dispatched:
-        logger.info("dispatched %s", result.dispatched)
-    return result
+            no_plan_and_apply_room = True
