@@ -8,7 +8,7 @@ from types import FrameType
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 
 from poolsadmin.worker.loops import LOOPS, Loop
 
@@ -25,7 +25,10 @@ def run_loops(loops: list[Loop], *, stop: threading.Event, once: bool = False) -
                 break
             if not once and time.monotonic() < next_due[loop.name]:
                 continue
-            close_old_connections()
+            # Drop a broken or expired connection between passes, as a request would; not
+            # inside a caller's transaction (tests run passes inside one).
+            if not connection.in_atomic_block:
+                close_old_connections()
             try:
                 did_work = loop.run_once()
             except Exception:

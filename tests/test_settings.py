@@ -1,0 +1,61 @@
+"""Settings come from the environment and fail loudly on bad values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start(**env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); print('started')"],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "poolsadmin.settings", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DEBUG": "false", "SECRET_KEY": ""}, "SECRET_KEY must be set"),
+        ({"DEBUG": "maybe"}, "DEBUG='maybe' is not a boolean"),
+        ({"DATABASE_URL": "mysql://root@localhost/db"}, "postgres:// and sqlite:// only"),
+        ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
+        ({"CHANNEL_LAYER_URL": "amqp://x"}, "CHANNEL_LAYER_URL='amqp://x'"),
+        ({"POOLSADMIN_ACK_TIMEOUT_SECONDS": "soon"}, "is not an integer"),
+        ({"POOLSADMIN_ACK_TIMEOUT_SECONDS": "0"}, "must be >= 1"),
+    ],
+)
+def test_a_bad_value_stops_start_up_with_a_message_naming_it(
+    env: dict[str, str], message: str
+) -> None:
+    result = _start(**env)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_the_zero_setup_default_starts(tmp_path: Path) -> None:
+    result = _start(POOLSADMIN_VAR_DIR=str(tmp_path), DATABASE_URL="", CHANNEL_LAYER_URL="")
+    assert result.returncode == 0, result.stderr
+    assert "started" in result.stdout
+
+
+def test_production_values_start(tmp_path: Path) -> None:
+    result = _start(
+        DEBUG="false",
+        SECRET_KEY="x" * 50,
+        ALLOWED_HOSTS="poolsadmin.example.com",
+        DATABASE_URL="postgres://postgres@127.0.0.1:5432/test",
+        CHANNEL_LAYER_URL="redis://127.0.0.1:6379/0",
+        POOLSADMIN_VAR_DIR=str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr

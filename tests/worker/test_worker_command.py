@@ -1,0 +1,67 @@
+"""`manage.py worker`: --once, --only, unknown loops, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from poolsadmin.scheduler.services import scheduler_pass
+from poolsadmin.tasks.models import TaskStatus
+from tests.ledger import make_agent, make_pool, make_workspace, refresh, submit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.django_db
+def test_once_runs_one_pass_of_each_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    pool = make_pool()
+    make_agent(pool, "P1")
+    task = submit(make_workspace(pool), "plan")
+    call_command("worker", once=True)
+    assert refresh(task).status == TaskStatus.RUNNING
+    assert "scheduler, reconciler, diagnosis once" in capsys.readouterr().out
+
+
+@pytest.mark.django_db
+def test_only_picks_loops() -> None:
+    pool = make_pool()
+    make_agent(pool, "P1")
+    task = submit(make_workspace(pool), "plan")
+    call_command("worker", once=True, only="reconciler")
+    assert refresh(task).status == TaskStatus.PENDING
+    assert scheduler_pass().dispatched == [task.pk]
+
+
+def test_an_unknown_loop_is_refused() -> None:
+    with pytest.raises(CommandError, match="unknown loop"):
+        call_command("worker", once=True, only="scheduler,nonsense")
+
+
+def test_sigterm_stops_the_worker_cleanly(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "POOLSADMIN_VAR_DIR": str(tmp_path),
+        "DATABASE_URL": "",
+        "POOLSADMIN_WORKER_IDLE_SLEEP_MS": "100",
+    }
+    manage = [sys.executable, str(ROOT / "manage.py")]
+    subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, timeout=300)
+    worker = subprocess.Popen(
+        [*manage, "worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        time.sleep(2)
+        assert worker.poll() is None, "the worker must keep running until told to stop"
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=30)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, out
+    assert "worker: stopped" in out
