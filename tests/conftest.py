@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
+from django.apps import apps as django_apps
 from django.conf import settings
+from django.contrib.auth.models import Group, User
+from django.db import connection
+from django.test import Client
 
+from poolsadmin.api.roles import ROLE_ADMIN, ROLE_VIEWER
+from poolsadmin.api.services import api_token_create
 from poolsadmin.lib import clock
 
 IS_POSTGRES = settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
@@ -35,3 +43,63 @@ def _reset_clock() -> Iterator[None]:
     clock.reset()
     yield
     clock.reset()
+
+
+# --- personas (roles from migration api/0002_roles) --------------------------------------------
+
+
+def _role(name: str) -> Group:
+    group = Group.objects.filter(name=name).first()
+    if group is None:
+        # A transactional test (threads, live server) flushes every table, including the groups
+        # the roles migration created: recreate them with that migration's own code.
+        migration = importlib.import_module("poolsadmin.api.migrations.0002_roles")
+        migration.create_roles(django_apps, SimpleNamespace(connection=connection))
+        group = Group.objects.get(name=name)
+    return group
+
+
+def _persona(username: str, role: str) -> User:
+    # No password: tests log in with force_login or a token, and hashing one costs ~0.3 s.
+    user = User.objects.create_user(username=username, password=None)
+    user.groups.add(_role(role))
+    return user
+
+
+@pytest.fixture
+def admin(db: None) -> User:
+    """alice, in the `admin` group. Not a superuser: a superuser passes every permission
+    check and would hide a permission the admin role is missing."""
+    return _persona("alice", ROLE_ADMIN)
+
+
+@pytest.fixture
+def viewer(db: None) -> User:
+    """victor, in the `viewer` group: reads everything, may do nothing."""
+    return _persona("victor", ROLE_VIEWER)
+
+
+@pytest.fixture
+def admin_client(admin: User) -> Client:
+    """Overrides pytest-django's superuser `admin_client` on purpose (see `admin`)."""
+    client = Client()
+    client.force_login(admin)
+    return client
+
+
+@pytest.fixture
+def viewer_client(viewer: User) -> Client:
+    client = Client()
+    client.force_login(viewer)
+    return client
+
+
+@pytest.fixture
+def admin_token(admin: User) -> str:
+    """A bearer secret (`pat_...`) of the admin persona."""
+    return api_token_create(user=admin, name="tests")[1]
+
+
+@pytest.fixture
+def viewer_token(viewer: User) -> str:
+    return api_token_create(user=viewer, name="tests")[1]

@@ -16,7 +16,7 @@ from poolsadmin.lib.ids import random_id
 from poolsadmin.pools.models import AgentPool, Pod, PoolType
 from poolsadmin.pools.services import pod_for_static_agent
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
-from poolsadmin.tasks.models import Stage, TaskStatus, WorkspaceTask
+from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 
 MAX_NAME = 253
 
@@ -158,7 +158,7 @@ def agent_heartbeat(
                         "task_id": task.pk,
                         "workspace_id": task.workspace_id,
                         "task_type": task.task_type,
-                        "action": "apply" if task.stage == Stage.APPLYING else "plan",
+                        "action": "apply" if task.is_applying else "plan",
                         "pod": task.pod_name,
                         "slot": task.slot_index,
                         "reuse_workdir": task.reuse_workdir,

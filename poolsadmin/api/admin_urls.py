@@ -1,5 +1,41 @@
+"""Admin JSON API under /api/v1/ (agent endpoints live in agent_urls.py under agents/)."""
+
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from poolsadmin.api import admin_views as views
+from poolsadmin.api.user_auth import api_route
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("pools", api_route(GET=views.pools_list, POST=views.pools_create), name="api-pools"),
+    path("pools/<str:pool_id>", api_route(GET=views.pools_detail), name="api-pools-detail"),
+    path(
+        "pools/<str:pool_id>/tokens",
+        api_route(POST=views.pools_token_create),
+        name="api-pools-tokens",
+    ),
+    path("workspaces", api_route(POST=views.workspaces_create), name="api-workspaces"),
+    path(
+        "workspaces/<str:workspace_id>",
+        api_route(GET=views.workspaces_detail),
+        name="api-workspaces-detail",
+    ),
+    path(
+        "workspaces/<str:workspace_id>/tasks",
+        api_route(POST=views.workspaces_task_submit),
+        name="api-workspaces-tasks",
+    ),
+    path(
+        "workspaces/<str:workspace_id>/unlock",
+        api_route(POST=views.workspaces_unlock),
+        name="api-workspaces-unlock",
+    ),
+    path("tasks/<int:task_id>", api_route(GET=views.tasks_detail), name="api-tasks-detail"),
+    path(
+        "tasks/<int:task_id>/confirm-apply",
+        api_route(POST=views.tasks_confirm_apply),
+        name="api-tasks-confirm-apply",
+    ),
+    path("tasks/<int:task_id>/cancel", api_route(POST=views.tasks_cancel), name="api-tasks-cancel"),
+]

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from poolsadmin.lib.errors import DomainError, InvalidInput
@@ -17,10 +18,14 @@ Handler = TypeVar("Handler", bound=Callable[..., HttpResponse])
 
 def json_body(request: HttpRequest) -> dict[str, Any]:
     """The request's JSON object, or InvalidInput naming what is wrong."""
-    if not request.body:
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise InvalidInput("body is larger than the server accepts", field="body") from None
+    if not raw:
         return {}
     try:
-        data = json.loads(request.body)
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}", field="body") from None
     if not isinstance(data, dict):

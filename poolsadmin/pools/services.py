@@ -64,6 +64,8 @@ def pool_validate(
             "plan_and_apply_per_pod must be between 1 and slots_per_pod",
             field="plan_and_apply_per_pod",
         )
+    if min_replicas < 0 or max_replicas < 0:
+        raise InvalidInput("replica counts cannot be negative", field="min_replicas")
     if pool_type == PoolType.K8S:
         if max_replicas < 1:
             raise InvalidInput("max_replicas must be at least 1", field="max_replicas")
@@ -88,8 +90,8 @@ def pool_create(
     namespace: str = "",
     **extra: Any,
 ) -> AgentPool:
-    if not name.strip():
-        raise InvalidInput("name is required", field="name")
+    if not name.strip() or len(name.strip()) > 200:
+        raise InvalidInput("name is required (at most 200 characters)", field="name")
     if pool_id is not None and not POOL_ID_RE.match(pool_id):
         raise InvalidInput("pool_id must be 'pool-' and 16 of [a-z0-9]", field="pool_id")
     pool_validate(
@@ -467,3 +469,26 @@ def pool_unfreeze_once(*, pool_id: str, actor: str, reason: str) -> AgentPool:
         broadcast_pool_changed(pool_id=pool_id, kind="pool", payload={"unfrozen": True})
         pool.refresh_from_db()
     return pool
+
+
+def pool_token_revoke(*, token_id: int, actor: str) -> PoolToken:
+    with transaction.atomic():
+        token = PoolToken.objects.select_for_update().filter(pk=token_id).first()
+        if token is None:
+            raise NotFound(f"pool token {token_id} does not exist")
+        if token.revoked_at is not None:
+            raise Conflict(f"pool token {token.name} was already revoked by {token.revoked_by}")
+        now = clock.now()
+        PoolToken.objects.filter(pk=token_id, revoked_at__isnull=True).update(
+            revoked_at=now, revoked_by=actor
+        )
+        event_record(
+            actor=actor,
+            kind="pool.token_revoked",
+            target_type="pool",
+            target_id=token.pool_id,
+            pool_id=token.pool_id,
+            after={"token_name": token.name},
+        )
+        token.refresh_from_db()
+    return token

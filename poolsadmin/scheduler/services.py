@@ -255,7 +255,7 @@ def task_dispatch_rollback(*, task_id: int, actor: str = SCHEDULER) -> bool:
             "reuse_workdir": False,
         }
         keep_reservation = False
-        if task.stage == Stage.APPLYING:
+        if task.is_applying:
             slot = Slot.objects.filter(task_id=task.pk).first()
             keep_reservation = bool(
                 slot and slot.reserved_until is not None and slot.reserved_until > now

@@ -155,6 +155,12 @@ class WorkspaceTask(models.Model):
         return self.status in TERMINAL_STATUSES
 
     @property
+    def is_applying(self) -> bool:
+        """Decided by the ledger (the apply dispatch sets `apply_started_at`), never by the
+        free-text stage an agent reports: an agent cannot talk a plan into an apply."""
+        return self.status == TaskStatus.RUNNING and self.apply_started_at is not None
+
+    @property
     def is_confirmed_apply(self) -> bool:
         return self.status == TaskStatus.APPLY_PENDING and bool(self.apply_confirmed_by)
 

@@ -7,7 +7,6 @@ keyed by task, and writes events, all in one transaction. Terminal states are st
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
@@ -109,8 +108,8 @@ def workspace_create(
     workspace_id: str | None = None,
     execution_mode: str = ExecutionMode.AGENT,
 ) -> Workspace:
-    if not name.strip():
-        raise InvalidInput("name is required", field="name")
+    if not name.strip() or len(name.strip()) > 200:
+        raise InvalidInput("name is required (at most 200 characters)", field="name")
     if workspace_id is not None and not WORKSPACE_ID_RE.match(workspace_id):
         raise InvalidInput("workspace_id must be 'ws-' and 6-32 of [a-z0-9]", field="workspace_id")
     if execution_mode not in ExecutionMode.values:
@@ -310,7 +309,7 @@ def task_cancel(
     with transaction.atomic():
         task = _locked_task(task_id)
         _refuse_terminal(task)
-        applying = task.status == TaskStatus.RUNNING and task.stage == Stage.APPLYING
+        applying = task.is_applying
         if applying and not force:
             raise Conflict(
                 f"task #{task_id} is applying; cancelling it may leave partial state. "
@@ -405,13 +404,17 @@ def task_report(
             raise Conflict(
                 f"task #{task_id} is {task.status}; an agent can only report on a running task"
             )
-        applying = task.stage == Stage.APPLYING
+        applying = task.is_applying
         common: dict[str, Any] = {"expected": TaskStatus.RUNNING, "actor": actor}
         ack: dict[str, Any] = {} if task.acked_at else {"acked_at": now, "retry_count": 0}
 
         if status == TaskStatus.RUNNING:
             if not stage:
                 raise InvalidInput("stage is required with status running", field="stage")
+            if stage in Stage.values and stage != task.stage:
+                # The lifecycle stages are the ledger's to set; an agent reports progress
+                # within them (e.g. "initializing"), not a jump from planning to applying.
+                raise Conflict(f"stage {stage!r} is set by the scheduler, not by an agent")
             return _transition(task, kind="task.stage", stage=stage, **common, **ack)
 
         if status == TaskStatus.FAILED:
@@ -437,7 +440,7 @@ def task_report(
 
         if status == TaskStatus.APPLIED:
             if not applying:
-                raise Conflict(f"task #{task_id} is {task.stage}, not applying; cannot be applied")
+                raise Conflict(f"task #{task_id} is planning, not applying; cannot be applied")
             task = _transition(
                 task,
                 kind="task.applied",
@@ -522,7 +525,7 @@ def task_fail_lost(*, task_id: int, message: str, actor: str) -> WorkspaceTask |
         task = _locked_task(task_id)
         if task.status != TaskStatus.RUNNING:
             return None
-        applying = task.stage == Stage.APPLYING
+        applying = task.is_applying
         task = _transition(
             task,
             expected=TaskStatus.RUNNING,
@@ -582,7 +585,3 @@ def tasks_waiting_filter() -> Q:
     return Q(status__in=[TaskStatus.PENDING, TaskStatus.APPLY_PENDING]) | Q(
         status=TaskStatus.RUNNING, acked_at__isnull=True
     )
-
-
-def backoff_delay(retry_count: int, steps: tuple[int, ...]) -> timedelta:
-    return timedelta(seconds=steps[min(retry_count, len(steps)) - 1])

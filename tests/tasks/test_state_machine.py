@@ -239,3 +239,17 @@ def test_only_the_assigned_agent_may_report(pool: AgentPool) -> None:
     with pytest.raises(Forbidden):
         task_accept(task_id=task.pk, agent=other)
     assert refresh(task).status == TaskStatus.RUNNING
+
+
+def test_an_agent_cannot_talk_an_unconfirmed_plan_into_an_apply(pool: AgentPool) -> None:
+    task = run(submit(make_workspace(pool), "plan_and_apply"))
+    agent = agent_of(task)
+    with pytest.raises(Conflict, match="set by the scheduler"):
+        task_report(task_id=task.pk, agent=agent, status="running", stage="applying")
+    with pytest.raises(Conflict, match="not applying"):
+        task_report(task_id=task.pk, agent=agent, status="applied")
+    task = task_report(task_id=task.pk, agent=agent, status="running", stage="initializing")
+    assert (task.status, task.stage) == (TaskStatus.RUNNING, "initializing")
+    with pytest.raises(Conflict, match="not applying"):
+        task_report(task_id=task.pk, agent=agent, status="applied")
+    assert refresh(task).status == TaskStatus.RUNNING

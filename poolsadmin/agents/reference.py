@@ -1,0 +1,451 @@
+"""The reference agent (SPEC 7): registers, heartbeats, accepts work and runs it, either with a
+configurable command or as a simulation. The demo and the end-to-end tests use it.
+
+It speaks the agent API over HTTP with the standard library only, so it runs anywhere
+Python does and imports nothing of Django. Work travels in heartbeat answers:
+
+* an assignment is accepted, then run in its own thread;
+* every heartbeat lists the tasks still held (running, or finished with the outcome not yet
+  delivered), so the server's cross-check does not take them for lost;
+* a cancellation stops the work (the command's process group is terminated) and the task is
+  never reported;
+* an outcome is reported with `PUT .../status` as soon as the work ends; a transport error,
+  a 5xx or a 401 (token being rotated) keeps it for the next step; any other refusal means the
+  server has decided (409: the task was cancelled or failed meanwhile) and the task is dropped;
+* when the agent stops, work in progress is abandoned unreported: the server fails it after
+  its grace period, as it would for a pod that died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from typing import Any
+
+logger = logging.getLogger("poolsadmin.agent")
+
+STDERR_TAIL_CHARS = 2000
+# A cancelled command gets this long to stop on SIGTERM (terraform releases its state lock)
+# before its process group is killed.
+KILL_AFTER_SECONDS = 10.0
+MAX_BACKOFF_SECONDS = 30.0
+# Exit code of `terraform plan -detailed-exitcode` when the plan has changes.
+EXIT_CHANGES = 2
+
+
+@dataclass
+class Simulation:
+    duration_seconds: float = 3.0  # per task, with +-30% jitter
+    changes_ratio: float = 0.5  # plan_and_apply plan finds changes -> apply_pending
+    failure_ratio: float = 0.0  # task fails
+
+
+class AgentApiError(Exception):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.field = field
+
+
+class AgentTransportError(Exception):
+    """The server could not be reached or gave no usable answer; worth retrying."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    error_message: str = ""
+
+
+@dataclass
+class _Job:
+    task_id: int
+    agent_id: str
+    workspace_id: str
+    task_type: str
+    action: str  # plan | apply
+    reuse_workdir: bool
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    process: subprocess.Popen[bytes] | None = None
+    outcome: Outcome | None = None
+    reporting: bool = False
+
+
+class ReferenceAgent:
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str,
+        name: str,
+        version: str = "reference-1",
+        heartbeat_interval: float = 2.0,
+        command: str | None = None,
+        simulation: Simulation | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.name = name
+        self.version = version
+        self.heartbeat_interval = heartbeat_interval
+        self.command = command
+        self.simulation = simulation or Simulation()
+        self.agent_id: str | None = None
+        self.timeout = 10.0
+        self._token = token
+        self._random = random.Random()
+        self._lock = threading.Lock()  # guards _jobs and every _Job's mutable fields
+        self._step_lock = threading.Lock()  # one step at a time, whoever calls it
+        self._jobs: dict[int, _Job] = {}
+
+    # --- public -------------------------------------------------------------------------------
+
+    def register(self) -> None:
+        answer = self._call(
+            "POST", "/api/v1/agents/register", {"name": self.name, "version": self.version}
+        )
+        self.agent_id = str(answer["agent_id"])
+        logger.info("registered %s as %s in pool %s", self.name, self.agent_id, answer["pool_id"])
+
+    @property
+    def running_task_ids(self) -> list[int]:
+        """Tasks this agent holds: running, or finished with the outcome not yet reported."""
+        with self._lock:
+            return sorted(self._jobs)
+
+    def step(self) -> None:
+        """1. register if needed; 2. deliver outcomes whose report failed earlier;
+        3. heartbeat with the tasks still held; 4. stop cancelled work; 5. accept and start
+        new assignments. Raises AgentTransportError or AgentApiError when the server cannot
+        be used; the caller backs off."""
+        with self._step_lock:
+            if self.agent_id is None:
+                self.register()
+            self._report_finished()
+            agent_id = self.agent_id
+            assert agent_id is not None
+            try:
+                answer = self._call(
+                    "POST",
+                    f"/api/v1/agents/{agent_id}/heartbeat",
+                    {"running_task_ids": self.running_task_ids, **_usage()},
+                )
+            except AgentApiError as error:
+                if error.status in (403, 404):
+                    # The server no longer knows this agent in the token's pool (database
+                    # reset, token of another pool): register again on the next step.
+                    logger.warning("heartbeat refused (%s); registering again", error)
+                    self.agent_id = None
+                raise
+            for cancellation in answer.get("cancellations", []):
+                self._cancel(int(cancellation["task_id"]), str(cancellation.get("reason", "")))
+            for assignment in answer.get("assignments", []):
+                self._start(agent_id, assignment)
+
+    def run(self, stop: threading.Event) -> None:
+        """Register, then step every `heartbeat_interval` until `stop` is set. Server errors
+        and refused connections are logged and retried with exponential back-off; work in
+        progress is abandoned when stopping (the server fails it after its grace period)."""
+        failures = 0
+        try:
+            while not stop.is_set():
+                try:
+                    self.step()
+                except Exception as error:
+                    failures += 1
+                    delay = min(
+                        self.heartbeat_interval * 2 ** min(failures, 10), MAX_BACKOFF_SECONDS
+                    )
+                    expected = isinstance(error, AgentTransportError | AgentApiError)
+                    logger.log(
+                        logging.WARNING if expected else logging.ERROR,
+                        "agent %s: %s (attempt %d); retrying in %.1f s",
+                        self.name,
+                        error,
+                        failures,
+                        delay,
+                        exc_info=not expected,
+                    )
+                    stop.wait(delay)
+                    continue
+                if failures:
+                    logger.info("agent %s: server reachable again", self.name)
+                failures = 0
+                stop.wait(self.heartbeat_interval)
+        finally:
+            self.abandon_all()
+
+    def wait_idle(self, stop: threading.Event, timeout: float | None = None) -> bool:
+        """Accept nothing new; wait until every started task has finished and its outcome has
+        been delivered (retrying failed reports). True if nothing is held any more."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running_task_ids and not stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            with self._step_lock:
+                self._report_finished()
+            stop.wait(min(self.heartbeat_interval, 0.5))
+        return not self.running_task_ids
+
+    def abandon_all(self) -> None:
+        """Stop every task this agent holds without reporting it."""
+        for task_id in self.running_task_ids:
+            self._cancel(task_id, "agent stopping")
+
+    # --- HTTP ---------------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self._token}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": f"poolsadmin-reference-agent/{self.version}",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:
+            payload = _json_object(error.read()) or {}
+            detail = str(payload.get("detail") or error.reason)
+            raise AgentApiError(error.code, detail, payload.get("field")) from None
+        except (urllib.error.URLError, OSError, HTTPException) as error:
+            raise AgentTransportError(f"{method} {path}: {error}") from None
+        answer = _json_object(raw)
+        if answer is None:
+            # A proxy's error page or a truncated answer: retry like a transport error.
+            raise AgentTransportError(f"{method} {path}: the answer is not a JSON object")
+        return answer
+
+    # --- work ---------------------------------------------------------------------------------
+
+    def _start(self, agent_id: str, assignment: dict[str, Any]) -> None:
+        task_id = int(assignment["task_id"])
+        action = "apply" if assignment.get("action") == "apply" else "plan"
+        try:
+            self._call("POST", f"/api/v1/agents/tasks/{task_id}/accept", {"agent_id": agent_id})
+        except AgentApiError as error:
+            # The dispatch was rolled back, cancelled or given to another agent meanwhile.
+            logger.info("task #%s not accepted: %s", task_id, error)
+            return
+        with self._lock:
+            held = self._jobs.get(task_id)
+        if held is not None and held.action == action:
+            # The server repeats a dispatch until it hears the acknowledgement; the work is
+            # already running here.
+            return
+        if held is not None:
+            # A plan whose outcome the server has already taken (the answer was lost) while
+            # its apply is dispatched: the plan job is stale, and its retried report would
+            # only get a 409.
+            self._cancel(task_id, f"superseded by the {action}")
+        job = _Job(
+            task_id=task_id,
+            agent_id=agent_id,
+            workspace_id=str(assignment.get("workspace_id", "")),
+            task_type=str(assignment.get("task_type", "plan")),
+            action=action,
+            reuse_workdir=bool(assignment.get("reuse_workdir", False)),
+        )
+        with self._lock:
+            self._jobs[task_id] = job
+        logger.info(
+            "task #%s: %s %s on %s[%s]%s",
+            task_id,
+            job.action,
+            job.task_type,
+            assignment.get("pod"),
+            assignment.get("slot"),
+            " reusing the plan's working directory" if job.reuse_workdir else "",
+        )
+        threading.Thread(
+            target=self._work, args=(job,), name=f"agent-{self.name}-task-{task_id}", daemon=True
+        ).start()
+
+    def _work(self, job: _Job) -> None:
+        try:
+            outcome = self._run_command(job) if self.command else self._simulate(job)
+        except Exception as error:  # the task fails, the agent lives on
+            logger.exception("task #%s crashed", job.task_id)
+            outcome = Outcome("failed", f"reference agent error: {error}")
+        if outcome is None or job.cancelled.is_set():
+            return
+        with self._lock:
+            job.outcome = outcome
+        self._report(job)
+
+    def _simulate(self, job: _Job) -> Outcome | None:
+        sim = self.simulation
+        duration = sim.duration_seconds * self._random.uniform(0.7, 1.3)
+        if job.cancelled.wait(duration):
+            return None
+        if self._random.random() < sim.failure_ratio:
+            return Outcome("failed", f"simulated failure of the {job.action}")
+        if job.action == "apply":
+            return Outcome("applied")
+        if job.task_type != "plan_and_apply":
+            return Outcome("success")
+        if self._random.random() < sim.changes_ratio:
+            return Outcome("apply_pending")
+        return Outcome("planned_and_finished")
+
+    def _run_command(self, job: _Job) -> Outcome | None:
+        assert self.command is not None
+        env = {
+            **os.environ,
+            "TASK_ID": str(job.task_id),
+            "WORKSPACE_ID": job.workspace_id,
+            "ACTION": job.action,
+            "TASK_TYPE": job.task_type,
+            "REUSE_WORKDIR": "true" if job.reuse_workdir else "false",
+        }
+        with self._lock:
+            if job.cancelled.is_set():
+                return None
+            # Its own session, so a cancel reaches the children of the shell too.
+            process = subprocess.Popen(
+                self.command,
+                shell=True,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            job.process = process
+        assert process.stderr is not None
+        tail: deque[str] = deque()
+        size = 0
+        for line in iter(process.stderr.readline, b""):
+            text = line.decode(errors="replace")
+            tail.append(text)
+            size += len(text)
+            while size > STDERR_TAIL_CHARS and len(tail) > 1:
+                size -= len(tail.popleft())
+        code = process.wait()
+        if job.cancelled.is_set():
+            return None
+        if code == 0:
+            if job.action == "apply":
+                return Outcome("applied")
+            return Outcome(
+                "planned_and_finished" if job.task_type == "plan_and_apply" else "success"
+            )
+        if code == EXIT_CHANGES and job.action == "plan" and job.task_type == "plan_and_apply":
+            return Outcome("apply_pending")
+        stderr = "".join(tail)[-STDERR_TAIL_CHARS:].strip()
+        return Outcome("failed", f"command exited with {code}" + (f": {stderr}" if stderr else ""))
+
+    def _cancel(self, task_id: int, reason: str) -> None:
+        with self._lock:
+            job = self._jobs.pop(task_id, None)
+            if job is None:
+                return
+            job.cancelled.set()
+            process = job.process
+        logger.info("task #%s cancelled: %s", task_id, reason or "by the server")
+        if process is not None:
+            _terminate(process)
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def _report_finished(self) -> None:
+        with self._lock:
+            finished = [j for j in self._jobs.values() if j.outcome and not j.reporting]
+        for job in finished:
+            self._report(job)
+
+    def _report(self, job: _Job) -> None:
+        """Deliver a job's outcome once: whoever claims the job (its thread right away, or a
+        later step after a failed attempt) reports it."""
+        with self._lock:
+            if job.reporting or job.outcome is None or self._jobs.get(job.task_id) is not job:
+                return
+            job.reporting = True
+            outcome = job.outcome
+        done = False
+        try:
+            self._call(
+                "PUT",
+                f"/api/v1/agents/tasks/{job.task_id}/status",
+                {
+                    "agent_id": job.agent_id,
+                    "status": outcome.status,
+                    "error_message": outcome.error_message,
+                },
+            )
+            logger.info("task #%s: reported %s", job.task_id, outcome.status)
+            done = True
+        except AgentApiError as error:
+            if error.status == 409:
+                logger.info("task #%s: the server already decided (%s)", job.task_id, error)
+                done = True
+            elif error.status >= 500 or error.status == 401:
+                logger.warning("task #%s: report failed, will retry: %s", job.task_id, error)
+            else:
+                logger.error("task #%s: report refused, dropping it: %s", job.task_id, error)
+                done = True
+        except AgentTransportError as error:
+            logger.warning("task #%s: report failed, will retry: %s", job.task_id, error)
+        except Exception:
+            logger.exception("task #%s: report failed, will retry", job.task_id)
+        finally:
+            with self._lock:
+                job.reporting = False
+                if done and self._jobs.get(job.task_id) is job:
+                    del self._jobs[job.task_id]
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _usage() -> dict[str, float | None]:
+    """Load average and this process's peak memory (MiB), where the platform tells."""
+    try:
+        cpu: float | None = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        cpu = None
+    try:
+        import resource
+
+        memory: float | None = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except (ImportError, OSError):
+        memory = None
+    return {"cpu": cpu, "memory": memory}
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    _signal_group(process, signal.SIGTERM)
+    timer = threading.Timer(KILL_AFTER_SECONDS, _signal_group, (process, signal.SIGKILL))
+    timer.daemon = True
+    timer.start()

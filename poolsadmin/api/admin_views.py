@@ -1,0 +1,205 @@
+"""The admin JSON API (SPEC 8 "JSON API"): pools, a pool's slot grid, workspaces, tasks with
+their diagnosis and timeline, task submission, confirm, cancel and unlock.
+
+Each view: `api_user` (who, which permission), `json_errors` (domain errors -> 400/403/404/
+409 JSON), one selector or service call, a serializer. Methods are routed in admin_urls.py
+(other methods get a JSON 405).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.http import HttpRequest, JsonResponse
+
+from poolsadmin.api import roles
+from poolsadmin.api.http import field_bool, field_int, field_str, json_body, json_errors
+from poolsadmin.api.serializers import (
+    pool_detail_json,
+    pool_json,
+    pool_summary_json,
+    pool_token_json,
+    task_detail_json,
+    task_json,
+    workspace_detail_json,
+    workspace_json,
+)
+from poolsadmin.api.user_auth import api_user
+from poolsadmin.lib.errors import InvalidInput, NotFound
+from poolsadmin.pools.grid import pool_get, pool_slot_grid, pools_overview
+from poolsadmin.pools.models import AgentPool, PoolToken
+from poolsadmin.pools.services import pool_create, pool_token_create
+from poolsadmin.tasks.detail import task_detail, workspace_detail, workspace_get
+from poolsadmin.tasks.models import Workspace
+from poolsadmin.tasks.services import (
+    task_cancel,
+    task_confirm_apply,
+    task_submit,
+    workspace_create,
+    workspace_unlock,
+)
+
+POOL_STR_FIELDS = ("name", "pool_id", "pool_type", "description", "pod_image", "namespace")
+POOL_INT_FIELDS = ("slots_per_pod", "plan_and_apply_per_pod", "min_replicas", "max_replicas")
+
+
+def _actor(request: HttpRequest) -> str:
+    return f"user:{request.user.get_username()}"
+
+
+def _body(request: HttpRequest, *allowed: str) -> dict[str, Any]:
+    """The JSON body; an unknown field is refused by name, so a typo (`forced`) is not
+    silently ignored."""
+    data = json_body(request)
+    for name in data:
+        if name not in allowed:
+            raise InvalidInput(f"unknown field {name}; expected {', '.join(allowed)}", field=name)
+    return data
+
+
+def _fits(model: type[models.Model], data: dict[str, Any], *names: str) -> None:
+    """Strings no longer than their column: PostgreSQL would refuse them with a 500."""
+    for name in names:
+        value = data.get(name)
+        limit = getattr(model._meta.get_field(name), "max_length", None)
+        if isinstance(value, str) and limit is not None and len(value) > limit:
+            raise InvalidInput(f"{name} is longer than {limit} characters", field=name)
+
+
+def _secret(response: JsonResponse) -> JsonResponse:
+    # A response carrying a secret shown once must not be kept by any cache.
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+# --- pools -------------------------------------------------------------------------------------
+
+
+@api_user(roles.PERM_VIEW)
+@json_errors
+def pools_list(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"pools": [pool_summary_json(summary) for summary in pools_overview()]})
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pools_create(request: HttpRequest) -> JsonResponse:
+    data = _body(request, *POOL_STR_FIELDS, *POOL_INT_FIELDS)
+    fields: dict[str, Any] = {"name": field_str(data, "name")}
+    for name in POOL_STR_FIELDS[1:]:
+        if name in data:
+            fields[name] = field_str(data, name)
+    for name in POOL_INT_FIELDS:
+        if name in data:
+            fields[name] = field_int(data, name)
+            if fields[name] < 0:
+                raise InvalidInput(f"{name} must not be negative", field=name)
+    _fits(AgentPool, fields, *POOL_STR_FIELDS)
+    pool = pool_create(actor=_actor(request), **fields)
+    return JsonResponse(pool_json(pool), status=201)
+
+
+@api_user(roles.PERM_VIEW)
+@json_errors
+def pools_detail(request: HttpRequest, pool_id: str) -> JsonResponse:
+    pool = pool_get(pool_id=pool_id)
+    return JsonResponse(pool_detail_json(pool, pool_slot_grid(pool=pool)))
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pools_token_create(request: HttpRequest, pool_id: str) -> JsonResponse:
+    pool = pool_get(pool_id=pool_id)
+    data = _body(request, "name")
+    _fits(PoolToken, data, "name")
+    issued = pool_token_create(pool=pool, name=field_str(data, "name"), actor=_actor(request))
+    return _secret(JsonResponse(pool_token_json(issued.token, issued.secret), status=201))
+
+
+# --- workspaces --------------------------------------------------------------------------------
+
+
+@api_user(roles.PERM_SUBMIT_TASK)
+@json_errors
+def workspaces_create(request: HttpRequest) -> JsonResponse:
+    data = _body(request, "name", "pool_id", "workspace_id", "execution_mode")
+    _fits(Workspace, data, "name")
+    pool_id = field_str(data, "pool_id")
+    try:
+        pool = pool_get(pool_id=pool_id)
+    except NotFound:
+        # A reference in the body, not the resource of the URL: bad input, not a 404.
+        raise InvalidInput(f"pool {pool_id} does not exist", field="pool_id") from None
+    workspace = workspace_create(
+        name=field_str(data, "name"),
+        pool=pool,
+        actor=_actor(request),
+        workspace_id=field_str(data, "workspace_id", required=False) or None,
+        execution_mode=field_str(data, "execution_mode", required=False, default="agent"),
+    )
+    return JsonResponse(workspace_json(workspace), status=201)
+
+
+@api_user(roles.PERM_VIEW)
+@json_errors
+def workspaces_detail(request: HttpRequest, workspace_id: str) -> JsonResponse:
+    return JsonResponse(workspace_detail_json(workspace_detail(workspace_id=workspace_id)))
+
+
+@api_user(roles.PERM_SUBMIT_TASK)
+@json_errors
+def workspaces_task_submit(request: HttpRequest, workspace_id: str) -> JsonResponse:
+    workspace = workspace_get(workspace_id=workspace_id)
+    data = _body(request, "task_type", "description")
+    task = task_submit(
+        workspace=workspace,
+        task_type=field_str(data, "task_type"),
+        actor=_actor(request),
+        description=field_str(data, "description", required=False),
+    )
+    return JsonResponse(task_json(task), status=201)
+
+
+@api_user(roles.PERM_UNLOCK_WORKSPACE)
+@json_errors
+def workspaces_unlock(request: HttpRequest, workspace_id: str) -> JsonResponse:
+    data = _body(request, "reason")
+    workspace = workspace_unlock(
+        workspace_id=workspace_id, actor=_actor(request), reason=field_str(data, "reason")
+    )
+    return JsonResponse(workspace_json(workspace))
+
+
+# --- tasks -------------------------------------------------------------------------------------
+
+
+@api_user(roles.PERM_VIEW)
+@json_errors
+def tasks_detail(request: HttpRequest, task_id: int) -> JsonResponse:
+    return JsonResponse(task_detail_json(task_detail(task_id=task_id)))
+
+
+@api_user(roles.PERM_CONFIRM_APPLY)
+@json_errors
+def tasks_confirm_apply(request: HttpRequest, task_id: int) -> JsonResponse:
+    data = _body(request, "description")
+    task = task_confirm_apply(
+        task_id=task_id,
+        actor=_actor(request),
+        description=field_str(data, "description", required=False),
+    )
+    return JsonResponse(task_json(task))
+
+
+@api_user(roles.PERM_CANCEL_TASK)
+@json_errors
+def tasks_cancel(request: HttpRequest, task_id: int) -> JsonResponse:
+    data = _body(request, "force", "reason")
+    task = task_cancel(
+        task_id=task_id,
+        actor=_actor(request),
+        reason=field_str(data, "reason", required=False),
+        force=field_bool(data, "force"),
+    )
+    return JsonResponse(task_json(task))

@@ -1,0 +1,122 @@
+"""The agent API (SPEC 7): JSON over HTTP with a bearer pool token.
+
+Each view authenticates, parses and checks the body (400 naming the field), checks that the
+agent and task belong to the token's pool, and calls one service. The services are
+transactional and refuse invalid transitions with Conflict (409), so a refused request writes
+nothing. CSRF does not apply: agents authenticate with a bearer token, not a cookie.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from poolsadmin.agents.services import agent_heartbeat, agent_register
+from poolsadmin.api.agent_auth import pool_agent, pool_task, pool_token_required
+from poolsadmin.api.http import field_number, field_str, json_body, json_errors
+from poolsadmin.lib.errors import InvalidInput
+from poolsadmin.pools.models import AgentPool
+from poolsadmin.tasks.models import WorkspaceTask
+from poolsadmin.tasks.services import task_accept, task_report
+
+
+def task_json(task: WorkspaceTask) -> dict[str, Any]:
+    return {
+        "task_id": task.pk,
+        "workspace_id": task.workspace_id,
+        "task_type": task.task_type,
+        "status": task.status,
+        "stage": task.stage,
+        "action": "apply" if task.is_applying else "plan",
+        "agent_id": task.agent_id,
+        "pod": task.pod_name or None,
+        "slot": task.slot_index,
+        "reuse_workdir": task.reuse_workdir,
+    }
+
+
+def _client_ip(request: HttpRequest) -> str | None:
+    # Only the socket's address: X-Forwarded-For is whatever the client wants it to be.
+    raw = request.META.get("REMOTE_ADDR") or ""
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        return None
+
+
+def _task_ids(data: dict[str, Any], name: str) -> list[int]:
+    value = data.get(name, [])
+    if not isinstance(value, list) or not all(
+        isinstance(item, int) and not isinstance(item, bool) for item in value
+    ):
+        raise InvalidInput(f"{name} must be a list of task ids (integers)", field=name)
+    return value
+
+
+@csrf_exempt
+@require_POST
+@json_errors
+@pool_token_required
+def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
+    data = json_body(request)
+    agent = agent_register(
+        pool=pool,
+        name=field_str(data, "name"),
+        version=field_str(data, "version", required=False),
+        ip=_client_ip(request),
+    )
+    return JsonResponse({"agent_id": agent.agent_id, "pool_id": pool.pool_id})
+
+
+@csrf_exempt
+@require_POST
+@json_errors
+@pool_token_required
+def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpResponse:
+    data = json_body(request)
+    running = _task_ids(data, "running_task_ids")
+    cpu, memory = field_number(data, "cpu"), field_number(data, "memory")
+    agent = pool_agent(pool=pool, agent_id=agent_id)
+    answer = agent_heartbeat(agent=agent, running_task_ids=running, cpu=cpu, memory=memory)
+    return JsonResponse({"assignments": answer.assignments, "cancellations": answer.cancellations})
+
+
+@csrf_exempt
+@require_POST
+@json_errors
+@pool_token_required
+def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
+    data = json_body(request)
+    agent_id = field_str(data, "agent_id")
+    pool_task(pool=pool, task_id=task_id)
+    agent = pool_agent(pool=pool, agent_id=agent_id)
+    return JsonResponse(task_json(task_accept(task_id=task_id, agent=agent)))
+
+
+@csrf_exempt
+@require_http_methods(["PUT"])
+@json_errors
+@pool_token_required
+def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
+    data = json_body(request)
+    agent_id = field_str(data, "agent_id")
+    status = field_str(data, "status")
+    stage = field_str(data, "stage", required=False)
+    error_message = field_str(data, "error_message", required=False)
+    pool_task(pool=pool, task_id=task_id)
+    agent = pool_agent(pool=pool, agent_id=agent_id)
+    task = task_report(
+        task_id=task_id, agent=agent, status=status, stage=stage, error_message=error_message
+    )
+    return JsonResponse(task_json(task))
+
+
+@require_GET
+@json_errors
+@pool_token_required
+def detail(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
+    return JsonResponse(task_json(pool_task(pool=pool, task_id=task_id)))

@@ -1,0 +1,123 @@
+"""Reads for pages and the API that show pools: the pools overview and a pool's slot grid.
+
+Both run a fixed number of queries whatever the number of pools, pods or slots (pinned by
+tests/api/test_admin_api.py): these are the hot pages operators keep open.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db.models import Count, Min, Q
+
+from poolsadmin.agents.models import Agent
+from poolsadmin.lib import clock
+from poolsadmin.lib.errors import NotFound
+from poolsadmin.pools.models import AgentPool, Pod, PodPhase, Slot
+from poolsadmin.pools.selectors import agent_is_online
+from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
+
+# The queue is what waits for a slot: pending tasks and confirmed applies. An unconfirmed
+# apply_pending task waits for a person, not for capacity, so it is not queued.
+QUEUED = Q(status=TaskStatus.PENDING) | (
+    Q(status=TaskStatus.APPLY_PENDING) & ~Q(apply_confirmed_by="")
+)
+
+
+@dataclass(frozen=True)
+class PoolSummary:
+    pool: AgentPool
+    pods: int = 0
+    pods_running: int = 0
+    agents: int = 0
+    agents_online: int = 0
+    slots: Counter[str] = field(default_factory=Counter)
+    queue_length: int = 0
+    queue_oldest_at: datetime | None = None
+
+
+def pools_overview(*, now: datetime | None = None) -> list[PoolSummary]:
+    """Every pool with its counts. Five queries."""
+    now = now or clock.now()
+    pools = list(AgentPool.objects.all())
+    by_id = {pool.pool_id: pool for pool in pools}
+
+    pods: Counter[str] = Counter()
+    pods_running: Counter[str] = Counter()
+    for row in Pod.objects.values("pool_id", "phase").annotate(n=Count("id")):
+        pods[row["pool_id"]] += row["n"]
+        if row["phase"] == PodPhase.RUNNING:
+            pods_running[row["pool_id"]] += row["n"]
+
+    # Online is judged from the heartbeat, not the stored word, as the scheduler does.
+    agents: Counter[str] = Counter()
+    online: Counter[str] = Counter()
+    for agent in Agent.objects.only("agent_id", "pool_id", "status", "last_ping_at"):
+        agents[agent.pool_id] += 1
+        pool = by_id.get(agent.pool_id)
+        if pool is not None and agent_is_online(agent=agent, pool=pool, now=now):
+            online[agent.pool_id] += 1
+
+    slots: dict[str, Counter[str]] = {pool_id: Counter() for pool_id in by_id}
+    for row in Slot.objects.values("pod__pool_id", "state").annotate(n=Count("id")):
+        slots.setdefault(row["pod__pool_id"], Counter())[row["state"]] = row["n"]
+
+    queue = {
+        row["pool_id"]: (row["n"], row["oldest"])
+        for row in WorkspaceTask.objects.filter(QUEUED)
+        .values("pool_id")
+        .annotate(n=Count("id"), oldest=Min("created_at"))
+    }
+    return [
+        PoolSummary(
+            pool=pool,
+            pods=pods[pool.pool_id],
+            pods_running=pods_running[pool.pool_id],
+            agents=agents[pool.pool_id],
+            agents_online=online[pool.pool_id],
+            slots=slots[pool.pool_id],
+            queue_length=queue.get(pool.pool_id, (0, None))[0],
+            queue_oldest_at=queue.get(pool.pool_id, (0, None))[1],
+        )
+        for pool in pools
+    ]
+
+
+@dataclass(frozen=True)
+class PodRow:
+    """One pod card: the pod, its agent and whether it is online, its slots by index. Each
+    busy slot comes with its task (`slot.task`) already loaded."""
+
+    pod: Pod
+    agent: Agent | None
+    agent_online: bool
+    slots: list[Slot]
+
+
+def pool_slot_grid(*, pool: AgentPool, now: datetime | None = None) -> list[PodRow]:
+    """The pods of `pool` (oldest first) with agents and slots. Two queries."""
+    now = now or clock.now()
+    pods = list(Pod.objects.filter(pool=pool).select_related("agent").order_by("created_at", "id"))
+    slots: dict[int, list[Slot]] = {pod.pk: [] for pod in pods}
+    for slot in (
+        Slot.objects.filter(pod__pool=pool).select_related("task").order_by("pod_id", "index")
+    ):
+        slots.setdefault(slot.pod_id, []).append(slot)
+    return [
+        PodRow(
+            pod=pod,
+            agent=pod.agent,
+            agent_online=agent_is_online(agent=pod.agent, pool=pool, now=now),
+            slots=slots[pod.pk],
+        )
+        for pod in pods
+    ]
+
+
+def pool_get(*, pool_id: str) -> AgentPool:
+    pool = AgentPool.objects.filter(pk=pool_id).first()
+    if pool is None:
+        raise NotFound(f"pool {pool_id} does not exist")
+    return pool
