@@ -4,6 +4,7 @@ import importlib
 import os
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from django.apps import apps as django_apps
@@ -36,6 +37,13 @@ def pytest_report_header(config: pytest.Config) -> str:
     db = settings.DATABASES["default"]
     engine = db["ENGINE"].rsplit(".", 1)[-1]
     return f"poolsadmin database: {engine} {db.get('NAME')}; CI={os.environ.get('CI', '')}"
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings: Any) -> None:
+    """Personas and the demo seed create users with passwords; the default hasher spends
+    about a second on each, on purpose, which tests do not need."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture(autouse=True)

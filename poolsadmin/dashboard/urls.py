@@ -1,5 +1,12 @@
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from poolsadmin.dashboard import views
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("", views.home, name="home"),
+    path("pools/", views.pools_list, name="pools-list"),
+    path("pools/<str:pool_id>/", views.pools_detail, name="pools-detail"),
+    path("tasks/<int:task_id>/", views.tasks_detail, name="tasks-detail"),
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from poolsadmin.agents.models import Agent
 from poolsadmin.lib.humanize import duration, stamp
 from poolsadmin.pools.models import AgentPool, PoolStatus, PoolType, Slot, SlotState
 from poolsadmin.pools.selectors import PodView, pool_freeze_state
@@ -72,9 +73,14 @@ def workspace_block(*, task: WorkspaceTask, workspace: Workspace) -> Diagnosis |
     """Rules 1, 2 and 5 for one task of one workspace."""
     if task.status == TaskStatus.APPLY_PENDING and not task.apply_confirmed_by:
         # Rule 5: no path may apply an unconfirmed plan.
+        planner = (
+            Agent.objects.filter(pk=task.plan_agent_id).values_list("agent_name", flat=True).first()
+            or task.plan_agent_id
+            or "?"
+        )
         return Diagnosis(
             "awaiting_confirmation",
-            f"Planned at {stamp(task.planned_at)} by agent {task.plan_agent_id or '?'}; "
+            f"Planned at {stamp(task.planned_at)} by agent {planner}; "
             "waiting for someone to confirm the apply.",
             blocker=f"task:{task.pk}",
         )
@@ -104,11 +110,12 @@ def workspace_block(*, task: WorkspaceTask, workspace: Workspace) -> Diagnosis |
             # Rule 1: a locked workspace runs nothing but the apply that owns the lock.
             # Speculative `plan` tasks are the exception (rule 3, I-523): they only read
             # state, so they stay independent of plan_and_apply and of its apply lock.
-            owner = f", owning task #{workspace.lock_task_id}" if workspace.lock_task_id else ""
+            owner = f"; owning task #{workspace.lock_task_id}" if workspace.lock_task_id else ""
+            reason = workspace.lock_reason.rstrip(". ")
             return Diagnosis(
                 "workspace_locked",
                 f"Workspace {workspace.name} is locked by {workspace.locked_by} since "
-                f"{stamp(workspace.locked_at)} ({workspace.lock_reason}{owner}).",
+                f"{stamp(workspace.locked_at)} ({reason}{owner}).",
                 blocker=f"workspace:{workspace.pk}",
             )
     return None

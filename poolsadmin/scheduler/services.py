@@ -360,8 +360,12 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
         if task_dispatch_rollback(task_id=task_id, actor=actor):
             result.rolled_back.append(task_id)
 
+    # order_by() clears the model's default ordering, which would make DISTINCT per row.
     pool_ids = (
-        WorkspaceTask.objects.filter(_waiting(now)).values_list("pool_id", flat=True).distinct()
+        WorkspaceTask.objects.filter(_waiting(now))
+        .order_by()
+        .values_list("pool_id", flat=True)
+        .distinct()
     )
     for pool_id in sorted(pool_ids):
         _pass_pool(pool_id=pool_id, now=now, limit=limit_per_pool, actor=actor, result=result)
@@ -382,7 +386,7 @@ def _pass_pool(*, pool_id: str, now: datetime, limit: int, actor: str, result: P
         try:
             outcome = task_dispatch(task_id=task_id, actor=actor)
         except (DispatchRefused, NotFound) as exc:  # changed under us since the listing
-            logger.info("not dispatching task %s: %s", task_id, exc)
+            logger.debug("not dispatching task %s: %s", task_id, exc)
             continue
         if outcome.dispatched:
             result.dispatched.append(task_id)

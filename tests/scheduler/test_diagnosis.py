@@ -29,7 +29,7 @@ def test_an_unconfirmed_apply_says_who_planned_it_and_that_its_slot_waits_for_it
     task = plan_with_changes(submit(make_workspace(pool), "plan_and_apply"))
     diagnosis = task_diagnose(task=task)
     assert diagnosis.code == "awaiting_confirmation"
-    assert agent.agent_id in diagnosis.text
+    assert f"by agent {agent.agent_name};" in diagnosis.text
     assert "P1[0] stays reserved" in diagnosis.text
 
 

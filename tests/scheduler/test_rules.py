@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, time
+from typing import Any
 
 import pytest
 
@@ -170,3 +171,16 @@ def test_a_workspace_without_permission_for_the_pool_cannot_submit() -> None:
     ws.current_pool = pool
     with pytest.raises(Forbidden):
         task_submit(workspace=ws, task_type="plan", actor="user:a")
+
+
+def test_a_pass_walks_each_pool_once_and_stops_trying_a_full_pool(
+    django_assert_max_num_queries: Any,
+) -> None:
+    pool = make_pool(slots_per_pod=2)
+    make_agent(pool, "P1")
+    for _ in range(30):
+        submit(make_workspace(pool), "plan")
+    # 2 dispatches (~13 queries each) + 1 attempt that finds the pool full + listings.
+    with django_assert_max_num_queries(45):
+        result = scheduler_pass()
+    assert len(result.dispatched) == 2

@@ -1,0 +1,237 @@
+"""Reads for the server-rendered dashboard pages.
+
+The pool page is the hot one (operators keep it open, it refreshes every few seconds), so it
+runs a fixed number of queries whatever the number of pods: the capacity snapshot the
+scheduler places tasks with (`pool_capacity`, two queries), one batched lookup of the tasks
+in the slots, one of the queue. Only the diagnosis of each queued task costs a query or two,
+and the queue shown is capped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db.models import Case, IntegerField, Value, When, prefetch_related_objects
+
+from poolsadmin.agents.models import Agent
+from poolsadmin.lib import clock
+from poolsadmin.lib.errors import NotFound
+from poolsadmin.pools.grid import QUEUED, PoolSummary, pools_overview
+from poolsadmin.pools.models import AgentPool, PoolStatus, Slot, SlotState
+from poolsadmin.pools.selectors import PodView, pool_capacity, pool_freeze_state
+from poolsadmin.scheduler.diagnosis import task_diagnose
+from poolsadmin.scheduler.rules import Diagnosis
+from poolsadmin.tasks.detail import TaskDetail, task_detail
+from poolsadmin.tasks.models import TaskStatus, TaskType, WorkspaceTask
+
+# Rows of the queue shown on the pool page: each costs its diagnosis queries.
+QUEUE_LIMIT = 50
+
+
+# --- pools list ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolRow:
+    summary: PoolSummary
+    health: str  # healthy | saturated | degraded | frozen | paused | no capacity
+
+    @property
+    def pool(self) -> AgentPool:
+        return self.summary.pool
+
+    @property
+    def slots_total(self) -> int:
+        return sum(self.summary.slots.values())
+
+    def _percent(self, state: str) -> int:
+        total = self.slots_total
+        return round(100 * self.summary.slots[state] / total) if total else 0
+
+    @property
+    def running_percent(self) -> int:
+        return self._percent(SlotState.RUNNING)
+
+    @property
+    def reserved_percent(self) -> int:
+        return self._percent(SlotState.RESERVED)
+
+
+def _health(summary: PoolSummary, now: datetime) -> str:
+    pool = summary.pool
+    if pool.status == PoolStatus.PAUSED:
+        return "paused"
+    if pool_freeze_state(pool=pool, now=now).frozen:
+        return "frozen"
+    if summary.agents_online == 0 or summary.pods_running == 0:
+        return "no capacity"
+    if summary.slots[SlotState.IDLE] == 0:
+        return "saturated"
+    if summary.agents_online < summary.agents or summary.pods_running < summary.pods:
+        return "degraded"
+    return "healthy"
+
+
+def dashboard_pools(*, now: datetime | None = None) -> list[PoolRow]:
+    """Every pool with its counts and a health word. A fixed number of queries."""
+    now = now or clock.now()
+    summaries = pools_overview(now=now)
+    # One query for every pool's freeze windows, instead of one per pool.
+    prefetch_related_objects([s.pool for s in summaries], "freeze_windows")
+    return [PoolRow(summary=s, health=_health(s, now)) for s in summaries]
+
+
+# --- pool page -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlotCell:
+    slot: Slot
+    task: WorkspaceTask | None
+    plan_agent_name: str  # who planned a reserved slot's task
+
+    @property
+    def state(self) -> str:
+        return self.slot.state
+
+
+@dataclass(frozen=True)
+class PodCard:
+    view: PodView
+    cells: list[SlotCell]
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    position: int | None  # None: not queued for a slot (waits for a person)
+    task: WorkspaceTask
+    diagnosis: Diagnosis
+
+
+@dataclass(frozen=True)
+class PoolPage:
+    pool: AgentPool
+    now: datetime
+    pods: list[PodCard]
+    queue: list[QueueEntry]
+    queue_length: int
+    awaiting_confirmation: list[QueueEntry]
+
+    @property
+    def slot_counts(self) -> dict[str, int]:
+        counts = {state: 0 for state in SlotState.values}
+        for card in self.pods:
+            for cell in card.cells:
+                counts[cell.state] += 1
+        return counts
+
+
+# Dispatch order (SPEC 4 rule 7, as `dispatch_candidates`): confirmed applies first, then
+# FIFO by creation, drift checks last.
+_QUEUE_ORDER = Case(
+    When(status=TaskStatus.APPLY_PENDING, then=Value(0)),
+    When(task_type=TaskType.DRIFT_CHECK, then=Value(2)),
+    default=Value(1),
+    output_field=IntegerField(),
+)
+
+
+def dashboard_pool(*, pool_id: str, now: datetime | None = None) -> PoolPage:
+    now = now or clock.now()
+    pool = AgentPool.objects.filter(pk=pool_id).prefetch_related("freeze_windows").first()
+    if pool is None:
+        raise NotFound(f"pool {pool_id} does not exist")
+    views = pool_capacity(pool=pool, now=now)
+    # The scheduler's order is by load; cards keep a stable order (oldest pod first) so they
+    # do not jump around between refreshes.
+    views.sort(key=lambda v: (v.pod.created_at, v.pod.pk))
+
+    task_ids = [s.task_id for v in views for s in v.slots if s.task_id is not None]
+    tasks = {
+        t.pk: t for t in WorkspaceTask.objects.filter(pk__in=task_ids).select_related("workspace")
+    }
+    agent_names = {v.agent.agent_id: v.agent.agent_name for v in views if v.agent is not None}
+    missing = {t.plan_agent_id for t in tasks.values() if t.plan_agent_id} - agent_names.keys()
+    if missing:
+        agent_names.update(
+            Agent.objects.filter(pk__in=missing).values_list("agent_id", "agent_name")
+        )
+    pods = [
+        PodCard(
+            view=v,
+            cells=[
+                SlotCell(
+                    slot=s,
+                    task=tasks.get(s.task_id) if s.task_id is not None else None,
+                    plan_agent_name=_plan_agent(tasks.get(s.task_id or 0), agent_names),
+                )
+                for s in v.slots
+            ],
+        )
+        for v in views
+    ]
+
+    # The queue's diagnoses reuse this page's capacity snapshot and pool instance.
+    cache = {pool.pool_id: views}
+    waiting = WorkspaceTask.objects.filter(pool=pool).select_related("workspace")
+    queued = list(
+        waiting.filter(QUEUED)
+        .annotate(priority=_QUEUE_ORDER)
+        .order_by("priority", "created_at", "id")[:QUEUE_LIMIT]
+    )
+    unconfirmed = list(
+        waiting.filter(status=TaskStatus.APPLY_PENDING, apply_confirmed_by="").order_by(
+            "planned_at", "id"
+        )[:QUEUE_LIMIT]
+    )
+    for task in queued + unconfirmed:
+        task.pool = pool
+    return PoolPage(
+        pool=pool,
+        now=now,
+        pods=pods,
+        queue=[
+            QueueEntry(position, t, task_diagnose(task=t, now=now, cache=cache))
+            for position, t in enumerate(queued, start=1)
+        ],
+        queue_length=waiting.filter(QUEUED).count(),
+        awaiting_confirmation=[
+            QueueEntry(None, t, task_diagnose(task=t, now=now, cache=cache)) for t in unconfirmed
+        ],
+    )
+
+
+def _plan_agent(task: WorkspaceTask | None, names: dict[str, str]) -> str:
+    if task is None or not task.plan_agent_id:
+        return ""
+    return names.get(task.plan_agent_id, task.plan_agent_id)
+
+
+# --- task page -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    detail: TaskDetail
+    slot: Slot | None  # the slot the task holds now (running or reserved)
+    agent_name: str
+    plan_agent_name: str
+
+    @property
+    def task(self) -> WorkspaceTask:
+        return self.detail.task
+
+
+def dashboard_task(*, task_id: int) -> TaskPage:
+    detail = task_detail(task_id=task_id)
+    task = detail.task
+    slot = Slot.objects.select_related("pod").filter(task_id=task.pk).first()
+    ids = {i for i in (task.agent_id, task.plan_agent_id) if i}
+    names = dict(Agent.objects.filter(pk__in=ids).values_list("agent_id", "agent_name"))
+    return TaskPage(
+        detail=detail,
+        slot=slot,
+        agent_name=names.get(task.agent_id or "", task.agent_id or ""),
+        plan_agent_name=names.get(task.plan_agent_id, task.plan_agent_id),
+    )
