@@ -219,7 +219,3 @@ LOGGING = {
 POOLSADMIN_ACK_TIMEOUT_SECONDS = env_int("POOLSADMIN_ACK_TIMEOUT_SECONDS", 30, minimum=1)
 # Back-off between dispatch attempts after unacknowledged dispatches (SPEC 4).
 POOLSADMIN_RETRY_BACKOFF_SECONDS = (5, 10, 20, 40, 60)
-# Seconds a worker loop sleeps when a pass found nothing to do.
-POOLSADMIN_WORKER_IDLE_SLEEP_SECONDS = float(
-    env_int("POOLSADMIN_WORKER_IDLE_SLEEP_MS", 1000, minimum=10) / 1000
-)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.contrib.auth.models import User
 from django.db import models
 from django.http import HttpRequest, JsonResponse
 
@@ -25,6 +26,7 @@ from poolsadmin.api.serializers import (
     workspace_detail_json,
     workspace_json,
 )
+from poolsadmin.api.services import user_actor
 from poolsadmin.api.user_auth import api_user
 from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.pools.grid import pool_get, pool_slot_grid, pools_overview
@@ -45,7 +47,8 @@ POOL_INT_FIELDS = ("slots_per_pod", "plan_and_apply_per_pod", "min_replicas", "m
 
 
 def _actor(request: HttpRequest) -> str:
-    return f"user:{request.user.get_username()}"
+    assert isinstance(request.user, User)  # api_user let only an authenticated user through
+    return user_actor(request.user)
 
 
 def _body(request: HttpRequest, *allowed: str) -> dict[str, Any]:

@@ -17,13 +17,13 @@ from django.db.models import Case, IntegerField, Value, When, prefetch_related_o
 from poolsadmin.agents.models import Agent
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import NotFound
-from poolsadmin.pools.grid import QUEUED, PoolSummary, pools_overview
+from poolsadmin.pools.grid import PoolSummary, pools_overview
 from poolsadmin.pools.models import AgentPool, PoolStatus, Slot, SlotState
 from poolsadmin.pools.selectors import PodView, pool_capacity, pool_freeze_state
 from poolsadmin.scheduler.diagnosis import task_diagnose
 from poolsadmin.scheduler.rules import Diagnosis
 from poolsadmin.tasks.detail import TaskDetail, task_detail
-from poolsadmin.tasks.models import TaskStatus, TaskType, WorkspaceTask
+from poolsadmin.tasks.models import QUEUED, TaskStatus, TaskType, WorkspaceTask
 
 # Rows of the queue shown on the pool page: each costs its diagnosis queries.
 QUEUE_LIMIT = 50

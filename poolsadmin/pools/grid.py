@@ -10,20 +10,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from django.db.models import Count, Min, Q
+from django.db.models import Count, Min
 
 from poolsadmin.agents.models import Agent
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, Slot
 from poolsadmin.pools.selectors import agent_is_online
-from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
-
-# The queue is what waits for a slot: pending tasks and confirmed applies. An unconfirmed
-# apply_pending task waits for a person, not for capacity, so it is not queued.
-QUEUED = Q(status=TaskStatus.PENDING) | (
-    Q(status=TaskStatus.APPLY_PENDING) & ~Q(apply_confirmed_by="")
-)
+from poolsadmin.tasks.models import QUEUED, WorkspaceTask
 
 
 @dataclass(frozen=True)

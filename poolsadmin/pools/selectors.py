@@ -115,7 +115,9 @@ def pool_capacity(*, pool: AgentPool, now: datetime) -> list[PodView]:
     Two queries, whatever the number of pods."""
     pods = list(Pod.objects.filter(pool=pool).select_related("agent").order_by("created_at", "id"))
     slots_by_pod: dict[int, list[Slot]] = {p.pk: [] for p in pods}
-    for slot in Slot.objects.filter(pod__pool=pool).order_by("pod_id", "index"):
+    # Filter by the pods just read: a pod committed between the two statements (READ
+    # COMMITTED) must not show up as slots without a pod.
+    for slot in Slot.objects.filter(pod_id__in=list(slots_by_pod)).order_by("pod_id", "index"):
         slots_by_pod[slot.pod_id].append(slot)
     views = [
         PodView(

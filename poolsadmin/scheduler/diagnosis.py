@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import duration, stamp
@@ -136,17 +136,24 @@ def diagnosis_record(*, task: WorkspaceTask, diagnosis: Diagnosis, now: datetime
     current = WaitReason.objects.filter(task=task, ended_at__isnull=True).order_by("-id").first()
     if current and current.code == diagnosis.code and current.blocker == diagnosis.blocker:
         return False
-    with transaction.atomic():
-        if current:
-            WaitReason.objects.filter(pk=current.pk, ended_at__isnull=True).update(ended_at=now)
-        if diagnosis.code not in {"running", "finished"}:
-            WaitReason.objects.create(
-                task=task,
-                code=diagnosis.code,
-                text=diagnosis.text,
-                blocker=diagnosis.blocker,
-                started_at=now,
-            )
+    try:
+        with transaction.atomic():
+            if current:
+                closed = WaitReason.objects.filter(pk=current.pk, ended_at__isnull=True).update(
+                    ended_at=now
+                )
+                if not closed:
+                    return False  # another diagnosis loop got here first
+            if diagnosis.code not in {"running", "finished"}:
+                WaitReason.objects.create(
+                    task=task,
+                    code=diagnosis.code,
+                    text=diagnosis.text,
+                    blocker=diagnosis.blocker,
+                    started_at=now,
+                )
+    except IntegrityError:
+        return False  # another loop opened the row for this change; one row is enough
     return True
 
 

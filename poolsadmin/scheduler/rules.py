@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from poolsadmin.agents.models import Agent
+from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.lib.humanize import duration, stamp
-from poolsadmin.pools.models import AgentPool, PoolStatus, PoolType, Slot, SlotState
+from poolsadmin.pools.models import AgentPool, PodPhase, PoolStatus, PoolType, Slot, SlotState
 from poolsadmin.pools.selectors import PodView, pool_freeze_state
 from poolsadmin.tasks.models import TaskStatus, TaskType, Workspace, WorkspaceTask
 
@@ -121,12 +121,18 @@ def workspace_block(*, task: WorkspaceTask, workspace: Workspace) -> Diagnosis |
     return None
 
 
-def needs_plan_and_apply_capacity(task: WorkspaceTask) -> bool:
-    return task.task_type == TaskType.PLAN_AND_APPLY
-
-
 def _slot_owner(slot: Slot, now: datetime) -> str:
     return f"#{slot.task_id} ({duration(now - slot.since)})"
+
+
+def _can_resume_while_draining(view: PodView, pool: AgentPool, now: datetime) -> bool:
+    return (
+        view.pod.phase == PodPhase.RUNNING
+        and view.agent is not None
+        and view.agent.last_ping_at is not None
+        and view.agent.status in (AgentStatus.ONLINE, AgentStatus.DRAINING)
+        and view.agent.last_ping_at > now - pool.heartbeat_timeout
+    )
 
 
 def placement_candidates(
@@ -149,7 +155,9 @@ def placement_candidates(
     if own_slot is not None and own_slot.state == SlotState.RESERVED:
         view = next((v for v in views if v.pod.pk == own_slot.pod_id), None)
         label = f"{view.pod.name}[{own_slot.index}]" if view else f"slot {own_slot.pk}"
-        if view is not None and view.eligible:
+        # Draining means "take no new work": the reserved apply is the pod's current work,
+        # so its owner may still resume there as long as the pod runs and its agent is online.
+        if view is not None and (view.eligible or _can_resume_while_draining(view, pool, now)):
             return [(view, own_slot)], None
         reason = view.unavailable_reason if view else "its pod is gone"
         return [], Diagnosis(
@@ -183,7 +191,7 @@ def placement_candidates(
             owners = ", ".join(_slot_owner(s, now) for s in reserved[:5])
             text += f", {len(reserved)} reserved by {owners}"
         return [], Diagnosis("no_free_slot", text + ".", blocker=pool.pool_id)
-    if needs_plan_and_apply_capacity(task):
+    if task.task_type == TaskType.PLAN_AND_APPLY:
         fitting = [
             v for v in with_idle if len(v.plan_and_apply_slots) < pool.plan_and_apply_per_pod
         ]

@@ -43,7 +43,14 @@ from poolsadmin.scheduler.rules import (
     pool_block,
     workspace_block,
 )
-from poolsadmin.tasks.models import Stage, TaskStatus, TaskType, Workspace, WorkspaceTask
+from poolsadmin.tasks.models import (
+    QUEUED,
+    Stage,
+    TaskStatus,
+    TaskType,
+    Workspace,
+    WorkspaceTask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -316,10 +323,8 @@ class PassResult:
 
 
 def _waiting(now: datetime) -> Q:
-    return (
-        Q(status=TaskStatus.PENDING)
-        | (Q(status=TaskStatus.APPLY_PENDING) & ~Q(apply_confirmed_by=""))
-    ) & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+    """Queued and due: retries wait for their `next_attempt_at`."""
+    return QUEUED & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
 
 
 def dispatch_candidates(*, pool_id: str, now: datetime, limit: int) -> list[tuple[int, str, str]]:

@@ -161,8 +161,20 @@ class WorkspaceTask(models.Model):
         return self.status == TaskStatus.RUNNING and self.apply_started_at is not None
 
     @property
+    def apply_started(self) -> bool:
+        """The agent acknowledged the apply: from here on state may have changed."""
+        return self.is_applying and self.acked_at is not None
+
+    @property
     def is_confirmed_apply(self) -> bool:
         return self.status == TaskStatus.APPLY_PENDING and bool(self.apply_confirmed_by)
+
+
+# What waits for a slot: pending tasks and confirmed applies. An unconfirmed apply_pending
+# task waits for a person, not for capacity, so it is not queued.
+QUEUED = models.Q(status=TaskStatus.PENDING) | (
+    models.Q(status=TaskStatus.APPLY_PENDING) & ~models.Q(apply_confirmed_by="")
+)
 
 
 class WaitReason(models.Model):
@@ -178,6 +190,14 @@ class WaitReason(models.Model):
     class Meta:
         db_table = "task_wait_reasons"
         ordering = ["task_id", "id"]
+        constraints = [
+            # At most one open row per task, even with two diagnosis loops racing.
+            models.UniqueConstraint(
+                fields=["task"],
+                condition=models.Q(ended_at__isnull=True),
+                name="uniq_open_wait_reason_per_task",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"#{self.task_id} {self.code}"

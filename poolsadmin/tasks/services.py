@@ -188,7 +188,11 @@ def _workspace_keep_lock_after_partial_apply(*, task: WorkspaceTask, what: str) 
         f"Apply of task #{task.pk} {what} while applying; state may be partial. "
         "Review the workspace, then unlock it from the dashboard."
     )
-    Workspace.objects.filter(pk=task.workspace_id, lock_task_id=task.pk).update(lock_reason=reason)
+    kept = Workspace.objects.filter(
+        pk=task.workspace_id, is_locked=True, lock_task_id=task.pk
+    ).update(lock_reason=reason)
+    if not kept:  # an admin already unlocked it: nothing is kept, nothing to record
+        return
     event_record(
         actor=SYSTEM,
         kind="workspace.lock_kept",
@@ -309,7 +313,9 @@ def task_cancel(
     with transaction.atomic():
         task = _locked_task(task_id)
         _refuse_terminal(task)
-        applying = task.is_applying
+        # Only an apply the agent acknowledged may have changed anything; an unacknowledged
+        # apply dispatch is cancelled like a waiting one.
+        applying = task.apply_started
         if applying and not force:
             raise Conflict(
                 f"task #{task_id} is applying; cancelling it may leave partial state. "
@@ -411,7 +417,8 @@ def task_report(
         if status == TaskStatus.RUNNING:
             if not stage:
                 raise InvalidInput("stage is required with status running", field="stage")
-            if stage in Stage.values and stage != task.stage:
+            phase = Stage.APPLYING if task.is_applying else Stage.PLANNING
+            if stage in Stage.values and stage != phase:
                 # The lifecycle stages are the ledger's to set; an agent reports progress
                 # within them (e.g. "initializing"), not a jump from planning to applying.
                 raise Conflict(f"stage {stage!r} is set by the scheduler, not by an agent")
@@ -525,7 +532,7 @@ def task_fail_lost(*, task_id: int, message: str, actor: str) -> WorkspaceTask |
         task = _locked_task(task_id)
         if task.status != TaskStatus.RUNNING:
             return None
-        applying = task.is_applying
+        applying = task.apply_started
         task = _transition(
             task,
             expected=TaskStatus.RUNNING,

@@ -55,8 +55,9 @@ def reconcile_pass(*, actor: str = RECONCILER) -> ReconcileResult:
         grace = timedelta(seconds=pool.task_grace_seconds)
         for agent in _lost_agents(pool, now):
             where = f" (pod {agent.agent_name})"
+            # Unacknowledged dispatches are not lost work: the scheduler rolls them back.
             for task_id in WorkspaceTask.objects.filter(
-                agent=agent, status=TaskStatus.RUNNING
+                agent=agent, status=TaskStatus.RUNNING, acked_at__isnull=False
             ).values_list("id", flat=True):
                 message = (
                     f"Agent {agent.agent_name} ({agent.agent_id}){where} stopped heartbeating at "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolsadmin.pools.models import SlotState
+from poolsadmin.pools.models import Pod, SlotState
 from poolsadmin.scheduler.diagnosis import task_diagnose
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import Stage, TaskStatus, Workspace
@@ -68,3 +68,19 @@ def test_confirmed_apply_prefers_its_reserved_slot_over_idle_slots_and_idle_pods
     assert slot_states(p1)[0] == ("running", t1.pk)
     assert slot_states(p1)[1] == ("idle", None)
     assert all(state == "idle" for state, _ in slot_states(p2))
+
+
+def test_a_confirmed_apply_still_resumes_its_reserved_slot_on_a_draining_pod() -> None:
+    pool = make_pool()
+    p1 = pod_of(make_agent(pool, "P1"))
+    make_agent(pool, "P2")
+    t1 = plan_with_changes(submit(make_workspace(pool), "plan_and_apply"))
+    # Draining: the pod takes no new work (there is no drain service yet; issue 4 adds it).
+    Pod.objects.filter(pk=p1.pk).update(cordoned=True)
+    task_confirm_apply(task_id=t1.pk, actor="user:alice")
+    plan = submit(make_workspace(pool), "plan")
+
+    scheduler_pass()
+
+    assert (refresh(t1).pod_name, refresh(t1).slot_index) == ("P1", 0)
+    assert refresh(plan).pod_name == "P2"  # new work avoids the draining pod

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from poolsadmin.agents.services import agent_heartbeat
+from poolsadmin.lib import clock
 from poolsadmin.scheduler.diagnosis import task_diagnose
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import TaskStatus
-from poolsadmin.tasks.services import task_cancel
 from tests.ledger import (
     finish,
     make_agent,
@@ -98,21 +99,28 @@ def test_one_plan_and_one_plan_and_apply_of_a_workspace_share_one_pod() -> None:
     assert slot_states(p1)[:2] == [("running", t1.pk), ("running", t2.pk)]
 
 
-def test_busiest_pod_is_filled_first_and_ties_go_to_the_oldest_pod() -> None:
+def test_the_busiest_pod_is_filled_first_even_when_an_older_pod_is_idle() -> None:
     pool = make_pool()
-    p1 = pod_of(make_agent(pool, "P1"))
+    clock.advance(-300)
+    p1 = pod_of(make_agent(pool, "P1"))  # the older pod; its heartbeat is stale for now
+    clock.reset()
     p2 = pod_of(make_agent(pool, "P2"))
-    busy = run(submit(make_workspace(pool), "plan"))
-    assert busy.pod_name == "P1"  # tie: the oldest pod
-    # Make P2 the busier one.
-    a, b = (run(submit(make_workspace(pool), "plan")) for _ in range(2))
-    assert (a.pod_name, b.pod_name) == ("P1", "P1")
-    for t in (busy, a):
-        task_cancel(task_id=t.pk, actor="user:admin", reason="make room")
+    first = run(submit(make_workspace(pool), "plan"))
+    assert first.pod_name == "P2"
+    agent_heartbeat(agent=p1.agent, running_task_ids=[])  # type: ignore[arg-type]
+
     nxt = run(submit(make_workspace(pool), "plan"))
-    assert nxt.pod_name == "P1"  # still the busiest (1 running) over idle P2
-    assert all(state == "idle" for state, _ in slot_states(p2))
-    assert slot_states(p1)[0] == ("running", nxt.pk)
+
+    assert nxt.pod_name == "P2"  # busier beats older
+    assert all(state == "idle" for state, _ in slot_states(p1))
+    assert slot_states(p2)[:2] == [("running", first.pk), ("running", nxt.pk)]
+
+
+def test_between_equally_busy_pods_the_oldest_wins() -> None:
+    pool = make_pool()
+    make_agent(pool, "P1")
+    make_agent(pool, "P2")
+    assert run(submit(make_workspace(pool), "plan")).pod_name == "P1"
 
 
 def test_two_plan_and_applies_of_two_workspaces_on_one_pod_pool_run_one_after_the_other() -> None:

@@ -40,12 +40,20 @@ def test_a_locked_workspace_runs_no_plan_and_apply_or_drift_check_but_plans_run(
     make_agent(pool, "P1")
     ws = make_workspace(pool)
     owner = plan_with_changes(submit(ws, "plan_and_apply"))
+    task_confirm_apply(task_id=owner.pk, actor="user:alice")
+    owner = run(owner)
+    # The apply fails while applying: the lock stays (state may be partial), and no later
+    # plan_and_apply of the workspace may run, though none is blocked by rule 2 any more.
+    finish(owner, TaskStatus.FAILED)
+    later = submit(ws, "plan_and_apply")
     drift = submit(ws, "drift_check")
     plan = submit(ws, "plan")
 
     scheduler_pass()
 
     assert refresh(plan).status == TaskStatus.RUNNING  # speculative plans are independent
+    assert refresh(later).status == TaskStatus.PENDING
+    assert task_diagnose(task=refresh(later)).code == "workspace_locked"
     assert refresh(drift).status == TaskStatus.PENDING
     diagnosis = task_diagnose(task=refresh(drift))
     assert diagnosis.code == "workspace_locked"
@@ -54,6 +62,7 @@ def test_a_locked_workspace_runs_no_plan_and_apply_or_drift_check_but_plans_run(
     workspace_unlock(workspace_id=ws.pk, actor="user:admin", reason="reviewed")
     scheduler_pass()
     assert refresh(drift).status == TaskStatus.RUNNING
+    assert refresh(later).status == TaskStatus.RUNNING
 
 
 def test_plan_and_apply_tasks_of_a_workspace_are_strictly_serial() -> None:

@@ -16,6 +16,7 @@ from poolsadmin.tasks.services import (
     task_confirm_apply,
     task_fail_lost,
     task_report,
+    workspace_unlock,
 )
 from poolsadmin.worker.reconcile import reconcile_pass
 from tests.ledger import (
@@ -253,3 +254,34 @@ def test_an_agent_cannot_talk_an_unconfirmed_plan_into_an_apply(pool: AgentPool)
     with pytest.raises(Conflict, match="not applying"):
         task_report(task_id=task.pk, agent=agent, status="applied")
     assert refresh(task).status == TaskStatus.RUNNING
+
+
+def test_an_agent_may_report_planning_again_after_its_own_progress_stage(pool: AgentPool) -> None:
+    task = run(submit(make_workspace(pool), "plan"))
+    agent = agent_of(task)
+    task_report(task_id=task.pk, agent=agent, status="running", stage="initializing")
+    task = task_report(task_id=task.pk, agent=agent, status="running", stage="planning")
+    assert task.stage == "planning"
+
+
+def test_an_unacknowledged_apply_dispatch_is_cancelled_without_force_and_unlocks(
+    pool: AgentPool,
+) -> None:
+    task = plan_with_changes(submit(make_workspace(pool), "plan_and_apply"))
+    task_confirm_apply(task_id=task.pk, actor="user:alice")
+    task_dispatch(task_id=task.pk)
+    task = task_cancel(task_id=task.pk, actor="user:alice", reason="changed my mind")
+    assert task.status == TaskStatus.CANCELLED
+    assert not Workspace.objects.get(pk=task.workspace_id).is_locked
+
+
+def test_keeping_the_lock_records_nothing_when_an_admin_already_unlocked(
+    pool: AgentPool,
+) -> None:
+    task = plan_with_changes(submit(make_workspace(pool), "plan_and_apply"))
+    task_confirm_apply(task_id=task.pk, actor="user:alice")
+    task = run(task)
+    workspace_unlock(workspace_id=task.workspace_id, actor="user:admin", reason="reviewed")
+    task_report(task_id=task.pk, agent=agent_of(task), status="failed", error_message="boom")
+    assert not Workspace.objects.get(pk=task.workspace_id).is_locked
+    assert not Event.objects.filter(task_id=task.pk, kind="workspace.lock_kept").exists()

@@ -49,7 +49,6 @@ def test_sigterm_stops_the_worker_cleanly(tmp_path: Path) -> None:
         **os.environ,
         "POOLSADMIN_VAR_DIR": str(tmp_path),
         "DATABASE_URL": "",
-        "POOLSADMIN_WORKER_IDLE_SLEEP_MS": "100",
     }
     manage = [sys.executable, str(ROOT / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, timeout=300)
