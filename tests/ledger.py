@@ -4,7 +4,7 @@ scenario is a state the product itself can reach."""
 from __future__ import annotations
 
 from poolsadmin.agents.models import Agent
-from poolsadmin.agents.services import agent_register
+from poolsadmin.agents.services import Registration, agent_register
 from poolsadmin.lib.ids import random_id
 from poolsadmin.pools.models import AgentPool, Pod, Slot
 from poolsadmin.pools.services import pool_create
@@ -30,6 +30,11 @@ def make_workspace(
 
 def make_agent(pool: AgentPool, name: str) -> Agent:
     """An online agent; in a static pool also its pod with idle slots."""
+    return make_agent_with_secret(pool, name).agent
+
+
+def make_agent_with_secret(pool: AgentPool, name: str) -> Registration:
+    """As make_agent, with the agent secret an agent API call needs (X-Agent-Secret)."""
     return agent_register(pool=pool, name=name, version="test")
 
 

@@ -21,6 +21,7 @@ from pytest_django.live_server_helper import LiveServer
 
 from poolsadmin.agents.models import Agent
 from poolsadmin.agents.reference import ReferenceAgent, Simulation
+from poolsadmin.agents.services import agent_register
 from poolsadmin.events.models import Event
 from poolsadmin.pools.models import AgentPool, Slot, SlotState
 from poolsadmin.pools.services import pool_token_create
@@ -268,6 +269,45 @@ def test_cancelling_a_task_kills_its_command(
     assert agent.running_task_ids == []
     assert status_of(task) == TaskStatus.CANCELLED
     assert refresh(task).stage == Stage.COMPLETED
+
+
+def test_the_agent_registers_again_once_when_another_registration_rotates_its_secret(
+    new_agent: AgentFactory, pool: AgentPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poolsadmin.agent")
+    agent = new_agent("P1")
+    agent.step()
+    # A second process registers under the same name (a restarted twin, or an operator's
+    # test): the secret this agent holds no longer works.
+    agent_register(pool=pool, name="P1")
+
+    agent.step()  # the heartbeat is refused for the agent's identity, then retried
+    agent.step()  # and the new secret is used from then on
+
+    row = Agent.objects.get(agent_name="P1")
+    assert agent.agent_id == row.agent_id
+    assert kinds_of(row) == ["agent.registered", "agent.reregistered", "agent.reregistered"]
+    assert row.last_ping_at is not None and row.last_ping_at >= row.registered_at
+    assert "registering again" in caplog.text
+
+
+def test_an_outcome_refused_for_the_agents_identity_is_delivered_after_registering_again(
+    new_agent: AgentFactory, pool: AgentPool, workspace: Workspace
+) -> None:
+    agent = new_agent(duration=0.3)
+    agent.register()
+    task = submit(workspace, "plan")
+    dispatch_to(agent, task)
+
+    agent_register(pool=pool, name="P1")  # rotated while the plan runs
+
+    wait_for(lambda: status_of(task) == TaskStatus.SUCCESS, "the report after re-registering")
+    wait_for(lambda: agent.running_task_ids == [], "the agent to drop the reported task")
+
+
+def kinds_of(agent: Agent) -> list[str]:
+    events = Event.objects.filter(target_type="agent", target_id=agent.agent_id).order_by("id")
+    return list(events.values_list("kind", flat=True))
 
 
 def test_run_survives_a_refused_connection_and_stops_on_request() -> None:

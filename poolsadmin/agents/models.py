@@ -27,6 +27,11 @@ class Agent(models.Model):
     reported_task_ids = models.JSONField(default=list, blank=True)
     cpu = models.FloatField(null=True, blank=True)
     memory = models.FloatField(null=True, blank=True)
+    # SHA-256 of the agent's secret (`ags_<64 hex>`), which is shown once, at registration.
+    # The pool token only says "some agent of this pool"; the secret says which one. Empty for
+    # an agent registered before secrets existed: it cannot authenticate until it registers
+    # again.
+    secret_hash = models.CharField(max_length=64, blank=True, default="")
 
     class Meta:
         db_table = "agents"

@@ -12,6 +12,9 @@ Python does and imports nothing of Django. Work travels in heartbeat answers:
 * an outcome is reported with `PUT .../status` as soon as the work ends; a transport error,
   a 5xx or a 401 (token being rotated) keeps it for the next step; any other refusal means the
   server has decided (409: the task was cancelled or failed meanwhile) and the task is dropped;
+* every call after registration carries the agent secret that registration returned
+  (`X-Agent-Secret`); a 403 for the agent's identity (another registration under the same
+  name rotated the secret) makes the agent register again, once, and retry the call;
 * when the agent stops, work in progress is abandoned unreported: the server fails it after
   its grace period, as it would for a pod that died.
 """
@@ -107,6 +110,9 @@ class ReferenceAgent:
         self.agent_id: str | None = None
         self.timeout = 10.0
         self._token = token
+        self._secret: str | None = None
+        # Guards agent_id and _secret together; reentrant, as re-registering holds it.
+        self._identity_lock = threading.RLock()
         self._random = random.Random()
         self._lock = threading.Lock()  # guards _jobs and every _Job's mutable fields
         self._step_lock = threading.Lock()  # one step at a time, whoever calls it
@@ -115,10 +121,13 @@ class ReferenceAgent:
     # --- public -------------------------------------------------------------------------------
 
     def register(self) -> None:
-        answer = self._call(
-            "POST", "/api/v1/agents/register", {"name": self.name, "version": self.version}
-        )
-        self.agent_id = str(answer["agent_id"])
+        """Register (or again: same name, same agent), and keep the new agent secret."""
+        with self._identity_lock:
+            answer = self._call(
+                "POST", "/api/v1/agents/register", {"name": self.name, "version": self.version}
+            )
+            self.agent_id = str(answer["agent_id"])
+            self._secret = str(answer["agent_secret"])
         logger.info("registered %s as %s in pool %s", self.name, self.agent_id, answer["pool_id"])
 
     @property
@@ -139,7 +148,7 @@ class ReferenceAgent:
             agent_id = self.agent_id
             assert agent_id is not None
             try:
-                answer = self._call(
+                answer = self._call_as_agent(
                     "POST",
                     f"/api/v1/agents/{agent_id}/heartbeat",
                     {"running_task_ids": self.running_task_ids, **_usage()},
@@ -208,19 +217,50 @@ class ReferenceAgent:
 
     # --- HTTP ---------------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _identity(self) -> tuple[str, str] | None:
+        with self._identity_lock:
+            if self.agent_id is None or self._secret is None:
+                return None
+            return self.agent_id, self._secret
+
+    def _call_as_agent(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A call that acts as this agent. If the server refuses the agent's identity (a later
+        registration under this name rotated the secret), register again once and retry."""
+        identity = self._identity()
+        try:
+            return self._call(method, path, body, identity=identity)
+        except AgentApiError as error:
+            if not _identity_refused(error):
+                raise
+            logger.warning("agent %s: %s; registering again", self.name, error)
+        with self._identity_lock:
+            # Another thread (a report, the step) may have registered again meanwhile: one
+            # new secret is enough, and a second registration would void the first's.
+            if self._identity() == identity:
+                self.register()
+            identity = self._identity()
+        return self._call(method, path, body, identity=identity)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        identity: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={
-                "Authorization": f"Bearer {self._token}",
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "User-Agent": f"poolsadmin-reference-agent/{self.version}",
-            },
-        )
+        headers = {
+            "Authorization": f"Bearer {self._token}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"poolsadmin-reference-agent/{self.version}",
+        }
+        if identity is not None:
+            headers["X-Agent-Id"], headers["X-Agent-Secret"] = identity
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 raw = response.read()
@@ -242,7 +282,9 @@ class ReferenceAgent:
         task_id = int(assignment["task_id"])
         action = "apply" if assignment.get("action") == "apply" else "plan"
         try:
-            self._call("POST", f"/api/v1/agents/tasks/{task_id}/accept", {"agent_id": agent_id})
+            self._call_as_agent(
+                "POST", f"/api/v1/agents/tasks/{task_id}/accept", {"agent_id": agent_id}
+            )
         except AgentApiError as error:
             # The dispatch was rolled back, cancelled or given to another agent meanwhile.
             logger.info("task #%s not accepted: %s", task_id, error)
@@ -383,7 +425,7 @@ class ReferenceAgent:
             outcome = job.outcome
         done = False
         try:
-            self._call(
+            self._call_as_agent(
                 "PUT",
                 f"/api/v1/agents/tasks/{job.task_id}/status",
                 {
@@ -398,7 +440,7 @@ class ReferenceAgent:
             if error.status == 409:
                 logger.info("task #%s: the server already decided (%s)", job.task_id, error)
                 done = True
-            elif error.status >= 500 or error.status == 401:
+            elif error.status >= 500 or error.status == 401 or _identity_refused(error):
                 logger.warning("task #%s: report failed, will retry: %s", job.task_id, error)
             else:
                 logger.error("task #%s: report refused, dropping it: %s", job.task_id, error)
@@ -412,6 +454,11 @@ class ReferenceAgent:
                 job.reporting = False
                 if done and self._jobs.get(job.task_id) is job:
                     del self._jobs[job.task_id]
+
+
+def _identity_refused(error: AgentApiError) -> bool:
+    """The server took the pool token but not the agent secret: register again."""
+    return error.status == 403 and error.field == "agent_secret"
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

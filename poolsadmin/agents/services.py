@@ -1,42 +1,52 @@
-"""Agent writes: registration, heartbeats, liveness."""
+"""Agent writes: registration, heartbeats, liveness; and agent authentication."""
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
-from poolsadmin.lib.errors import InvalidInput
-from poolsadmin.lib.ids import random_id
+from poolsadmin.lib.errors import Forbidden, InvalidInput, NotFound
+from poolsadmin.lib.ids import random_id, secret_hex, sha256_hex
 from poolsadmin.pools.models import AgentPool, Pod, PoolType
-from poolsadmin.pools.services import pod_for_static_agent
+from poolsadmin.pools.services import pod_for_static_agent, pod_link_agent
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 
 MAX_NAME = 253
+SECRET_PREFIX = "ags_"
 
 
-def agent_register(
-    *, pool: AgentPool, name: str, version: str = "", ip: str | None = None
-) -> Agent:
-    """Register (or re-register: same name, same pool reuses the agent). In a static pool the
-    agent is its own execution host; in a k8s pool the name is the pod name, and the agent is
-    matched to that pod."""
-    name = name.strip()
-    if not name or len(name) > MAX_NAME:
-        raise InvalidInput(f"name is required (at most {MAX_NAME} characters)", field="name")
-    if len(version) > 64:
-        raise InvalidInput("version is longer than 64 characters", field="version")
+@dataclass(frozen=True)
+class Registration:
+    agent: Agent
+    secret: str  # `ags_<64 hex>`, shown once: only its SHA-256 is stored
+
+
+def _agent_named(*, pool: AgentPool, name: str) -> Agent | None:
+    """The agent called `name` in `pool`, row-locked until the transaction ends."""
+    return Agent.objects.select_for_update().filter(pool=pool, agent_name=name).first()
+
+
+def _agent_create(
+    *, pool: AgentPool, name: str, version: str, ip: str | None, secret_hash: str
+) -> Agent | None:
+    """A new agent row, or None if a concurrent registration of the same name won the race.
+
+    `select_for_update` locks nothing when there is no row yet, so two first registrations of
+    one name can both get here; the unique (pool, agent_name) constraint refuses the second
+    insert. The savepoint undoes only that insert, and the caller carries on with the winner's
+    row as a re-registration instead of failing with a 500."""
     now = clock.now()
-    with transaction.atomic():
-        agent = Agent.objects.select_for_update().filter(pool=pool, agent_name=name).first()
-        if agent is None:
-            agent = Agent.objects.create(
+    try:
+        with transaction.atomic():
+            return Agent.objects.create(
                 agent_id=random_id("agent-"),
                 agent_name=name,
                 pool=pool,
@@ -45,34 +55,104 @@ def agent_register(
                 ip=ip,
                 last_ping_at=now,
                 registered_at=now,
+                secret_hash=secret_hash,
             )
-            kind, before = "agent.registered", None
+    except IntegrityError:
+        if not Agent.objects.filter(pool=pool, agent_name=name).exists():
+            raise  # not the name race (an agent_id collision, say): let it surface
+        return None
+
+
+def agent_register(
+    *, pool: AgentPool, name: str, version: str = "", ip: str | None = None
+) -> Registration:
+    """Register (or re-register: same name, same pool reuses the agent). In a static pool the
+    agent is its own execution host; in a k8s pool the name is the pod name, and the agent is
+    matched to that pod.
+
+    Every registration issues a new agent secret and the previous one stops working: an agent
+    that restarts gets a fresh one, and a copy of an old secret is useless. The rotation is in
+    the re-registration's event, so an unexpected takeover of a name is visible."""
+    name = name.strip()
+    if not name or len(name) > MAX_NAME:
+        raise InvalidInput(f"name is required (at most {MAX_NAME} characters)", field="name")
+    if len(version) > 64:
+        raise InvalidInput("version is longer than 64 characters", field="version")
+    secret = f"{SECRET_PREFIX}{secret_hex(32)}"
+    secret_hash = sha256_hex(secret)
+    now = clock.now()
+    with transaction.atomic():
+        agent = _agent_named(pool=pool, name=name)
+        created: Agent | None = None
+        if agent is None:
+            created = _agent_create(
+                pool=pool, name=name, version=version, ip=ip, secret_hash=secret_hash
+            )
+            agent = created or _agent_named(pool=pool, name=name)
+            assert agent is not None  # _agent_create returns None only if the row exists
+        if created is not None:
+            kind, before, reason = "agent.registered", None, ""
         else:
             before = {"status": agent.status, "version": agent.version}
             status = AgentStatus.DRAINING if agent.status == AgentStatus.DRAINING else "online"
             Agent.objects.filter(pk=agent.pk).update(
-                status=status, version=version, ip=ip, last_ping_at=now, registered_at=now
+                status=status,
+                version=version,
+                ip=ip,
+                last_ping_at=now,
+                registered_at=now,
+                secret_hash=secret_hash,
             )
             agent.refresh_from_db()
-            kind = "agent.reregistered"
+            kind, reason = "agent.reregistered", "registered again: the agent secret was rotated"
+        actor = f"agent:{agent.agent_id}"
         event_record(
-            actor=f"agent:{agent.agent_id}",
+            actor=actor,
             kind=kind,
             target_type="agent",
             target_id=agent.agent_id,
             pool_id=pool.pool_id,
             before=before,
-            after={"status": agent.status, "name": name, "version": version},
+            after={
+                "status": agent.status,
+                "name": name,
+                "version": version,
+                "secret_rotated": created is None,
+            },
+            reason=reason,
         )
         if pool.pool_type == PoolType.STATIC:
-            pod_for_static_agent(
-                pool=pool, agent_id=agent.agent_id, name=name, actor=f"agent:{agent.agent_id}"
-            )
+            pod_for_static_agent(pool=pool, agent_id=agent.agent_id, name=name, actor=actor)
         else:
-            Pod.objects.filter(pool=pool, name=name).exclude(agent_id=agent.agent_id).update(
-                agent_id=agent.agent_id
-            )
+            pod = Pod.objects.filter(pool=pool, name=name).first()
+            if pod is not None:
+                pod_link_agent(pod=pod, agent_id=agent.agent_id, actor=actor)
         broadcast_pool_changed(pool_id=pool.pool_id, kind="agent", payload={"agent": name})
+    return Registration(agent=agent, secret=secret)
+
+
+def agent_authenticate(*, pool: AgentPool, agent_id: str, secret: str) -> Agent:
+    """The agent `agent_id` of `pool`, if `secret` is the one it got when it last registered.
+
+    The pool token proves only that the caller is some agent of the pool; the secret proves
+    which one, so no agent can heartbeat, accept or report as another. Unknown agent:
+    NotFound; agent of another pool, missing or wrong secret: Forbidden. Writes nothing."""
+    agent = Agent.objects.filter(pk=agent_id).first()
+    if agent is None:
+        raise NotFound(f"agent {agent_id} does not exist", field="agent_id")
+    if agent.pool_id != pool.pool_id:
+        raise Forbidden(f"agent {agent_id} does not belong to the token's pool", field="agent_id")
+    if not secret:
+        raise Forbidden(f"the agent secret of {agent_id} is missing", field="agent_secret")
+    # Constant time: comparing hashes with == would leak, byte by byte, how much matched.
+    if not agent.secret_hash or not hmac.compare_digest(
+        agent.secret_hash.encode(), sha256_hex(secret).encode()
+    ):
+        raise Forbidden(
+            f"wrong agent secret for {agent_id}: it is another agent's, or a later "
+            "registration of this agent replaced it; register again to get a new one",
+            field="agent_secret",
+        )
     return agent
 
 

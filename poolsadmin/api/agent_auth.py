@@ -1,9 +1,15 @@
 """Authentication and access checks of the agent API.
 
-An agent presents its pool token as `Authorization: Bearer apt_<pool_id>_<hex>`. The token
-decides the pool; every agent and task the request names must belong to that pool (SPEC 7:
-a token only reaches its own pool). Missing or bad tokens are 401, anything of another pool
-403, unknown ids 404.
+Two credentials, two questions:
+
+* the pool token, `Authorization: Bearer apt_<pool_id>_<hex>`, says which pool the caller
+  belongs to. Missing or bad: 401. Every agent and task the request names must belong to
+  that pool (SPEC 7: a token only reaches its own pool), else 403; unknown ids are 404.
+* the agent secret, `X-Agent-Secret: ags_<hex>` (returned once by register), says which agent
+  of the pool the caller is. Every request but register acts as one agent (the URL's, the
+  body's `agent_id`, or `X-Agent-Id`) and must carry that agent's secret. Missing or wrong:
+  403 with `field: agent_secret`, since the token is valid but the identity is not; an agent
+  answered so should register again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Concatenate, ParamSpec
 from django.http import HttpRequest, HttpResponse
 
 from poolsadmin.agents.models import Agent
+from poolsadmin.agents.services import agent_authenticate
 from poolsadmin.api.http import error_response
 from poolsadmin.lib.errors import Forbidden, NotFound, Unauthenticated
 from poolsadmin.pools.models import AgentPool
@@ -23,6 +30,9 @@ from poolsadmin.tasks.models import WorkspaceTask
 
 P = ParamSpec("P")
 PoolView = Callable[Concatenate[HttpRequest, AgentPool, P], HttpResponse]
+
+AGENT_ID_HEADER = "X-Agent-Id"
+AGENT_SECRET_HEADER = "X-Agent-Secret"
 
 
 def request_pool(request: HttpRequest) -> AgentPool:
@@ -49,14 +59,23 @@ def pool_token_required(view: PoolView[P]) -> Callable[Concatenate[HttpRequest, 
     return wrapper
 
 
-def pool_agent(*, pool: AgentPool, agent_id: str) -> Agent:
-    """The agent `agent_id`, which must belong to `pool`."""
-    agent = Agent.objects.filter(pk=agent_id).first()
-    if agent is None:
-        raise NotFound(f"agent {agent_id} does not exist", field="agent_id")
-    if agent.pool_id != pool.pool_id:
-        raise Forbidden(f"agent {agent_id} does not belong to the token's pool", field="agent_id")
-    return agent
+def request_agent(request: HttpRequest, *, pool: AgentPool, agent_id: str | None = None) -> Agent:
+    """The agent the request acts as: `agent_id` (from the URL or the body) or, when the
+    request names none, the `X-Agent-Id` header; proven by `X-Agent-Secret`."""
+    if agent_id is None:
+        agent_id = request.headers.get(AGENT_ID_HEADER, "").strip()
+        if not agent_id:
+            raise Forbidden(
+                f"missing {AGENT_ID_HEADER} header: which agent of the pool is asking",
+                field="agent_id",
+            )
+    secret = request.headers.get(AGENT_SECRET_HEADER, "").strip()
+    if not secret:
+        raise Forbidden(
+            f"missing {AGENT_SECRET_HEADER} header: the agent_secret that register returned",
+            field="agent_secret",
+        )
+    return agent_authenticate(pool=pool, agent_id=agent_id, secret=secret)
 
 
 def pool_task(*, pool: AgentPool, task_id: int) -> WorkspaceTask:

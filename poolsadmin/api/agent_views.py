@@ -1,9 +1,16 @@
-"""The agent API (SPEC 7): JSON over HTTP with a bearer pool token.
+"""The agent API (SPEC 7): JSON over HTTP with a bearer pool token and, once registered, the
+agent's own secret (see agent_auth).
 
-Each view authenticates, parses and checks the body (400 naming the field), checks that the
-agent and task belong to the token's pool, and calls one service. The services are
-transactional and refuse invalid transitions with Conflict (409), so a refused request writes
-nothing. CSRF does not apply: agents authenticate with a bearer token, not a cookie.
+* `POST register` `{name, version}` -> `{agent_id, pool_id, agent_secret}`; the secret is
+  shown this once, and each registration replaces the previous one.
+* `POST <agent_id>/heartbeat`, `POST tasks/<id>/accept` and `PUT tasks/<id>/status` (body
+  `agent_id`), `GET tasks/<id>` (header `X-Agent-Id`) act as one agent and need its
+  `X-Agent-Secret`.
+
+Each view authenticates, parses and checks the body (400 naming the field), proves which agent
+is asking and that the agent and task belong to the token's pool, and calls one service. The
+services are transactional and refuse invalid transitions with Conflict (409), so a refused
+request writes nothing. CSRF does not apply: agents authenticate with headers, not a cookie.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from poolsadmin.agents.services import agent_heartbeat, agent_register
-from poolsadmin.api.agent_auth import pool_agent, pool_task, pool_token_required
+from poolsadmin.api.agent_auth import pool_task, pool_token_required, request_agent
 from poolsadmin.api.http import field_number, field_str, json_body, json_errors
 from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.pools.models import AgentPool
@@ -63,13 +70,21 @@ def _task_ids(data: dict[str, Any], name: str) -> list[int]:
 @pool_token_required
 def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
     data = json_body(request)
-    agent = agent_register(
+    registration = agent_register(
         pool=pool,
         name=field_str(data, "name"),
         version=field_str(data, "version", required=False),
         ip=_client_ip(request),
     )
-    return JsonResponse({"agent_id": agent.agent_id, "pool_id": pool.pool_id})
+    response = JsonResponse(
+        {
+            "agent_id": registration.agent.agent_id,
+            "pool_id": pool.pool_id,
+            "agent_secret": registration.secret,
+        }
+    )
+    response["Cache-Control"] = "no-store"  # the secret is shown once; keep it out of caches
+    return response
 
 
 @csrf_exempt
@@ -77,10 +92,10 @@ def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
 @json_errors
 @pool_token_required
 def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpResponse:
+    agent = request_agent(request, pool=pool, agent_id=agent_id)
     data = json_body(request)
     running = _task_ids(data, "running_task_ids")
     cpu, memory = field_number(data, "cpu"), field_number(data, "memory")
-    agent = pool_agent(pool=pool, agent_id=agent_id)
     answer = agent_heartbeat(agent=agent, running_task_ids=running, cpu=cpu, memory=memory)
     return JsonResponse({"assignments": answer.assignments, "cancellations": answer.cancellations})
 
@@ -91,9 +106,8 @@ def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpRespo
 @pool_token_required
 def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     data = json_body(request)
-    agent_id = field_str(data, "agent_id")
+    agent = request_agent(request, pool=pool, agent_id=field_str(data, "agent_id"))
     pool_task(pool=pool, task_id=task_id)
-    agent = pool_agent(pool=pool, agent_id=agent_id)
     return JsonResponse(task_json(task_accept(task_id=task_id, agent=agent)))
 
 
@@ -103,12 +117,11 @@ def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
 @pool_token_required
 def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     data = json_body(request)
-    agent_id = field_str(data, "agent_id")
+    agent = request_agent(request, pool=pool, agent_id=field_str(data, "agent_id"))
     status = field_str(data, "status")
     stage = field_str(data, "stage", required=False)
     error_message = field_str(data, "error_message", required=False)
     pool_task(pool=pool, task_id=task_id)
-    agent = pool_agent(pool=pool, agent_id=agent_id)
     task = task_report(
         task_id=task_id, agent=agent, status=status, stage=stage, error_message=error_message
     )
@@ -119,4 +132,7 @@ def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
 @json_errors
 @pool_token_required
 def detail(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
+    # A GET names no agent in its URL or body, so the agent names itself in X-Agent-Id. Any
+    # agent of the pool may read any task of the pool; only updates are the assignee's.
+    request_agent(request, pool=pool)
     return JsonResponse(task_json(pool_task(pool=pool, task_id=task_id)))

@@ -143,10 +143,11 @@ class PodPhase(models.TextChoices):
 
 class Pod(models.Model):
     """An execution host. In k8s pools one pod of the cluster; in static pools one per agent,
-    with no cluster behind it. A pod and its agent are matched by name."""
+    with no cluster behind it. A pod and its agent are matched by name, within the pool: two
+    static pools may each have an agent (and so a pod) called `agent-1`."""
 
     pool = models.ForeignKey(AgentPool, on_delete=models.CASCADE, related_name="pods")
-    name = models.CharField(max_length=253, unique=True)
+    name = models.CharField(max_length=253)
     phase = models.CharField(max_length=16, choices=PodPhase.choices, default=PodPhase.PENDING)
     agent = models.OneToOneField(
         "agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="pod"
@@ -160,6 +161,9 @@ class Pod(models.Model):
     class Meta:
         db_table = "pods"
         ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["pool", "name"], name="uniq_pod_name_in_pool")
+        ]
 
     def __str__(self) -> str:
         return self.name

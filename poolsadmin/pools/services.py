@@ -208,6 +208,32 @@ def pod_create(
     return pod
 
 
+def pod_link_agent(*, pod: Pod, agent_id: str, actor: str) -> bool:
+    """Make `agent_id` the agent of `pod` (they share a name). True if the link changed.
+
+    Conditional on the agent the caller saw, so a concurrent relink is not overwritten
+    silently: the loser changes nothing and writes no event."""
+    if pod.agent_id == agent_id:
+        return False
+    before = pod.agent_id
+    with transaction.atomic():
+        changed = Pod.objects.filter(pk=pod.pk, agent_id=before).update(agent_id=agent_id)
+        if changed != 1:
+            return False
+        event_record(
+            actor=actor,
+            kind="pod.agent_linked",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pod.pool_id,
+            before={"agent_id": before},
+            after={"agent_id": agent_id},
+        )
+        broadcast_pool_changed(pool_id=pod.pool_id, kind="pod", payload={"pod": pod.name})
+    pod.agent_id = agent_id
+    return True
+
+
 def pod_for_static_agent(*, pool: AgentPool, agent_id: str, name: str, actor: str) -> Pod:
     """In a static pool every agent is its own execution host (a pod with no cluster)."""
     pod = Pod.objects.filter(pool=pool, name=name).first()
@@ -215,9 +241,7 @@ def pod_for_static_agent(*, pool: AgentPool, agent_id: str, name: str, actor: st
         return pod_create(
             pool=pool, name=name, phase=PodPhase.RUNNING, actor=actor, agent_id=agent_id
         )
-    if pod.agent_id != agent_id:
-        Pod.objects.filter(pk=pod.pk).update(agent_id=agent_id)
-        pod.agent_id = agent_id
+    pod_link_agent(pod=pod, agent_id=agent_id, actor=actor)
     return pod
 
 
@@ -338,13 +362,6 @@ def slot_free_for_task(
         reason=reason,
     )
     broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
-    return slot
-
-
-def slot_get(*, slot_id: int) -> Slot:
-    slot = Slot.objects.select_related("pod", "pod__pool").filter(pk=slot_id).first()
-    if slot is None:
-        raise NotFound(f"slot {slot_id} does not exist")
     return slot
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +15,8 @@ from django.test.client import MULTIPART_CONTENT
 from poolsadmin.agents.models import Agent
 from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
-from poolsadmin.pools.models import AgentPool, PoolToken, Slot
+from poolsadmin.lib.ids import sha256_hex
+from poolsadmin.pools.models import AgentPool, Pod, PoolToken, Slot
 from poolsadmin.pools.services import pool_token_create, pool_token_revoke
 from poolsadmin.scheduler.services import task_dispatch
 from poolsadmin.tasks.models import Stage, TaskStatus, WorkspaceTask
@@ -22,7 +24,7 @@ from poolsadmin.tasks.services import task_confirm_apply
 from tests.ledger import (
     ADMIN,
     finish,
-    make_agent,
+    make_agent_with_secret,
     make_pool,
     make_workspace,
     plan_with_changes,
@@ -40,35 +42,72 @@ API = "/api/v1/agents"
 
 @dataclass
 class Caller:
-    """An HTTP client holding one pool token."""
+    """An HTTP client holding one pool token, and the secrets of the agents it registered.
+    A request made `as_agent` carries that agent's X-Agent-Id and X-Agent-Secret (or
+    `agent_secret` instead, to present a wrong one)."""
 
     client: Client
     pool: AgentPool
     secret: str
+    agent_secrets: dict[str, str] = field(default_factory=dict)
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.secret}"}
 
-    def post(self, path: str, body: Any = None) -> Any:
+    def agent(self, name: str) -> Agent:
+        """Register an agent in the caller's pool, keeping its secret."""
+        registration = make_agent_with_secret(self.pool, name)
+        self.agent_secrets[registration.agent.agent_id] = registration.secret
+        return registration.agent
+
+    def headers_as(self, agent: Agent | None, agent_secret: str | None = None) -> dict[str, str]:
+        if agent is None:
+            return self.headers
+        if agent_secret is None:
+            agent_secret = self.agent_secrets[agent.agent_id]
+        return {**self.headers, "X-Agent-Id": agent.agent_id, "X-Agent-Secret": agent_secret}
+
+    def post(
+        self,
+        path: str,
+        body: Any = None,
+        *,
+        as_agent: Agent | None = None,
+        agent_secret: str | None = None,
+    ) -> Any:
         return self.client.post(
             API + path,
             json.dumps(body or {}),
             content_type="application/json",
-            headers=self.headers,
+            headers=self.headers_as(as_agent, agent_secret),
         )
 
-    def put(self, path: str, body: Any) -> Any:
+    def put(
+        self,
+        path: str,
+        body: Any,
+        *,
+        as_agent: Agent | None = None,
+        agent_secret: str | None = None,
+    ) -> Any:
         return self.client.put(
-            API + path, json.dumps(body), content_type="application/json", headers=self.headers
+            API + path,
+            json.dumps(body),
+            content_type="application/json",
+            headers=self.headers_as(as_agent, agent_secret),
         )
 
-    def get(self, path: str) -> Any:
-        return self.client.get(API + path, headers=self.headers)
+    def get(
+        self, path: str, *, as_agent: Agent | None = None, agent_secret: str | None = None
+    ) -> Any:
+        return self.client.get(API + path, headers=self.headers_as(as_agent, agent_secret))
 
-    def raw(self, method: str, path: str, data: str) -> Any:
+    def raw(self, method: str, path: str, data: str, *, as_agent: Agent | None = None) -> Any:
         send = getattr(self.client, method)
-        return send(API + path, data, content_type="application/json", headers=self.headers)
+        return send(
+            API + path, data, content_type="application/json", headers=self.headers_as(as_agent)
+        )
 
 
 def caller_for(client: Client, pool: AgentPool) -> Caller:
@@ -101,9 +140,9 @@ def ledger_snapshot(task: WorkspaceTask) -> tuple[dict[str, Any], list[Any], int
     return task_row(task), slots, Event.objects.count()
 
 
-def running_plan(pool: AgentPool, agent_name: str = "P1") -> tuple[WorkspaceTask, Agent]:
-    agent = make_agent(pool, agent_name)
-    task = run(submit(make_workspace(pool), "plan"))
+def running_plan(caller: Caller, agent_name: str = "P1") -> tuple[WorkspaceTask, Agent]:
+    agent = caller.agent(agent_name)
+    task = run(submit(make_workspace(caller.pool), "plan"))
     return task, agent
 
 
@@ -229,13 +268,189 @@ def test_register_refuses_get(api: Caller) -> None:
     assert api.get("/register").status_code == 405
 
 
+# --- agent identity: the pool token says which pool, the agent secret says which agent --------
+
+
+def test_register_returns_an_agent_secret_that_is_stored_only_as_its_hash(api: Caller) -> None:
+    response = api.post("/register", {"name": "P1"})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"agent_id", "pool_id", "agent_secret"}
+    assert re.fullmatch(r"ags_[0-9a-f]{64}", body["agent_secret"])
+    assert response["Cache-Control"] == "no-store"
+    agent = Agent.objects.get(pk=body["agent_id"])
+    assert agent.secret_hash == sha256_hex(body["agent_secret"])
+    events = json.dumps(list(Event.objects.values("before", "after", "data", "reason")))
+    assert body["agent_secret"] not in events
+
+
+def test_registering_again_rotates_the_secret_and_the_old_one_is_refused(api: Caller) -> None:
+    first = api.post("/register", {"name": "P1"}).json()
+    second = api.post("/register", {"name": "P1"}).json()
+    agent = Agent.objects.get(pk=first["agent_id"])
+
+    old = api.post(
+        f"/{agent.agent_id}/heartbeat", {}, as_agent=agent, agent_secret=first["agent_secret"]
+    )
+    new = api.post(
+        f"/{agent.agent_id}/heartbeat", {}, as_agent=agent, agent_secret=second["agent_secret"]
+    )
+
+    assert second["agent_id"] == first["agent_id"]
+    assert second["agent_secret"] != first["agent_secret"]
+    assert (old.status_code, old.json()["field"]) == (403, "agent_secret")
+    assert "register again" in old.json()["detail"]
+    assert new.status_code == 200
+    rotated = Event.objects.get(kind="agent.reregistered", target_id=agent.agent_id)
+    assert rotated.after is not None and rotated.after["secret_rotated"] is True
+
+
+def _without(headers: dict[str, str], name: str) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k != name}
+
+
+@pytest.mark.parametrize("secret", ["missing", "wrong", "another agent's"])
+def test_a_heartbeat_without_the_agents_own_secret_is_forbidden_and_writes_nothing(
+    api: Caller, pool: AgentPool, secret: str
+) -> None:
+    agent, other = api.agent("P1"), api.agent("P2")
+    task = submit(make_workspace(pool), "plan")
+    task_dispatch(task_id=task.pk)
+    headers = {
+        "missing": _without(api.headers_as(agent), "X-Agent-Secret"),
+        "wrong": api.headers_as(agent, "ags_" + "0" * 64),
+        "another agent's": api.headers_as(agent, api.agent_secrets[other.agent_id]),
+    }[secret]
+    before = Agent.objects.filter(pk=agent.pk).values().get(), ledger_snapshot(task)
+    clock.advance(5)
+
+    response = api.client.post(
+        f"{API}/{agent.agent_id}/heartbeat",
+        json.dumps({"running_task_ids": [424242]}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+    assert response.status_code == 403
+    assert response.json()["field"] == "agent_secret"
+    assert "assignments" not in response.json()  # the dispatch is not handed to an impostor
+    assert (Agent.objects.filter(pk=agent.pk).values().get(), ledger_snapshot(task)) == before
+
+
+@pytest.mark.parametrize("secret", ["missing", "another agent's"])
+def test_accepting_as_the_assigned_agent_without_its_secret_is_forbidden_and_writes_nothing(
+    api: Caller, pool: AgentPool, secret: str
+) -> None:
+    assigned = api.agent("P1")
+    task = submit(make_workspace(pool), "plan")
+    task_dispatch(task_id=task.pk)
+    impostor = api.agent("P2")
+    headers = {
+        "missing": _without(api.headers_as(assigned), "X-Agent-Secret"),
+        "another agent's": api.headers_as(assigned, api.agent_secrets[impostor.agent_id]),
+    }[secret]
+    before = ledger_snapshot(task)
+
+    response = api.client.post(
+        f"{API}/tasks/{task.pk}/accept",
+        json.dumps({"agent_id": assigned.agent_id}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+    assert response.status_code == 403
+    assert response.json()["field"] == "agent_secret"
+    assert ledger_snapshot(task) == before
+    assert refresh(task).acked_at is None
+
+
+@pytest.mark.parametrize("secret", ["missing", "another agent's"])
+def test_reporting_as_the_assigned_agent_without_its_secret_is_forbidden_and_writes_nothing(
+    api: Caller, secret: str
+) -> None:
+    task, assigned = running_plan(api, "P1")
+    impostor = api.agent("P2")
+    headers = {
+        "missing": _without(api.headers_as(assigned), "X-Agent-Secret"),
+        "another agent's": api.headers_as(assigned, api.agent_secrets[impostor.agent_id]),
+    }[secret]
+    before = ledger_snapshot(task)
+
+    response = api.client.put(
+        f"{API}/tasks/{task.pk}/status",
+        json.dumps({"agent_id": assigned.agent_id, "status": "failed", "error_message": "x"}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+    assert response.status_code == 403
+    assert response.json()["field"] == "agent_secret"
+    assert ledger_snapshot(task) == before
+
+
+@pytest.mark.parametrize(
+    ("missing", "field"), [("X-Agent-Id", "agent_id"), ("X-Agent-Secret", "agent_secret")]
+)
+def test_reading_a_task_needs_the_agent_id_and_secret_headers(
+    api: Caller, missing: str, field: str
+) -> None:
+    task, agent = running_plan(api)
+
+    response = api.client.get(
+        f"{API}/tasks/{task.pk}", headers=_without(api.headers_as(agent), missing)
+    )
+
+    assert response.status_code == 403
+    assert response.json()["field"] == field
+    assert missing in response.json()["detail"]
+
+
+def test_reading_a_task_with_a_wrong_agent_secret_is_forbidden(api: Caller) -> None:
+    task, agent = running_plan(api)
+
+    response = api.get(f"/tasks/{task.pk}", as_agent=agent, agent_secret="ags_" + "0" * 64)
+
+    assert response.status_code == 403
+
+
+def test_an_agent_without_a_stored_secret_must_register_again(api: Caller) -> None:
+    agent = api.agent("P1")
+    # A row from before agent secrets existed: the migration leaves its secret_hash empty.
+    Agent.objects.filter(pk=agent.pk).update(secret_hash="")
+
+    refused = api.post(f"/{agent.agent_id}/heartbeat", {}, as_agent=agent)
+    again = api.post("/register", {"name": "P1"}).json()
+    accepted = api.post(
+        f"/{agent.agent_id}/heartbeat", {}, as_agent=agent, agent_secret=again["agent_secret"]
+    )
+
+    assert (refused.status_code, refused.json()["field"]) == (403, "agent_secret")
+    assert again["agent_id"] == agent.agent_id
+    assert accepted.status_code == 200
+
+
+def test_agents_with_the_same_name_register_in_two_static_pools(
+    api: Caller, other_api: Caller
+) -> None:
+    mine = api.post("/register", {"name": "agent-1"})
+    theirs = other_api.post("/register", {"name": "agent-1"})
+
+    assert (mine.status_code, theirs.status_code) == (200, 200)
+    assert mine.json()["agent_id"] != theirs.json()["agent_id"]
+    pods = {pod.pool_id: pod for pod in Pod.objects.filter(name="agent-1")}
+    assert set(pods) == {api.pool.pool_id, other_api.pool.pool_id}
+    assert pods[api.pool.pool_id].agent_id == mine.json()["agent_id"]
+    assert pods[other_api.pool.pool_id].agent_id == theirs.json()["agent_id"]
+
+
 # --- heartbeat ---------------------------------------------------------------------------------
 
 
 def test_a_heartbeat_records_liveness_and_answers_with_the_dispatched_work(
     api: Caller, pool: AgentPool
 ) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
     registered_at = agent.last_ping_at
     assert registered_at is not None
     task = submit(make_workspace(pool), "plan")
@@ -243,7 +458,9 @@ def test_a_heartbeat_records_liveness_and_answers_with_the_dispatched_work(
     clock.advance(5)
 
     response = api.post(
-        f"/{agent.agent_id}/heartbeat", {"running_task_ids": [], "cpu": 0.5, "memory": 512}
+        f"/{agent.agent_id}/heartbeat",
+        {"running_task_ids": [], "cpu": 0.5, "memory": 512},
+        as_agent=agent,
     )
 
     assert response.status_code == 200
@@ -269,9 +486,11 @@ def test_a_heartbeat_records_liveness_and_answers_with_the_dispatched_work(
 def test_a_heartbeat_listing_a_task_the_ledger_does_not_assign_gets_a_cancel(
     api: Caller, pool: AgentPool
 ) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
 
-    response = api.post(f"/{agent.agent_id}/heartbeat", {"running_task_ids": [424242]})
+    response = api.post(
+        f"/{agent.agent_id}/heartbeat", {"running_task_ids": [424242]}, as_agent=agent
+    )
 
     assert response.status_code == 200
     assert [c["task_id"] for c in response.json()["cancellations"]] == [424242]
@@ -280,17 +499,28 @@ def test_a_heartbeat_listing_a_task_the_ledger_does_not_assign_gets_a_cancel(
 def test_a_heartbeat_for_an_agent_of_another_pool_is_forbidden(
     api: Caller, other_api: Caller
 ) -> None:
-    stranger = make_agent(other_api.pool, "Q1")
+    stranger = other_api.agent("Q1")
     before = Agent.objects.filter(pk=stranger.pk).values().get()
 
-    response = api.post(f"/{stranger.agent_id}/heartbeat", {"running_task_ids": []})
+    # Even with the stranger's own secret: a token only reaches its own pool.
+    response = api.post(
+        f"/{stranger.agent_id}/heartbeat",
+        {"running_task_ids": []},
+        as_agent=stranger,
+        agent_secret=other_api.agent_secrets[stranger.agent_id],
+    )
 
     assert response.status_code == 403
     assert Agent.objects.filter(pk=stranger.pk).values().get() == before
 
 
 def test_a_heartbeat_for_an_unknown_agent_is_not_found(api: Caller) -> None:
-    response = api.post("/agent-doesnotexist000/heartbeat", {"running_task_ids": []})
+    response = api.client.post(
+        f"{API}/agent-doesnotexist000/heartbeat",
+        json.dumps({"running_task_ids": []}),
+        content_type="application/json",
+        headers={**api.headers, "X-Agent-Secret": "ags_" + "0" * 64},
+    )
 
     assert response.status_code == 404
 
@@ -308,11 +538,11 @@ def test_a_heartbeat_for_an_unknown_agent_is_not_found(api: Caller) -> None:
 def test_a_heartbeat_with_a_wrongly_typed_field_names_it(
     api: Caller, pool: AgentPool, body: dict[str, Any], field: str
 ) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
     before = Agent.objects.filter(pk=agent.pk).values().get()
     clock.advance(5)
 
-    response = api.post(f"/{agent.agent_id}/heartbeat", body)
+    response = api.post(f"/{agent.agent_id}/heartbeat", body, as_agent=agent)
 
     assert response.status_code == 400
     assert response.json()["field"] == field
@@ -320,38 +550,40 @@ def test_a_heartbeat_with_a_wrongly_typed_field_names_it(
 
 
 def test_heartbeat_refuses_get(api: Caller, pool: AgentPool) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
 
-    assert api.get(f"/{agent.agent_id}/heartbeat").status_code == 405
+    assert api.get(f"/{agent.agent_id}/heartbeat", as_agent=agent).status_code == 405
 
 
 # --- accept ------------------------------------------------------------------------------------
 
 
 def test_the_assigned_agent_accepts_its_dispatch(api: Caller, pool: AgentPool) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
     task = submit(make_workspace(pool), "plan")
     task_dispatch(task_id=task.pk)
 
-    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id})
+    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id}, as_agent=agent)
 
     assert response.status_code == 200
     assert response.json()["status"] == "running"
     assert refresh(task).acked_at is not None
-    heartbeat = api.post(f"/{agent.agent_id}/heartbeat", {"running_task_ids": [task.pk]})
+    heartbeat = api.post(
+        f"/{agent.agent_id}/heartbeat", {"running_task_ids": [task.pk]}, as_agent=agent
+    )
     assert heartbeat.json() == {"assignments": [], "cancellations": []}
 
 
 def test_accepting_a_task_assigned_to_another_agent_is_forbidden_and_writes_nothing(
     api: Caller, pool: AgentPool
 ) -> None:
-    make_agent(pool, "P1")
+    api.agent("P1")
     task = submit(make_workspace(pool), "plan")
     task_dispatch(task_id=task.pk)
-    other = make_agent(pool, "P2")
+    other = api.agent("P2")
     before = ledger_snapshot(task)
 
-    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": other.agent_id})
+    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": other.agent_id}, as_agent=other)
 
     assert response.status_code == 403
     assert ledger_snapshot(task) == before
@@ -360,11 +592,11 @@ def test_accepting_a_task_assigned_to_another_agent_is_forbidden_and_writes_noth
 def test_accepting_a_task_that_was_never_dispatched_is_a_conflict(
     api: Caller, pool: AgentPool
 ) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
     task = submit(make_workspace(pool), "plan")
     before = ledger_snapshot(task)
 
-    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id})
+    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id}, as_agent=agent)
 
     assert response.status_code == 409
     assert ledger_snapshot(task) == before
@@ -373,24 +605,24 @@ def test_accepting_a_task_that_was_never_dispatched_is_a_conflict(
 def test_accepting_a_task_of_another_pool_is_forbidden(
     api: Caller, other_api: Caller, pool: AgentPool
 ) -> None:
-    mine = make_agent(pool, "P1")
-    task, _ = running_plan(other_api.pool, "Q1")
+    mine = api.agent("P1")
+    task, _ = running_plan(other_api, "Q1")
 
-    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": mine.agent_id})
+    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": mine.agent_id}, as_agent=mine)
 
     assert response.status_code == 403
 
 
 def test_accepting_an_unknown_task_is_not_found(api: Caller, pool: AgentPool) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
 
-    response = api.post("/tasks/999999/accept", {"agent_id": agent.agent_id})
+    response = api.post("/tasks/999999/accept", {"agent_id": agent.agent_id}, as_agent=agent)
 
     assert response.status_code == 404
 
 
 def test_accept_without_an_agent_id_names_the_field(api: Caller, pool: AgentPool) -> None:
-    task, _ = running_plan(pool)
+    task, _ = running_plan(api)
 
     response = api.post(f"/tasks/{task.pk}/accept", {})
 
@@ -399,9 +631,11 @@ def test_accept_without_an_agent_id_names_the_field(api: Caller, pool: AgentPool
 
 
 def test_accept_refuses_put(api: Caller, pool: AgentPool) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
 
-    assert api.put(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id}).status_code == 405
+    response = api.put(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id}, as_agent=agent)
+
+    assert response.status_code == 405
 
 
 # --- status ------------------------------------------------------------------------------------
@@ -410,10 +644,12 @@ def test_accept_refuses_put(api: Caller, pool: AgentPool) -> None:
 def test_the_assigned_agent_reports_a_plan_as_success_and_frees_its_slot(
     api: Caller, pool: AgentPool
 ) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
 
     response = api.put(
-        f"/tasks/{task.pk}/status", {"agent_id": agent.agent_id, "status": "success"}
+        f"/tasks/{task.pk}/status",
+        {"agent_id": agent.agent_id, "status": "success"},
+        as_agent=agent,
     )
 
     assert response.status_code == 200
@@ -425,11 +661,12 @@ def test_the_assigned_agent_reports_a_plan_as_success_and_frees_its_slot(
 
 
 def test_a_stage_report_updates_a_running_task(api: Caller, pool: AgentPool) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
 
     response = api.put(
         f"/tasks/{task.pk}/status",
         {"agent_id": agent.agent_id, "status": "running", "stage": "planning"},
+        as_agent=agent,
     )
 
     assert response.status_code == 200
@@ -439,11 +676,13 @@ def test_a_stage_report_updates_a_running_task(api: Caller, pool: AgentPool) -> 
 def test_a_plan_and_apply_plan_with_changes_keeps_its_slot_reserved(
     api: Caller, pool: AgentPool
 ) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
     task = run(submit(make_workspace(pool), "plan_and_apply"))
 
     response = api.put(
-        f"/tasks/{task.pk}/status", {"agent_id": agent.agent_id, "status": "apply_pending"}
+        f"/tasks/{task.pk}/status",
+        {"agent_id": agent.agent_id, "status": "apply_pending"},
+        as_agent=agent,
     )
 
     assert response.status_code == 200
@@ -452,11 +691,12 @@ def test_a_plan_and_apply_plan_with_changes_keeps_its_slot_reserved(
 
 
 def test_a_failure_report_keeps_the_error_message(api: Caller, pool: AgentPool) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
 
     response = api.put(
         f"/tasks/{task.pk}/status",
         {"agent_id": agent.agent_id, "status": "failed", "error_message": "provider crashed"},
+        as_agent=agent,
     )
 
     assert response.status_code == 200
@@ -465,14 +705,16 @@ def test_a_failure_report_keeps_the_error_message(api: Caller, pool: AgentPool) 
 
 
 def test_an_apply_is_reported_applied(api: Caller, pool: AgentPool) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
     task = plan_with_changes(submit(make_workspace(pool), "plan_and_apply"))
     task_confirm_apply(task_id=task.pk, actor="user:alice")
     task_dispatch(task_id=task.pk)
-    api.post(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id})
+    api.post(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id}, as_agent=agent)
 
     response = api.put(
-        f"/tasks/{task.pk}/status", {"agent_id": agent.agent_id, "status": "applied"}
+        f"/tasks/{task.pk}/status",
+        {"agent_id": agent.agent_id, "status": "applied"},
+        as_agent=agent,
     )
 
     assert response.status_code == 200
@@ -482,11 +724,13 @@ def test_an_apply_is_reported_applied(api: Caller, pool: AgentPool) -> None:
 def test_a_report_from_an_agent_the_task_is_not_assigned_to_is_forbidden_and_writes_nothing(
     api: Caller, pool: AgentPool
 ) -> None:
-    task, _ = running_plan(pool, "P1")
-    other = make_agent(pool, "P2")
+    task, _ = running_plan(api, "P1")
+    other = api.agent("P2")
     before = ledger_snapshot(task)
 
-    response = api.put(f"/tasks/{task.pk}/status", {"agent_id": other.agent_id, "status": "failed"})
+    response = api.put(
+        f"/tasks/{task.pk}/status", {"agent_id": other.agent_id, "status": "failed"}, as_agent=other
+    )
 
     assert response.status_code == 403
     assert ledger_snapshot(task) == before
@@ -495,12 +739,14 @@ def test_a_report_from_an_agent_the_task_is_not_assigned_to_is_forbidden_and_wri
 def test_applied_during_planning_is_an_invalid_transition_and_writes_nothing(
     api: Caller, pool: AgentPool
 ) -> None:
-    agent = make_agent(pool, "P1")
+    agent = api.agent("P1")
     task = run(submit(make_workspace(pool), "plan_and_apply"))
     before = ledger_snapshot(task)
 
     response = api.put(
-        f"/tasks/{task.pk}/status", {"agent_id": agent.agent_id, "status": "applied"}
+        f"/tasks/{task.pk}/status",
+        {"agent_id": agent.agent_id, "status": "applied"},
+        as_agent=agent,
     )
 
     assert response.status_code == 409
@@ -512,13 +758,14 @@ def test_applied_during_planning_is_an_invalid_transition_and_writes_nothing(
 def test_writes_to_a_terminal_task_are_conflicts_and_write_nothing(
     api: Caller, pool: AgentPool, status: str
 ) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
     task = finish(task, TaskStatus.SUCCESS)
     before = ledger_snapshot(task)
 
     response = api.put(
         f"/tasks/{task.pk}/status",
         {"agent_id": agent.agent_id, "status": status, "stage": "planning"},
+        as_agent=agent,
     )
 
     assert response.status_code == 409
@@ -526,10 +773,10 @@ def test_writes_to_a_terminal_task_are_conflicts_and_write_nothing(
 
 
 def test_accepting_a_terminal_task_is_a_conflict(api: Caller, pool: AgentPool) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
     finish(task, TaskStatus.SUCCESS)
 
-    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id})
+    response = api.post(f"/tasks/{task.pk}/accept", {"agent_id": agent.agent_id}, as_agent=agent)
 
     assert response.status_code == 409
 
@@ -551,11 +798,11 @@ def test_accepting_a_terminal_task_is_a_conflict(api: Caller, pool: AgentPool) -
 def test_a_status_report_with_a_missing_or_wrong_field_names_it_and_writes_nothing(
     api: Caller, pool: AgentPool, body: dict[str, Any], field: str
 ) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
     body = {k: agent.agent_id if v == "AGENT" else v for k, v in body.items()}
     before = ledger_snapshot(task)
 
-    response = api.put(f"/tasks/{task.pk}/status", body)
+    response = api.put(f"/tasks/{task.pk}/status", body, as_agent=agent)
 
     assert response.status_code == 400
     assert response.json()["field"] == field
@@ -563,7 +810,7 @@ def test_a_status_report_with_a_missing_or_wrong_field_names_it_and_writes_nothi
 
 
 def test_a_status_report_with_malformed_json_names_the_body(api: Caller, pool: AgentPool) -> None:
-    task, _ = running_plan(pool)
+    task, _ = running_plan(api)
     before = ledger_snapshot(task)
 
     response = api.raw("put", f"/tasks/{task.pk}/status", '{"status": "success"')
@@ -576,11 +823,14 @@ def test_a_status_report_with_malformed_json_names_the_body(api: Caller, pool: A
 def test_a_status_report_on_a_task_of_another_pool_is_forbidden(
     api: Caller, other_api: Caller
 ) -> None:
-    task, stranger = running_plan(other_api.pool, "Q1")
+    task, stranger = running_plan(other_api, "Q1")
     before = ledger_snapshot(task)
 
     response = api.put(
-        f"/tasks/{task.pk}/status", {"agent_id": stranger.agent_id, "status": "success"}
+        f"/tasks/{task.pk}/status",
+        {"agent_id": stranger.agent_id, "status": "success"},
+        as_agent=stranger,
+        agent_secret=other_api.agent_secrets[stranger.agent_id],
     )
 
     assert response.status_code == 403
@@ -590,20 +840,23 @@ def test_a_status_report_on_a_task_of_another_pool_is_forbidden(
 def test_a_status_report_naming_an_agent_of_another_pool_is_forbidden(
     api: Caller, other_api: Caller, pool: AgentPool
 ) -> None:
-    task, _ = running_plan(pool)
-    stranger = make_agent(other_api.pool, "Q1")
+    task, _ = running_plan(api)
+    stranger = other_api.agent("Q1")
 
     response = api.put(
-        f"/tasks/{task.pk}/status", {"agent_id": stranger.agent_id, "status": "success"}
+        f"/tasks/{task.pk}/status",
+        {"agent_id": stranger.agent_id, "status": "success"},
+        as_agent=stranger,
+        agent_secret=other_api.agent_secrets[stranger.agent_id],
     )
 
     assert response.status_code == 403
 
 
 def test_status_refuses_post(api: Caller, pool: AgentPool) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
 
-    response = api.post(f"/tasks/{task.pk}/status", {"agent_id": agent.agent_id})
+    response = api.post(f"/tasks/{task.pk}/status", {"agent_id": agent.agent_id}, as_agent=agent)
 
     assert response.status_code == 405
 
@@ -611,7 +864,7 @@ def test_status_refuses_post(api: Caller, pool: AgentPool) -> None:
 def test_a_form_encoded_status_report_is_refused_as_a_body_that_is_not_json(
     api: Caller, pool: AgentPool
 ) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
 
     response = api.client.put(
         f"{API}/tasks/{task.pk}/status",
@@ -629,9 +882,9 @@ def test_a_form_encoded_status_report_is_refused_as_a_body_that_is_not_json(
 
 
 def test_an_agent_reads_a_task_of_its_pool(api: Caller, pool: AgentPool) -> None:
-    task, agent = running_plan(pool)
+    task, agent = running_plan(api)
 
-    response = api.get(f"/tasks/{task.pk}")
+    response = api.get(f"/tasks/{task.pk}", as_agent=agent)
 
     assert response.status_code == 200
     assert response.json() == {
@@ -649,23 +902,27 @@ def test_an_agent_reads_a_task_of_its_pool(api: Caller, pool: AgentPool) -> None
 
 
 def test_reading_a_task_of_another_pool_is_forbidden(api: Caller, other_api: Caller) -> None:
-    task, _ = running_plan(other_api.pool, "Q1")
+    mine = api.agent("P1")
+    task, _ = running_plan(other_api, "Q1")
 
-    assert api.get(f"/tasks/{task.pk}").status_code == 403
+    assert api.get(f"/tasks/{task.pk}", as_agent=mine).status_code == 403
 
 
 def test_reading_an_unknown_task_is_not_found(api: Caller) -> None:
-    assert api.get("/tasks/999999").status_code == 404
+    agent = api.agent("P1")
+
+    assert api.get("/tasks/999999", as_agent=agent).status_code == 404
 
 
-def test_reading_a_task_without_a_token_is_unauthenticated(client: Client, pool: AgentPool) -> None:
-    task, _ = running_plan(pool)
+def test_reading_a_task_without_a_token_is_unauthenticated(client: Client, api: Caller) -> None:
+    task, agent = running_plan(api)
+    agent_only = {k: v for k, v in api.headers_as(agent).items() if k != "Authorization"}
 
-    assert client.get(f"{API}/tasks/{task.pk}").status_code == 401
+    assert client.get(f"{API}/tasks/{task.pk}", headers=agent_only).status_code == 401
 
 
 def test_task_detail_refuses_delete(api: Caller, pool: AgentPool) -> None:
-    task, _ = running_plan(pool)
+    task, _ = running_plan(api)
 
     response = api.client.delete(f"{API}/tasks/{task.pk}", headers=api.headers)
 

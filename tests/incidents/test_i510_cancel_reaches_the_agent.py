@@ -10,6 +10,7 @@ import pytest
 from django.test import Client
 
 from poolsadmin.agents.models import Agent, AgentStatus
+from poolsadmin.agents.services import Registration
 from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
 from poolsadmin.pools.models import AgentPool, SlotState
@@ -20,7 +21,7 @@ from poolsadmin.tasks.services import task_cancel
 from poolsadmin.worker.reconcile import reconcile_pass
 from tests.ledger import (
     ADMIN,
-    make_agent,
+    make_agent_with_secret,
     make_pool,
     make_workspace,
     pod_of,
@@ -33,12 +34,14 @@ from tests.ledger import (
 pytestmark = pytest.mark.django_db
 
 
-def heartbeat(client: Client, secret: str, agent: Agent, running: list[int]) -> dict[str, Any]:
+def heartbeat(
+    client: Client, secret: str, agent: Registration, running: list[int]
+) -> dict[str, Any]:
     response = client.post(
-        f"/api/v1/agents/{agent.agent_id}/heartbeat",
+        f"/api/v1/agents/{agent.agent.agent_id}/heartbeat",
         json.dumps({"running_task_ids": running}),
         content_type="application/json",
-        headers={"Authorization": f"Bearer {secret}"},
+        headers={"Authorization": f"Bearer {secret}", "X-Agent-Secret": agent.secret},
     )
     assert response.status_code == 200, response.content
     return response.json()
@@ -48,10 +51,10 @@ def cancelled_ids(answer: dict[str, Any]) -> list[int]:
     return [c["task_id"] for c in answer["cancellations"]]
 
 
-def agents_a_and_b(pool: AgentPool) -> tuple[Agent, Agent]:
+def agents_a_and_b(pool: AgentPool) -> tuple[Registration, Registration]:
     # B registers first: its pod is the oldest, so bin-packing puts T1 on B's slot P2[0].
-    b = make_agent(pool, "P2")
-    a = make_agent(pool, "P1")
+    b = make_agent_with_secret(pool, "P2")
+    a = make_agent_with_secret(pool, "P1")
     return a, b
 
 
@@ -63,7 +66,7 @@ def test_cancel_reaches_only_the_agent_running_the_task_and_the_next_task_runs(
     a, b = agents_a_and_b(pool)
     ws_a = make_workspace(pool, "wsA")
     t1 = run(submit(ws_a, "plan"))
-    assert (t1.agent_id, t1.pod_name, t1.slot_index) == (b.agent_id, "P2", 0)
+    assert (t1.agent_id, t1.pod_name, t1.slot_index) == (b.agent.agent_id, "P2", 0)
     t2 = submit(ws_a, "plan")
 
     task_cancel(task_id=t1.pk, actor="user:alice", reason="wrong branch")
@@ -75,7 +78,7 @@ def test_cancel_reaches_only_the_agent_running_the_task_and_the_next_task_runs(
     assert cancelled_ids(heartbeat(client, secret, b, running=[t1.pk])) == [t1.pk]
     assert cancelled_ids(heartbeat(client, secret, a, running=[])) == []
     reconcile_pass()
-    assert slot_states(pod_of(b))[0] == (SlotState.IDLE, None)
+    assert slot_states(pod_of(b.agent))[0] == (SlotState.IDLE, None)
 
     result = scheduler_pass()
 
@@ -113,7 +116,7 @@ def test_a_cancel_while_the_agent_is_offline_is_recorded_and_delivered_when_it_r
     # as lost instead of being cancelled).
     clock.advance(pool.heartbeat_timeout_seconds + 1)
     reconcile_pass()
-    assert Agent.objects.get(pk=b.pk).status == AgentStatus.OFFLINE
+    assert Agent.objects.get(pk=b.agent.pk).status == AgentStatus.OFFLINE
 
     task_cancel(task_id=t1.pk, actor="user:alice", reason="not needed")
 
@@ -121,6 +124,6 @@ def test_a_cancel_while_the_agent_is_offline_is_recorded_and_delivered_when_it_r
     assert t1.status == TaskStatus.CANCELLED
     assert t1.completed_at is not None
     assert Event.objects.filter(task_id=t1.pk, kind="task.cancelled").count() == 1
-    assert slot_states(pod_of(b))[0] == (SlotState.IDLE, None)
+    assert slot_states(pod_of(b.agent))[0] == (SlotState.IDLE, None)
     assert cancelled_ids(heartbeat(client, secret, b, running=[t1.pk])) == [t1.pk]
     assert WorkspaceTask.objects.get(pk=t1.pk).status == TaskStatus.CANCELLED

@@ -13,22 +13,34 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from poolsadmin.agents.models import Agent
+from poolsadmin.agents.services import Registration
 from poolsadmin.lib import clock
 from poolsadmin.pools.models import Pod, Slot, SlotState
 from poolsadmin.pools.services import pool_token_create
 from poolsadmin.tasks.models import Stage, TaskStatus, WorkspaceTask
 from poolsadmin.worker.reconcile import reconcile_pass
-from tests.ledger import ADMIN, make_agent, make_pool, make_workspace, pod_of, refresh, run, submit
+from tests.ledger import (
+    ADMIN,
+    make_agent_with_secret,
+    make_pool,
+    make_workspace,
+    pod_of,
+    refresh,
+    run,
+    submit,
+)
 
 pytestmark = pytest.mark.django_db
 
 
 class AgentHttp:
-    def __init__(self, client: Client, secret: str, agent: Agent) -> None:
+    def __init__(self, client: Client, secret: str, registration: Registration) -> None:
         self.client = client
-        self.headers = {"Authorization": f"Bearer {secret}"}
-        self.agent = agent
+        self.headers = {
+            "Authorization": f"Bearer {secret}",
+            "X-Agent-Secret": registration.secret,
+        }
+        self.agent = registration.agent
 
     def heartbeat(self, running: list[int]) -> dict[str, Any]:
         response = self.client.post(
@@ -52,11 +64,11 @@ class AgentHttp:
 
 def planning_on_p1(client: Client) -> tuple[WorkspaceTask, Pod, AgentHttp]:
     pool = make_pool()
-    agent = make_agent(pool, "P1")
+    registration = make_agent_with_secret(pool, "P1")
     t1 = run(submit(make_workspace(pool, "wsA"), "plan_and_apply"))
     assert (t1.status, t1.stage, t1.pod_name, t1.slot_index) == ("running", "planning", "P1", 0)
     secret = pool_token_create(pool=pool, name="agent", actor=ADMIN).secret
-    return t1, pod_of(agent), AgentHttp(client, secret, agent)
+    return t1, pod_of(registration.agent), AgentHttp(client, secret, registration)
 
 
 def p1_slot0(pod: Pod) -> tuple[str, int | None]:

@@ -224,7 +224,9 @@ def _agents(pool: AgentPool) -> tuple[dict[str, Agent], list[str]]:
     created: list[str] = []
     for name in DEMO_AGENT_NAMES:
         if name not in agents:
-            agents[name] = agent_register(pool=pool, name=name, version="demo")
+            # The secret is dropped: `manage.py demo` runs reference agents under these names,
+            # and their own registration issues them a new one.
+            agents[name] = agent_register(pool=pool, name=name, version="demo").agent
             created.append(f"agent {name}")
     return agents, created
 
