@@ -80,6 +80,7 @@ INSTALLED_APPS = [
     "poolsadmin.tasks",
     "poolsadmin.scheduler",
     "poolsadmin.worker",
+    "poolsadmin.autoscaler",
     "poolsadmin.api",
     "poolsadmin.dashboard",
     "poolsadmin.realtime",
