@@ -39,3 +39,31 @@ urlpatterns: list[URLPattern | URLResolver] = [
     ),
     path("tasks/<int:task_id>/cancel", api_route(POST=views.tasks_cancel), name="api-tasks-cancel"),
 ]
+
+# Admin actions (SPEC 8 "Actions").
+urlpatterns += [
+    path(
+        "slots/<int:slot_id>/release",
+        api_route(POST=views.slots_release),
+        name="api-slots-release",
+    ),
+    path(
+        "slots/<int:slot_id>/release-preview",
+        api_route(GET=views.slots_release_preview),
+        name="api-slots-release-preview",
+    ),
+    path(
+        "events/<int:event_id>/undo-release",
+        api_route(POST=views.events_undo_release),
+        name="api-events-undo-release",
+    ),
+    path("pods/<int:pod_id>/drain", api_route(POST=views.pods_drain), name="api-pods-drain"),
+    path("pods/<int:pod_id>/undrain", api_route(POST=views.pods_undrain), name="api-pods-undrain"),
+    path("pools/<str:pool_id>/pause", api_route(POST=views.pools_pause), name="api-pools-pause"),
+    path("pools/<str:pool_id>/resume", api_route(POST=views.pools_resume), name="api-pools-resume"),
+    path(
+        "pools/<str:pool_id>/unfreeze",
+        api_route(POST=views.pools_unfreeze),
+        name="api-pools-unfreeze",
+    ),
+]

@@ -8,15 +8,18 @@ Each view: `api_user` (who, which permission), `json_errors` (domain errors -> 4
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth.models import User
 from django.db import models
 from django.http import HttpRequest, JsonResponse
+from django.utils.dateparse import parse_datetime
 
 from poolsadmin.api import roles
 from poolsadmin.api.http import field_bool, field_int, field_str, json_body, json_errors
 from poolsadmin.api.serializers import (
+    iso,
     pool_detail_json,
     pool_json,
     pool_summary_json,
@@ -28,10 +31,24 @@ from poolsadmin.api.serializers import (
 )
 from poolsadmin.api.services import user_actor
 from poolsadmin.api.user_auth import api_user
+from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput, NotFound
+from poolsadmin.pools.actions import (
+    pod_drain,
+    pod_undrain,
+    slot_release,
+    slot_release_impact,
+    slot_release_undo,
+)
 from poolsadmin.pools.grid import pool_get, pool_slot_grid, pools_overview
-from poolsadmin.pools.models import AgentPool, PoolToken
-from poolsadmin.pools.services import pool_create, pool_token_create
+from poolsadmin.pools.models import AgentPool, Pod, PoolToken, Slot
+from poolsadmin.pools.services import (
+    pool_create,
+    pool_pause,
+    pool_resume,
+    pool_token_create,
+    pool_unfreeze_once,
+)
 from poolsadmin.tasks.detail import task_detail, workspace_detail, workspace_get
 from poolsadmin.tasks.models import Workspace
 from poolsadmin.tasks.services import (
@@ -206,3 +223,145 @@ def tasks_cancel(request: HttpRequest, task_id: int) -> JsonResponse:
         force=field_bool(data, "force"),
     )
     return JsonResponse(task_json(task))
+
+
+# --- admin actions: slots, pods, pools (SPEC 8 "Actions") ---------------------------------------
+
+
+def _slot_action_json(slot: Slot) -> dict[str, Any]:
+    return {
+        "slot_id": slot.pk,
+        "pod": slot.pod.name,
+        "index": slot.index,
+        "state": slot.state,
+        "task_id": slot.task_id,
+        "reserved_until": iso(slot.reserved_until),
+        "version": slot.version,
+    }
+
+
+def _pod_action_json(pod: Pod) -> dict[str, Any]:
+    return {
+        "pod_id": pod.pk,
+        "name": pod.name,
+        "pool_id": pod.pool_id,
+        "phase": pod.phase,
+        "cordoned": pod.cordoned,
+        "cordoned_by": pod.cordoned_by or None,
+        "cordoned_reason": pod.cordoned_reason or None,
+    }
+
+
+def _future_datetime(data: dict[str, Any], name: str) -> datetime | None:
+    raw = field_str(data, name, required=False)
+    if not raw:
+        return None
+    try:
+        moment = parse_datetime(raw)
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise InvalidInput(f"{name} must be an ISO 8601 date and time", field=name)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if moment <= clock.now():
+        raise InvalidInput(f"{name} must be in the future", field=name)
+    return moment
+
+
+@api_user(roles.PERM_RELEASE_SLOT)
+@json_errors
+def slots_release(request: HttpRequest, slot_id: int) -> JsonResponse:
+    data = _body(request, "reason", "expected_version")
+    result = slot_release(
+        slot_id=slot_id,
+        actor=_actor(request),
+        reason=field_str(data, "reason"),
+        expected_version=field_int(data, "expected_version"),
+    )
+    return JsonResponse(
+        {
+            "slot": _slot_action_json(result.slot),
+            "task": task_json(result.task),
+            "event_id": result.event.pk,
+            "task_failed": result.task_failed,
+            "undo_until": iso(result.undo_until),
+        }
+    )
+
+
+@api_user(roles.PERM_VIEW)
+@json_errors
+def slots_release_preview(request: HttpRequest, slot_id: int) -> JsonResponse:
+    impact = slot_release_impact(slot_id=slot_id)
+    return JsonResponse(
+        {
+            "slot_id": impact.slot_id,
+            "state": impact.state,
+            "version": impact.version,
+            "task_id": impact.task_id,
+            "impact": impact.text,
+        }
+    )
+
+
+@api_user(roles.PERM_RELEASE_SLOT)
+@json_errors
+def events_undo_release(request: HttpRequest, event_id: int) -> JsonResponse:
+    _body(request)
+    result = slot_release_undo(event_id=event_id, actor=_actor(request))
+    return JsonResponse(
+        {
+            "slot": _slot_action_json(result.slot),
+            "task": task_json(result.task),
+            "event_id": result.event.pk,
+        }
+    )
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pods_drain(request: HttpRequest, pod_id: int) -> JsonResponse:
+    data = _body(request, "reason")
+    pod = pod_drain(pod_id=pod_id, actor=_actor(request), reason=field_str(data, "reason"))
+    return JsonResponse(_pod_action_json(pod))
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pods_undrain(request: HttpRequest, pod_id: int) -> JsonResponse:
+    data = _body(request, "reason")
+    pod = pod_undrain(pod_id=pod_id, actor=_actor(request), reason=field_str(data, "reason"))
+    return JsonResponse(_pod_action_json(pod))
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pools_pause(request: HttpRequest, pool_id: str) -> JsonResponse:
+    data = _body(request, "reason", "until")
+    reason = field_str(data, "reason")
+    until = _future_datetime(data, "until")
+    pool = pool_pause(pool_id=pool_id, actor=_actor(request), reason=reason, until=until)
+    return JsonResponse(pool_json(pool))
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pools_resume(request: HttpRequest, pool_id: str) -> JsonResponse:
+    data = _body(request, "reason")
+    pool = pool_resume(
+        pool_id=pool_id, actor=_actor(request), reason=field_str(data, "reason", required=False)
+    )
+    return JsonResponse(pool_json(pool))
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pools_unfreeze(request: HttpRequest, pool_id: str) -> JsonResponse:
+    data = _body(request, "reason")
+    pool = pool_unfreeze_once(
+        pool_id=pool_id, actor=_actor(request), reason=field_str(data, "reason")
+    )
+    body = pool_json(pool)
+    body["unfrozen_until"] = iso(pool.unfrozen_until)
+    return JsonResponse(body)
