@@ -68,6 +68,7 @@ def pool_summary_json(summary: PoolSummary) -> Json:
 def slot_json(slot: Slot) -> Json:
     task = slot.task if slot.task_id is not None else None
     return {
+        "id": slot.pk,
         "index": slot.index,
         "state": slot.state,
         "task_id": slot.task_id,
@@ -83,6 +84,7 @@ def slot_json(slot: Slot) -> Json:
 def pod_json(row: PodRow) -> Json:
     agent = row.agent
     return {
+        "id": row.pod.pk,
         "name": row.pod.name,
         "phase": row.pod.phase,
         "created_at": iso(row.pod.created_at),

@@ -16,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 
 from poolsadmin.api import roles
 from poolsadmin.events.models import Event
-from poolsadmin.pools.models import AgentPool, PoolToken, SlotState
+from poolsadmin.pools.models import AgentPool, Pod, PoolToken, Slot, SlotState
 from poolsadmin.pools.services import pool_token_authenticate, pool_token_create
 from poolsadmin.scheduler.diagnosis import diagnosis_record_all
 from poolsadmin.tasks.models import Stage, TaskStatus, Workspace, WorkspaceTask
@@ -316,6 +316,9 @@ def test_the_pool_page_lists_pods_agents_and_slots_with_their_owners(
     assert reserved["version"] >= 2
     assert [s["state"] for s in pod["slots"][1:]] == ["idle", "idle", "idle"]
     assert pod["slots"][1]["task_id"] is None
+    # The ids the admin actions take (release a slot, drain a pod).
+    assert pod["id"] == Pod.objects.get(name="P1", pool=world.pool).pk
+    assert reserved["id"] == Slot.objects.get(task_id=world.planned.pk).pk
 
 
 def test_an_unknown_pool_is_404(viewer_client: Client) -> None:
