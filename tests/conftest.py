@@ -111,3 +111,8 @@ def admin_token(admin: User) -> str:
 @pytest.fixture
 def viewer_token(viewer: User) -> str:
     return api_token_create(user=viewer, name="tests")[1]
+
+
+# --- a fake cluster (tests/kube/conftest.py), for the reconciler and autoscaler tests ----------
+
+from tests.kube.conftest import fake_kube, kube_client  # noqa: E402, F401

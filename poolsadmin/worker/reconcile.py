@@ -1,20 +1,49 @@
-"""The reconciler's ledger-side steps (SPEC 5) that need no cluster: agent liveness, lost
-tasks, reservations on lost agents, reservation expiry. Cluster sync joins with k8s pools."""
+"""The reconciler (SPEC 5): ledger-side steps (agent liveness, lost tasks, reservations on lost
+agents, reservation expiry), cluster sync for k8s pools (worker/cluster.py) and the ledger
+check, per pool, with a dry run; and the leader-only pass over every pool."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.db import transaction
+
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.agents.services import agents_mark_offline
+from poolsadmin.events.services import event_record
+from poolsadmin.kube.adapter import KubeApi
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import stamp
-from poolsadmin.pools.models import AgentPool, Slot, SlotState
+from poolsadmin.pools.models import AgentPool, PoolType, Slot, SlotState
+from poolsadmin.pools.services import slot_free_for_task, slot_label
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 from poolsadmin.tasks.services import task_fail_lost, task_reservation_drop
+from poolsadmin.worker.cluster import RECONCILER, Change, ClusterUnavailable, cluster_sync
+from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew
 
-RECONCILER = "system:reconciler"
+logger = logging.getLogger("poolsadmin.worker.reconcile")
+
+__all__ = [
+    "RECONCILER",
+    "Change",
+    "ReconcileReport",
+    "ReconcileResult",
+    "ledger_check",
+    "reconcile_pass",
+    "reconcile_pass_leader",
+    "reconcile_pool",
+]
+
+# Renewed every pass (a few seconds); a leader that dies is replaced within this time.
+LEASE_TTL_SECONDS = 30.0
+# What a slot's state requires of its task's status.
+SLOT_TASK_STATUS = {
+    SlotState.RUNNING: TaskStatus.RUNNING,
+    SlotState.RESERVED: TaskStatus.APPLY_PENDING,
+}
 
 
 @dataclass
@@ -34,12 +63,86 @@ class ReconcileResult:
         )
 
 
-def _lost_agents(pool: AgentPool, now: datetime) -> list[Agent]:
-    """Offline agents whose last heartbeat is older than timeout + grace."""
+@dataclass
+class ReconcileReport:
+    """One pool's pass: what changed (or, in a dry run, what would have)."""
+
+    pool_id: str
+    dry_run: bool
+    changes: list[Change] = field(default_factory=list)
+    # Why cluster sync was skipped this pass (a cluster error), else "".
+    cluster_error: str = ""
+
+    @property
+    def did_work(self) -> bool:
+        return bool(self.changes) and not self.dry_run
+
+
+def _lost_agents(pool: AgentPool, now: datetime, *, dry_run: bool = False) -> list[Agent]:
+    """Offline agents whose last heartbeat is older than timeout + grace. A dry run also counts
+    the agents this pass would mark offline first (older than the cutoff is older than the
+    timeout)."""
     cutoff = now - pool.heartbeat_timeout - timedelta(seconds=pool.task_grace_seconds)
-    return list(
-        Agent.objects.filter(pool=pool, status=AgentStatus.OFFLINE, last_ping_at__lt=cutoff)
-    )
+    statuses = [AgentStatus.OFFLINE]
+    if dry_run:
+        statuses += [AgentStatus.ONLINE, AgentStatus.DRAINING]
+    return list(Agent.objects.filter(pool=pool, status__in=statuses, last_ping_at__lt=cutoff))
+
+
+def _ledger_steps(
+    *, pool: AgentPool, now: datetime, actor: str, result: ReconcileResult, dry_run: bool = False
+) -> list[Change]:
+    """Steps 2-5 of reconcile_pass for one pool."""
+    changes: list[Change] = []
+    grace = timedelta(seconds=pool.task_grace_seconds)
+    for agent in _lost_agents(pool, now, dry_run=dry_run):
+        where = f" (pod {agent.agent_name})"
+        # Unacknowledged dispatches are not lost work: the scheduler rolls them back.
+        for task_id in WorkspaceTask.objects.filter(
+            agent=agent, status=TaskStatus.RUNNING, acked_at__isnull=False
+        ).values_list("id", flat=True):
+            message = (
+                f"Agent {agent.agent_name} ({agent.agent_id}){where} stopped heartbeating at "
+                f"{stamp(agent.last_ping_at)}; task #{task_id} was lost."
+            )
+            if dry_run or task_fail_lost(task_id=task_id, message=message, actor=actor):
+                result.tasks_failed.append(task_id)
+                changes.append(Change("task.fail", f"task #{task_id}", message))
+        for task_id in Slot.objects.filter(pod__agent=agent, state=SlotState.RESERVED).values_list(
+            "task_id", flat=True
+        ):
+            assert task_id is not None
+            reason = f"agent {agent.agent_name} is offline since {stamp(agent.last_ping_at)}"
+            if dry_run or task_reservation_drop(task_id=task_id, actor=actor, reason=reason):
+                result.reservations_dropped.append(task_id)
+                changes.append(Change("reservation.drop", f"task #{task_id}", reason))
+    unreported = WorkspaceTask.objects.filter(
+        pool=pool, status=TaskStatus.RUNNING, unreported_since__lt=now - grace
+    ).values_list("id", "agent_id", "unreported_since")
+    for task_id, agent_id, since in unreported:
+        message = (
+            f"Agent {agent_id} stopped reporting task #{task_id} in its heartbeats "
+            f"at {stamp(since)}; the task was lost."
+        )
+        if task_id in result.tasks_failed:
+            continue
+        if dry_run or task_fail_lost(task_id=task_id, message=message, actor=actor):
+            result.tasks_failed.append(task_id)
+            changes.append(Change("task.fail", f"task #{task_id}", message))
+    expired = Slot.objects.filter(
+        pod__pool=pool, state=SlotState.RESERVED, reserved_until__lt=now
+    ).values_list("task_id", "reserved_until")
+    for task_id, until in expired:
+        assert task_id is not None
+        if task_id in result.reservations_dropped:
+            continue
+        reason = f"reservation expired at {stamp(until)}"
+        if dry_run or task_reservation_drop(
+            task_id=task_id, actor=actor, reason=reason, expired_only=True
+        ):
+            result.reservations_expired.append(task_id)
+            changes.append(Change("reservation.expire", f"task #{task_id}", reason))
+    return changes
 
 
 def reconcile_pass(*, actor: str = RECONCILER) -> ReconcileResult:
@@ -52,49 +155,218 @@ def reconcile_pass(*, actor: str = RECONCILER) -> ReconcileResult:
     now = clock.now()
     result = ReconcileResult(agents_offline=agents_mark_offline(now=now, actor=actor))
     for pool in AgentPool.objects.all():
-        grace = timedelta(seconds=pool.task_grace_seconds)
-        for agent in _lost_agents(pool, now):
-            where = f" (pod {agent.agent_name})"
-            # Unacknowledged dispatches are not lost work: the scheduler rolls them back.
-            for task_id in WorkspaceTask.objects.filter(
-                agent=agent, status=TaskStatus.RUNNING, acked_at__isnull=False
-            ).values_list("id", flat=True):
-                message = (
-                    f"Agent {agent.agent_name} ({agent.agent_id}){where} stopped heartbeating at "
-                    f"{stamp(agent.last_ping_at)}; task #{task_id} was lost."
-                )
-                if task_fail_lost(task_id=task_id, message=message, actor=actor):
-                    result.tasks_failed.append(task_id)
-            for task_id in Slot.objects.filter(
-                pod__agent=agent, state=SlotState.RESERVED
-            ).values_list("task_id", flat=True):
-                assert task_id is not None
-                if task_reservation_drop(
-                    task_id=task_id,
-                    actor=actor,
-                    reason=f"agent {agent.agent_name} is offline since {stamp(agent.last_ping_at)}",
-                ):
-                    result.reservations_dropped.append(task_id)
-        unreported = WorkspaceTask.objects.filter(
-            pool=pool, status=TaskStatus.RUNNING, unreported_since__lt=now - grace
-        ).values_list("id", "agent_id", "unreported_since")
-        for task_id, agent_id, since in unreported:
-            message = (
-                f"Agent {agent_id} stopped reporting task #{task_id} in its heartbeats "
-                f"at {stamp(since)}; the task was lost."
-            )
-            if task_fail_lost(task_id=task_id, message=message, actor=actor):
-                result.tasks_failed.append(task_id)
-    expired = Slot.objects.filter(state=SlotState.RESERVED, reserved_until__lt=now).values_list(
-        "task_id", "reserved_until"
-    )
-    for task_id, until in expired:
-        assert task_id is not None
-        if task_reservation_drop(
-            task_id=task_id,
-            actor=actor,
-            reason=f"reservation expired at {stamp(until)}",
-            expired_only=True,
-        ):
-            result.reservations_expired.append(task_id)
+        _ledger_steps(pool=pool, now=now, actor=actor, result=result)
     return result
+
+
+# --- ledger check ------------------------------------------------------------------------------
+
+
+def _drift_event(
+    *,
+    pool: AgentPool,
+    kind: str,
+    target_type: str,
+    target_id: str,
+    task_id: int | None,
+    before: dict[str, object],
+    reason: str,
+    actor: str,
+) -> None:
+    event_record(
+        actor=actor,
+        kind=kind,
+        target_type=target_type,
+        target_id=target_id,
+        pool_id=pool.pool_id,
+        task_id=task_id,
+        before=before,
+        reason=reason,
+    )
+
+
+def ledger_check(
+    *,
+    pool: AgentPool,
+    dry_run: bool = False,
+    actor: str = RECONCILER,
+    skip_pods: frozenset[str] = frozenset(),
+) -> list[Change]:
+    """1. every non-idle slot holds a live task in the status its state requires (running slot:
+          task running; reserved slot: task apply_pending); a slot that does not is freed;
+    2. every running task holds a slot (one at most: Slot.task is unique); a running task
+       that holds none is failed, since nothing can ever finish it on an agent.
+    `skip_pods`: pods a dry run of cluster sync already plans to release, so their slots are
+    not listed twice.
+    Each repair is re-checked under the task's row lock, so a task that moves on between the
+    read and the repair is left alone, and is logged as a `drift.*` event."""
+    changes: list[Change] = []
+    busy = (
+        Slot.objects.filter(pod__pool=pool)
+        .exclude(state=SlotState.IDLE)
+        .exclude(pod__name__in=skip_pods)
+        .select_related("pod", "task")
+        .order_by("pod__name", "index")
+    )
+    for slot in busy:
+        assert slot.task is not None  # the slot_state_matches_task constraint
+        expected = SLOT_TASK_STATUS[SlotState(slot.state)]
+        if slot.task.status == expected:
+            continue
+        label = slot_label(slot)
+        task_id = slot.task.pk
+        reason = (
+            f"slot {label} is {slot.state} for task #{task_id}, which is {slot.task.status} "
+            f"(expected {expected}); the slot was freed"
+        )
+        if dry_run:
+            changes.append(Change("drift.slot_mismatch", label, reason))
+            continue
+        with transaction.atomic():
+            status = (
+                WorkspaceTask.objects.select_for_update()
+                .filter(pk=task_id)
+                .values_list("status", flat=True)
+                .first()
+            )
+            if status == expected:
+                continue
+            freed = slot_free_for_task(
+                task_id=task_id,
+                actor=actor,
+                reason=reason,
+                pool_id=pool.pool_id,
+                only_state=slot.state,
+            )
+            if freed is None:
+                continue
+            _drift_event(
+                pool=pool,
+                kind="drift.slot_mismatch",
+                target_type="slot",
+                target_id=label,
+                task_id=task_id,
+                before={"state": slot.state, "task_id": task_id, "task_status": status},
+                reason=reason,
+                actor=actor,
+            )
+        changes.append(Change("drift.slot_mismatch", label, reason))
+
+    slotless = WorkspaceTask.objects.filter(
+        pool=pool, status=TaskStatus.RUNNING, slot__isnull=True
+    ).values_list("id", "pod_name")
+    for task_id, pod_name in slotless:
+        message = (
+            f"Task #{task_id} was running"
+            + (f" on pod {pod_name}" if pod_name else "")
+            + " but held no slot in the ledger (drift); it was failed."
+        )
+        if dry_run:
+            changes.append(Change("drift.task_without_slot", f"task #{task_id}", message))
+            continue
+        with transaction.atomic():
+            locked = WorkspaceTask.objects.select_for_update().filter(pk=task_id).first()
+            if locked is None or locked.status != TaskStatus.RUNNING:
+                continue
+            if Slot.objects.filter(task_id=task_id).exists():
+                continue
+            if task_fail_lost(task_id=task_id, message=message, actor=actor) is None:
+                continue
+            _drift_event(
+                pool=pool,
+                kind="drift.task_without_slot",
+                target_type="task",
+                target_id=str(task_id),
+                task_id=task_id,
+                before={"status": TaskStatus.RUNNING, "pod": pod_name or None},
+                reason=message,
+                actor=actor,
+            )
+        changes.append(Change("drift.task_without_slot", f"task #{task_id}", message))
+    return changes
+
+
+# --- one pool, and the leader's pass over all pools --------------------------------------------
+
+
+def reconcile_pool(
+    *, pool: AgentPool, kube: KubeApi | None, dry_run: bool = False, actor: str = RECONCILER
+) -> ReconcileReport:
+    """One pass for one pool: the dashboard's "Reconcile now" (SPEC 5), and each pool of the
+    leader's pass:
+    1. agents without a heartbeat for the timeout go offline;
+    2. cluster sync (k8s pools, when a client is given); a cluster error skips only this step;
+    3. the ledger-side steps (lost agents' tasks and reservations, unreported tasks, expired
+       reservations);
+    4. the ledger check.
+    A dry run returns the changes it would make and writes nothing."""
+    now = clock.now()
+    report = ReconcileReport(pool_id=pool.pool_id, dry_run=dry_run)
+    if dry_run:
+        stale = Agent.objects.filter(
+            pool=pool,
+            status__in=[AgentStatus.ONLINE, AgentStatus.DRAINING],
+            last_ping_at__lt=now - pool.heartbeat_timeout,
+        ).values_list("agent_name", "agent_id")
+    else:
+        # agents_mark_offline covers every pool (one conditional update per stale agent);
+        # the report names this pool's.
+        offline = agents_mark_offline(now=now, actor=actor)
+        stale = Agent.objects.filter(pool=pool, agent_id__in=offline).values_list(
+            "agent_name", "agent_id"
+        )
+    report.changes += [
+        Change("agent.offline", f"{n} ({i})") for n, i in stale.order_by("agent_name")
+    ]
+    if pool.pool_type == PoolType.K8S and kube is not None:
+        try:
+            report.changes += cluster_sync(pool=pool, kube=kube, dry_run=dry_run, actor=actor)
+        except ClusterUnavailable as exc:
+            # Retryable or not, nothing was changed for this pool's pods: the next pass
+            # starts again from the list. Non-retryable errors are worth a human's look.
+            log = logger.warning if exc.error.retryable else logger.error
+            log("cluster sync of %s skipped: %s", pool.pool_id, exc.error.message)
+            report.cluster_error = exc.error.message
+    result = ReconcileResult()
+    report.changes += _ledger_steps(pool=pool, now=now, actor=actor, result=result, dry_run=dry_run)
+    removed = frozenset(c.target for c in report.changes if c.kind == "pod.remove")
+    report.changes += ledger_check(pool=pool, dry_run=dry_run, actor=actor, skip_pods=removed)
+    if dry_run:
+        report.changes = _first_per_task(report.changes)
+    return report
+
+
+def _first_per_task(changes: list[Change]) -> list[Change]:
+    """A dry run changes nothing, so two steps may both plan to fail or free one task (a task
+    on a vanished pod whose agent is also lost); the real pass does it once."""
+    seen: set[str] = set()
+    kept = []
+    for change in changes:
+        if change.target.startswith("task #"):
+            if change.target in seen:
+                continue
+            seen.add(change.target)
+        kept.append(change)
+    return kept
+
+
+def reconcile_pass_leader(
+    *,
+    holder: str,
+    kube_factory: Callable[[AgentPool], KubeApi | None],
+    ttl_seconds: float = LEASE_TTL_SECONDS,
+) -> list[ReconcileReport] | None:
+    """One reconcile pass over every pool, by the leader only. None when another worker holds
+    the `reconciler` lease. `kube_factory(pool)` gives the client for a k8s pool (None: no
+    cluster sync for it)."""
+    if not lease_acquire_or_renew(name=RECONCILER_LEASE, holder=holder, ttl_seconds=ttl_seconds):
+        return None
+    reports = []
+    for pool in AgentPool.objects.all():
+        try:
+            kube = kube_factory(pool) if pool.pool_type == PoolType.K8S else None
+            reports.append(reconcile_pool(pool=pool, kube=kube, actor=RECONCILER))
+        except Exception:
+            # One broken pool must not stop the others; the next pass tries it again.
+            logger.exception("reconcile of %s failed", pool.pool_id)
+    return reports

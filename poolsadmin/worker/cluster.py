@@ -1,0 +1,213 @@
+"""Cluster sync for k8s pools (SPEC 5): the ledger's pods follow the cluster's.
+
+One pass: list the pool's pods by label; adopt pods the ledger does not know; follow phase
+changes; delete `Failed`/`Succeeded` pods from the cluster; and for pods that are gone (or
+going), fail their running tasks naming the pod, drop their reservations and remove them from
+the ledger. The cluster is only read until the plan is complete, so a retryable API error
+changes nothing and the next pass starts again from the top.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from django.db import transaction
+
+from poolsadmin.agents.models import Agent
+from poolsadmin.events.services import event_record
+from poolsadmin.kube.adapter import KubeApi, KubeError, PodInfo
+from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot, SlotState
+from poolsadmin.pools.services import pod_create, slot_free_for_task
+from poolsadmin.realtime.broadcast import broadcast_pool_changed
+from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
+from poolsadmin.tasks.services import task_fail_lost, task_reservation_drop
+
+logger = logging.getLogger("poolsadmin.worker.cluster")
+
+RECONCILER = "system:reconciler"
+FINISHED_PHASES = frozenset({PodPhase.FAILED, PodPhase.SUCCEEDED})
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change a reconcile pass made, or would make in a dry run."""
+
+    kind: str  # "pod.adopt", "task.fail", "drift.slot_mismatch", ...
+    target: str  # pod name, "task #12", "pod-a[0]"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.target}" + (f": {self.detail}" if self.detail else "")
+
+
+class ClusterUnavailable(Exception):
+    """The cluster could not be read or changed this pass; the pool was skipped."""
+
+    def __init__(self, error: KubeError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+# --- ledger services for pods (pools/services.py has create and link only) ---------------------
+
+
+def pod_phase_set(*, pod: Pod, phase: str, actor: str) -> bool:
+    """The pod's phase as the cluster reports it. Conditional on the phase the caller saw."""
+    if pod.phase == phase:
+        return False
+    with transaction.atomic():
+        changed = Pod.objects.filter(pk=pod.pk, phase=pod.phase).update(phase=phase)
+        if changed != 1:
+            return False
+        event_record(
+            actor=actor,
+            kind="pod.phase_changed",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pod.pool_id,
+            before={"phase": pod.phase},
+            after={"phase": phase},
+        )
+        broadcast_pool_changed(pool_id=pod.pool_id, kind="pod", payload={"pod": pod.name})
+    pod.phase = phase
+    return True
+
+
+def pod_remove(*, pod: Pod, actor: str, reason: str) -> bool:
+    """Remove a pod and its slots from the ledger. Refused (False) while a slot still holds a
+    task: the caller fails or drops those first, and a task that raced in is kept for the
+    next pass rather than orphaned."""
+    with transaction.atomic():
+        locked = Pod.objects.select_for_update().filter(pk=pod.pk).first()
+        if locked is None:
+            return False
+        # Only idle slots go, and the pod only if none is left: a dispatch that takes a slot
+        # between the caller's release and this delete (slot_take does not lock the pod) keeps
+        # its slot, and the pod stays until the next pass.
+        slots, _ = Slot.objects.filter(pod=locked, state=SlotState.IDLE).delete()
+        if Slot.objects.filter(pod=locked).exists():
+            transaction.set_rollback(True)
+            return False
+        locked.delete()
+        event_record(
+            actor=actor,
+            kind="pod.removed",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pod.pool_id,
+            before={"phase": pod.phase, "slots": slots, "agent_id": pod.agent_id},
+            reason=reason,
+        )
+        broadcast_pool_changed(pool_id=pod.pool_id, kind="pod", payload={"pod": pod.name})
+    return True
+
+
+# --- the pass --------------------------------------------------------------------------------
+
+
+def _gone_reason(info: PodInfo | None) -> str:
+    if info is None:
+        return "vanished from the cluster"
+    if info.deletion_requested:
+        return "is being deleted from the cluster"
+    return f"is {info.phase} and was deleted from the cluster"
+
+
+def _release_pod(*, pod: Pod, why: str, actor: str, dry_run: bool) -> list[Change]:
+    """Fail the pod's running tasks and drop its reservations, then remove it from the ledger.
+
+    Immediately, with no grace period: the pod is gone for certain, so its work is lost
+    (I-713 B: one reconcile fails the tasks that were running on the failed pod)."""
+    changes: list[Change] = []
+    reason = f"pod {pod.name} {why}"
+    busy = Slot.objects.filter(pod=pod).exclude(state=SlotState.IDLE).select_related("task")
+    slotted = set()
+    for slot in busy.order_by("index"):
+        task = slot.task
+        assert task is not None  # the slot_state_matches_task constraint
+        slotted.add(task.pk)
+        if slot.state == SlotState.RUNNING and task.status == TaskStatus.RUNNING:
+            message = f"Pod {pod.name} {why}; task #{task.pk} that was running on it was lost."
+            if dry_run or task_fail_lost(task_id=task.pk, message=message, actor=actor):
+                changes.append(Change("task.fail", f"task #{task.pk}", message))
+        elif slot.state == SlotState.RESERVED and task.status == TaskStatus.APPLY_PENDING:
+            if dry_run or task_reservation_drop(task_id=task.pk, actor=actor, reason=reason):
+                changes.append(Change("reservation.drop", f"task #{task.pk}", reason))
+        # A slot whose task has moved on (drift the ledger check would free) must not keep a
+        # gone pod in the ledger.
+        elif dry_run or slot_free_for_task(
+            task_id=task.pk, actor=actor, reason=reason, pool_id=pod.pool_id, only_state=slot.state
+        ):
+            changes.append(Change("slot.free", f"{pod.name}[{slot.index}]", reason))
+    # Running tasks that point at the pod without holding a slot there (drift).
+    for task_id in (
+        WorkspaceTask.objects.filter(pod=pod, status=TaskStatus.RUNNING)
+        .exclude(pk__in=slotted)
+        .values_list("id", flat=True)
+    ):
+        message = f"Pod {pod.name} {why}; task #{task_id} that was running on it was lost."
+        if dry_run or task_fail_lost(task_id=task_id, message=message, actor=actor):
+            changes.append(Change("task.fail", f"task #{task_id}", message))
+    if dry_run or pod_remove(pod=pod, actor=actor, reason=reason):
+        changes.append(Change("pod.remove", pod.name, reason))
+    return changes
+
+
+def cluster_sync(
+    *, pool: AgentPool, kube: KubeApi, dry_run: bool = False, actor: str = RECONCILER
+) -> list[Change]:
+    """1. list the pool's pods by label (a retryable error: ClusterUnavailable, nothing
+          changed);
+    2. delete `Failed`/`Succeeded` pods from the cluster (a pod that is already gone is fine);
+    3. pods the ledger knows that are finished, being deleted or gone: fail their running
+       tasks naming the pod, drop their reservations, remove them and their slots;
+    4. phase changes of the others are written with an event;
+    5. new pods are adopted with idle slots, linked to an agent of the same name if one has
+       registered already."""
+    if pool.pool_type != PoolType.K8S:
+        return []
+    try:
+        listed = {
+            info.name: info
+            for info in kube.list_pods(namespace=pool.namespace, pool_id=pool.pool_id)
+        }
+    except KubeError as exc:
+        raise ClusterUnavailable(exc) from exc
+    changes: list[Change] = []
+    finished = [
+        i for i in listed.values() if i.phase in FINISHED_PHASES and not i.deletion_requested
+    ]
+    for info in finished:
+        if not dry_run:
+            try:
+                kube.delete_pod(namespace=pool.namespace, name=info.name)
+            except KubeError as exc:
+                # Nothing in the ledger changed yet for this pod; the next pass tries again.
+                raise ClusterUnavailable(exc) from exc
+        changes.append(Change("pod.delete", info.name, f"phase {info.phase}"))
+    finished_names = {i.name for i in finished}
+
+    for pod in Pod.objects.filter(pool=pool).order_by("name"):
+        seen = listed.get(pod.name)
+        if seen is None or seen.deletion_requested or pod.name in finished_names:
+            changes += _release_pod(pod=pod, why=_gone_reason(seen), actor=actor, dry_run=dry_run)
+        elif seen.phase != pod.phase and (
+            dry_run or pod_phase_set(pod=pod, phase=seen.phase, actor=actor)
+        ):
+            changes.append(Change("pod.phase", pod.name, f"-> {seen.phase}"))
+
+    known = set(Pod.objects.filter(pool=pool).values_list("name", flat=True))
+    for info in sorted(listed.values(), key=lambda i: i.name):
+        if info.name in known or info.name in finished_names or info.deletion_requested:
+            continue
+        agent_id = (
+            Agent.objects.filter(pool=pool, agent_name=info.name, pod__isnull=True)
+            .values_list("agent_id", flat=True)
+            .first()
+        )
+        if not dry_run:
+            pod_create(pool=pool, name=info.name, phase=info.phase, actor=actor, agent_id=agent_id)
+        detail = f"phase {info.phase}" + (f", agent {agent_id}" if agent_id else "")
+        changes.append(Change("pod.adopt", info.name, detail))
+    return changes
