@@ -220,3 +220,10 @@ LOGGING = {
 POOLSADMIN_ACK_TIMEOUT_SECONDS = env_int("POOLSADMIN_ACK_TIMEOUT_SECONDS", 30, minimum=1)
 # Back-off between dispatch attempts after unacknowledged dispatches (SPEC 4).
 POOLSADMIN_RETRY_BACKOFF_SECONDS = (5, 10, 20, 40, 60)
+# The URL agent pods use to reach poolsadmin, and the Secret (per pool) holding their token.
+POOLSADMIN_PUBLIC_URL = os.environ.get("POOLSADMIN_PUBLIC_URL", "http://127.0.0.1:8000")
+POOLSADMIN_AGENT_TOKEN_SECRET = os.environ.get(
+    "POOLSADMIN_AGENT_TOKEN_SECRET", "poolsadmin-agent-token-{pool_id}"
+)
+if "{pool_id}" not in POOLSADMIN_AGENT_TOKEN_SECRET:
+    raise ImproperlyConfigured("POOLSADMIN_AGENT_TOKEN_SECRET must contain {pool_id}.")

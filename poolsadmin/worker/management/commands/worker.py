@@ -10,7 +10,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import close_old_connections, connection
 
-from poolsadmin.worker.loops import LOOPS, Loop
+from poolsadmin.worker.lease import RECONCILER_LEASE, lease_release
+from poolsadmin.worker.loops import HOLDER, LOOPS, Loop
 
 logger = logging.getLogger("poolsadmin.worker")
 
@@ -71,4 +72,7 @@ class Command(BaseCommand):
             f"worker: running {', '.join(names)}" + (" once" if options["once"] else "")
         )
         run_loops(loops, stop=stop, once=options["once"])
+        # Hand the reconciler lease over at once instead of making the next worker wait out
+        # its TTL.
+        lease_release(name=RECONCILER_LEASE, holder=HOLDER)
         self.stdout.write("worker: stopped")

@@ -1,0 +1,42 @@
+"""The worker's one Kubernetes client, built lazily from the environment (KUBE_*), and only
+when a k8s pool exists: a worker serving static pools never needs a cluster."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from django.core.exceptions import ImproperlyConfigured
+
+from poolsadmin.kube.adapter import KubeApi, KubeClient, KubeError, kube_config_from_env
+from poolsadmin.pools.models import AgentPool, PoolType
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_client: KubeClient | None = None
+_override: KubeApi | None = None
+
+
+def kube_for_pool(pool: AgentPool) -> KubeApi | None:
+    """The client for a k8s pool, or None (static pool, or no usable cluster config: the
+    error is logged and the loops keep serving the other pools)."""
+    global _client
+    if pool.pool_type != PoolType.K8S:
+        return None
+    if _override is not None:
+        return _override
+    with _lock:
+        if _client is None:
+            try:
+                _client = KubeClient(kube_config_from_env())
+            except (ImproperlyConfigured, KubeError) as exc:
+                logger.error("no Kubernetes client for pool %s: %s", pool.pool_id, exc)
+                return None
+        return _client
+
+
+def kube_override(client: KubeApi | None) -> None:
+    """Use `client` for every k8s pool (the demo's in-process fake cluster, tests)."""
+    global _override
+    _override = client
