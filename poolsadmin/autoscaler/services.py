@@ -6,10 +6,17 @@ One pass, `autoscale_pool`:
    earlier pass that the reconciler has not adopted yet still counts, so it is never created
    twice);
 2. read the demand (`pool_demand`) and any hold, and work out the desired pod count;
-3. scale up at once, several pods in one pass if needed, with generateName (the reconciler
-   adopts them; no ledger rows are written here);
+3. replace one pod whose pod template changed (its `poolsadmin/template-hash` label is not
+   the pool's current `template_hash`) when it is fully idle: cordon and delete it, and let
+   the scale-up below create its successor with the new template in the same pass. One pod
+   per pass, and none while a pod is still waiting to be adopted, so a rolling replacement
+   never takes more than one pod away; busy pods keep the old template until they are idle.
+   A changed template never kills work. Pods without the label (made by hand) are left
+   alone;
+   then scale up at once, several pods in one pass if needed, with generateName (the
+   reconciler adopts them; no ledger rows are written here);
 4. or scale down pods fully idle for the idle delay, never a pod with a running or reserved
-   slot, never below min (except in a freeze window);
+   slot, never below min (except in a freeze window); pods with an old template go first;
 5. store the decision when the count changed or could not change.
 """
 
@@ -23,7 +30,7 @@ from django.db import transaction
 from poolsadmin.autoscaler.demand import Demand, pool_demand
 from poolsadmin.autoscaler.models import PoolHold, ScaleAction, ScaleDecision
 from poolsadmin.events.services import event_record
-from poolsadmin.kube.adapter import KubeApi, KubeError, PodInfo
+from poolsadmin.kube.adapter import TEMPLATE_HASH_LABEL, KubeApi, KubeError, PodInfo, template_hash
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.lib.humanize import duration, stamp
@@ -119,6 +126,19 @@ def _live_cluster_pods(pods: list[PodInfo]) -> dict[str, PodInfo]:
     return {p.name: p for p in pods if not p.deletion_requested and p.phase not in GONE_PHASES}
 
 
+def _outdated(info: PodInfo, current: str) -> bool:
+    """The pod was made from another template than the pool's current one."""
+    stamped = info.labels.get(TEMPLATE_HASH_LABEL)
+    return stamped is not None and stamped != current
+
+
+def _slots_by_pod(pods: list[Pod]) -> dict[int, list[Slot]]:
+    slots_by_pod: dict[int, list[Slot]] = {p.pk: [] for p in pods}
+    for slot in Slot.objects.filter(pod_id__in=list(slots_by_pod)).order_by("pod_id", "index"):
+        slots_by_pod[slot.pod_id].append(slot)
+    return slots_by_pod
+
+
 def _desired(
     *, pool: AgentPool, demand: Demand, hold: PoolHold | None, frozen: bool, actual: int
 ) -> tuple[int, str, bool]:
@@ -198,36 +218,84 @@ def autoscale_pool(
     if unadopted:
         reason += f"; {len(unadopted)} pod(s) not adopted yet ({', '.join(unadopted[:5])})"
 
-    # 3. Scale up at once.
-    if desired > actual:
+    current = template_hash(pool)
+    outdated = {p.name for p in ledger if _outdated(cluster[p.name], current)}
+    slots_by_pod = _slots_by_pod(ledger)
+
+    # 3. Replace one idle pod with an old template (never during a freeze, which allows no
+    # scale-up, nor when the pool shrinks anyway: scale-down takes outdated pods first).
+    replaced: list[str] = []
+    if outdated and not frozen and desired >= actual:
+        idle_old = sorted(
+            (
+                p
+                for p in ledger
+                if p.name in outdated and all(s.state == SlotState.IDLE for s in slots_by_pod[p.pk])
+            ),
+            key=lambda p: (p.created_at, p.pk),
+        )
+        busy_old = sorted(outdated - {p.name for p in idle_old})
+        if idle_old and unadopted:
+            reason += "; template changed: the next replacement waits for new pods to be adopted"
+        elif idle_old:
+            pod = idle_old[0]
+            words = f"replacing pod {pod.name}: template changed"
+            try:
+                if _pod_delete_if_idle(
+                    pool=pool,
+                    pod=pod,
+                    kube=kube,
+                    actor=actor,
+                    reason=f"{reason}; {words}",
+                    kind="pod.replace",
+                    cordon_reason="template changed",
+                ):
+                    replaced.append(pod.name)
+                    reason += f"; {words}"
+            except KubeError as exc:
+                text = f"{reason}; {_kube_words(words, exc)}"
+                return _store(actor, decide(ScaleAction.BLOCKED, desired, actual, text))
+        if busy_old:
+            reason += f"; {', '.join(busy_old[:5])} keep(s) the old template until idle"
+    live = actual - len(replaced)
+
+    # 4. Scale up at once.
+    if desired > live:
         created: list[str] = []
-        for _ in range(desired - actual):
+        for _ in range(desired - live):
             try:
                 info = kube.create_pod(
                     pool=pool, server_url=server_url, token_secret_name=token_secret_name
                 )
             except KubeError as exc:
                 made = f" after creating {', '.join(created)}" if created else ""
-                text = f"{reason}; scale-up {actual} -> {desired} {_kube_words('create', exc)}"
+                text = f"{reason}; scale-up {live} -> {desired} {_kube_words('create', exc)}"
                 return _store(
                     actor,
-                    decide(ScaleAction.BLOCKED, desired, actual, text + made, created=created),
+                    decide(
+                        ScaleAction.BLOCKED,
+                        desired,
+                        actual,
+                        text + made,
+                        created=created,
+                        deleted=replaced,
+                    ),
                 )
             created.append(info.name)
         text = f"{reason}; created {', '.join(created)}"
-        return _store(actor, decide(ScaleAction.SCALE_UP, desired, actual, text, created=created))
+        return _store(
+            actor,
+            decide(ScaleAction.SCALE_UP, desired, actual, text, created=created, deleted=replaced),
+        )
 
     if desired == actual:
         if refused:  # the freeze refused a scale-up: worth a (deduplicated) row
             return _store(actor, decide(ScaleAction.BLOCKED, desired, actual, reason))
         return decide(ScaleAction.NONE, desired, actual, reason)
 
-    # 4. Scale down: fully idle pods only, longest idle first.
+    # 5. Scale down: fully idle pods only, old templates first, then longest idle first.
     surplus = actual - desired
     idle_delay = pool.scale_down_idle_seconds
-    slots_by_pod: dict[int, list[Slot]] = {p.pk: [] for p in ledger}
-    for slot in Slot.objects.filter(pod_id__in=list(slots_by_pod)).order_by("pod_id", "index"):
-        slots_by_pod[slot.pod_id].append(slot)
     busy: list[str] = []
     waiting: list[str] = []
     candidates: list[tuple[datetime, Pod]] = []
@@ -251,7 +319,7 @@ def autoscale_pool(
             )
             continue
         candidates.append((idle_since, pod))
-    candidates.sort(key=lambda item: (item[0], -item[1].pk))
+    candidates.sort(key=lambda item: (item[1].name not in outdated, item[0], -item[1].pk))
 
     deleted: list[str] = []
     for _since, pod in candidates[:surplus]:
@@ -288,7 +356,14 @@ def _kube_words(action: str, exc: KubeError) -> str:
 
 
 def _pod_delete_if_idle(
-    *, pool: AgentPool, pod: Pod, kube: KubeApi, actor: str, reason: str
+    *,
+    pool: AgentPool,
+    pod: Pod,
+    kube: KubeApi,
+    actor: str,
+    reason: str,
+    kind: str = "pod.scale_down",
+    cordon_reason: str = "scale-down",
 ) -> bool:
     """Cordon the pod if all its slots are still idle, then delete it from the cluster.
 
@@ -305,11 +380,11 @@ def _pod_delete_if_idle(
         was_cordoned = locked.cordoned
         if not was_cordoned:
             Pod.objects.filter(pk=pod.pk, cordoned=False).update(
-                cordoned=True, cordoned_by=actor, cordoned_reason="scale-down"
+                cordoned=True, cordoned_by=actor, cordoned_reason=cordon_reason
             )
         event_record(
             actor=actor,
-            kind="pod.scale_down",
+            kind=kind,
             target_type="pod",
             target_id=pod.name,
             pool_id=pool.pk,

@@ -7,6 +7,7 @@ and a client upgrade touches one file. A test walks `poolsadmin/` to keep it tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -35,6 +36,24 @@ KUBE_MODES: tuple[str, ...] = get_args(KubeMode)
 # whatever its name, and pods created by hand with the label are adopted (SPEC 5).
 POOL_LABEL = "poolsadmin/pool"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+# A short hash of the pool's pod template fields at creation time: the autoscaler replaces
+# idle pods whose hash is not the pool's current one (a changed template never kills work).
+TEMPLATE_HASH_LABEL = "poolsadmin/template-hash"
+TEMPLATE_HASH_LENGTH = 12
+# The pool fields a pod is built from (pod_manifest). Namespace is not one: a pod in another
+# namespace is not listed at all.
+TEMPLATE_FIELDS = (
+    "pod_image",
+    "pod_image_pull_policy",
+    "pod_command",
+    "pod_args",
+    "pod_env",
+    "pod_cpu_request",
+    "pod_cpu_limit",
+    "pod_memory_request",
+    "pod_memory_limit",
+    "pod_service_account",
+)
 MANAGED_BY = "poolsadmin"
 CONTAINER_NAME = "agent"
 TOKEN_SECRET_KEY = "token"
@@ -259,6 +278,14 @@ def _template_list(pool: AgentPool, field_name: str) -> list[str] | None:
     return [str(part) for part in value]
 
 
+def template_hash(pool: AgentPool) -> str:
+    """A short sha256 of the pool's pod template fields (canonical JSON, sorted keys). Equal
+    templates give equal hashes whatever the key order of pod_env; a valid label value."""
+    fields = {name: getattr(pool, name) for name in TEMPLATE_FIELDS}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:TEMPLATE_HASH_LENGTH]
+
+
 def pod_manifest(*, pool: AgentPool, server_url: str, token_secret_name: str) -> k8s.V1Pod:
     """The pod for one agent of `pool`, from the pool's template."""
     # poolsadmin's own variables come first so the template's values can refer to them with
@@ -317,7 +344,11 @@ def pod_manifest(*, pool: AgentPool, server_url: str, token_secret_name: str) ->
         kind="Pod",
         metadata=k8s.V1ObjectMeta(
             generate_name=pod_name_prefix(pool),
-            labels={POOL_LABEL: pool.pool_id, MANAGED_BY_LABEL: MANAGED_BY},
+            labels={
+                POOL_LABEL: pool.pool_id,
+                MANAGED_BY_LABEL: MANAGED_BY,
+                TEMPLATE_HASH_LABEL: template_hash(pool),
+            },
         ),
         spec=k8s.V1PodSpec(
             containers=[container],

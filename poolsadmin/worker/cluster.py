@@ -1,22 +1,27 @@
 """Cluster sync for k8s pools (SPEC 5): the ledger's pods follow the cluster's.
 
 One pass: list the pool's pods by label; adopt pods the ledger does not know; follow phase
-changes; delete `Failed`/`Succeeded` pods from the cluster; and for pods that are gone (or
-going), fail their running tasks naming the pod, drop their reservations and remove them from
-the ledger. The cluster is only read until the plan is complete, so a retryable API error
-changes nothing and the next pass starts again from the top.
+changes; delete `Failed`/`Succeeded` pods from the cluster, and pods whose agent is lost
+(offline past heartbeat timeout + grace) once they hold no running slot; and for pods that are
+gone (or going), fail their running tasks naming the pod, drop their reservations and remove
+them from the ledger (the autoscaler then creates replacements). The cluster is only read until
+the plan is complete, so a retryable API error changes nothing and the next pass starts again
+from the top.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.db import transaction
 
-from poolsadmin.agents.models import Agent
+from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi, KubeError, PodInfo
+from poolsadmin.lib import clock
+from poolsadmin.lib.humanize import stamp
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot, SlotState
 from poolsadmin.pools.services import pod_create, slot_free_for_task
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
@@ -154,12 +159,78 @@ def _release_pod(*, pod: Pod, why: str, actor: str, dry_run: bool) -> list[Chang
     return changes
 
 
+def _lost_agent_pods(*, pool: AgentPool, dry_run: bool) -> list[Pod]:
+    """Pods whose agent is lost: offline with no heartbeat for heartbeat timeout + task grace,
+    the same cutoff as the reconciler's ledger-side step (reconcile._lost_agents). A dry run
+    also counts agents the pass would mark offline first."""
+    cutoff = clock.now() - pool.heartbeat_timeout - timedelta(seconds=pool.task_grace_seconds)
+    statuses = [AgentStatus.OFFLINE]
+    if dry_run:
+        statuses += [AgentStatus.ONLINE, AgentStatus.DRAINING]
+    return list(
+        Pod.objects.filter(pool=pool, agent__status__in=statuses, agent__last_ping_at__lt=cutoff)
+        .select_related("agent")
+        .order_by("name")
+    )
+
+
+def _lost_agent_words(agent: Agent) -> str:
+    when = stamp(agent.last_ping_at) if agent.last_ping_at else "never"
+    return f"its agent {agent.agent_name} ({agent.agent_id}) is lost (last heartbeat {when})"
+
+
+def _pod_delete_for_lost_agent(*, pool: AgentPool, pod: Pod, kube: KubeApi, actor: str) -> bool:
+    """Cordon the pod if it holds no running slot, then delete it from the cluster.
+
+    Its running tasks were failed by the ledger-side step first (a running slot means that
+    has not happened yet: the next pass tries again); reservations are dropped when the pod
+    is released. The cordon is taken under the pod's row lock, as scale-down does, so no task
+    can be placed on the pod once it is decided; a failed delete lifts it again and raises
+    ClusterUnavailable before anything else in the ledger changed."""
+    agent = pod.agent
+    assert agent is not None  # _lost_agent_pods
+    why = _lost_agent_words(agent)
+    with transaction.atomic():
+        locked = Pod.objects.select_for_update(skip_locked=True).filter(pk=pod.pk).first()
+        if locked is None:  # a scheduler holds it right now: try again next pass
+            return False
+        if Slot.objects.filter(pod_id=pod.pk, state=SlotState.RUNNING).exists():
+            return False
+        was_cordoned = locked.cordoned
+        if not was_cordoned:
+            Pod.objects.filter(pk=pod.pk, cordoned=False).update(
+                cordoned=True, cordoned_by=actor, cordoned_reason="agent lost"
+            )
+        event_record(
+            actor=actor,
+            kind="pod.agent_lost",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pool.pk,
+            before={"cordoned": was_cordoned, "agent_id": agent.agent_id},
+            after={"cordoned": True, "deleted": True},
+            reason=f"pod {pod.name} deleted from the cluster: {why}",
+        )
+    try:
+        kube.delete_pod(namespace=pool.namespace, name=pod.name)
+    except KubeError as exc:
+        if not was_cordoned:
+            Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
+                cordoned=False, cordoned_by="", cordoned_reason=""
+            )
+        raise ClusterUnavailable(exc) from exc
+    broadcast_pool_changed(pool_id=pool.pk, kind="pod", payload={"pod": pod.name})
+    return True
+
+
 def cluster_sync(
     *, pool: AgentPool, kube: KubeApi, dry_run: bool = False, actor: str = RECONCILER
 ) -> list[Change]:
     """1. list the pool's pods by label (a retryable error: ClusterUnavailable, nothing
           changed);
-    2. delete `Failed`/`Succeeded` pods from the cluster (a pod that is already gone is fine);
+    2. delete `Failed`/`Succeeded` pods from the cluster (a pod that is already gone is fine),
+       and pods whose agent is lost once they hold no running slot (an event names the
+       agent);
     3. pods the ledger knows that are finished, being deleted or gone: fail their running
        tasks naming the pod, drop their reservations, remove them and their slots;
     4. phase changes of the others are written with an event;
@@ -188,9 +259,27 @@ def cluster_sync(
         changes.append(Change("pod.delete", info.name, f"phase {info.phase}"))
     finished_names = {i.name for i in finished}
 
-    for pod in Pod.objects.filter(pool=pool).order_by("name"):
+    # Pods whose agent is lost: deleted here, released below in the same pass.
+    lost: dict[str, str] = {}
+    for pod in _lost_agent_pods(pool=pool, dry_run=dry_run):
         seen = listed.get(pod.name)
         if seen is None or seen.deletion_requested or pod.name in finished_names:
+            continue  # going anyway
+        assert pod.agent is not None
+        why = _lost_agent_words(pod.agent)
+        if dry_run:
+            if Slot.objects.filter(pod=pod, state=SlotState.RUNNING).exists():
+                continue
+        elif not _pod_delete_for_lost_agent(pool=pool, pod=pod, kube=kube, actor=actor):
+            continue
+        lost[pod.name] = f"was deleted from the cluster: {why}"
+        changes.append(Change("pod.delete", pod.name, why))
+
+    for pod in Pod.objects.filter(pool=pool).order_by("name"):
+        seen = listed.get(pod.name)
+        if pod.name in lost:
+            changes += _release_pod(pod=pod, why=lost[pod.name], actor=actor, dry_run=dry_run)
+        elif seen is None or seen.deletion_requested or pod.name in finished_names:
             changes += _release_pod(pod=pod, why=_gone_reason(seen), actor=actor, dry_run=dry_run)
         elif seen.phase != pod.phase and (
             dry_run or pod_phase_set(pod=pod, phase=seen.phase, actor=actor)
@@ -199,7 +288,12 @@ def cluster_sync(
 
     known = set(Pod.objects.filter(pool=pool).values_list("name", flat=True))
     for info in sorted(listed.values(), key=lambda i: i.name):
-        if info.name in known or info.name in finished_names or info.deletion_requested:
+        if (
+            info.name in known
+            or info.name in finished_names
+            or info.name in lost
+            or info.deletion_requested
+        ):
             continue
         agent_id = (
             Agent.objects.filter(pool=pool, agent_name=info.name, pod__isnull=True)

@@ -20,6 +20,7 @@ from poolsadmin.kube.adapter import (
     KubeError,
     PodInfo,
     kube_config_from_env,
+    template_hash,
 )
 from poolsadmin.pools.models import AgentPool
 from tests.kube.fake_api import FakeKubeServer
@@ -98,6 +99,7 @@ def test_created_pods_carry_the_pool_label_and_the_managed_by_label(
     expected = {
         "poolsadmin/pool": "pool-z73eh8ihywlmgx0x",
         "app.kubernetes.io/managed-by": "poolsadmin",
+        "poolsadmin/template-hash": template_hash(_pool()),
     }
     assert pod.labels == expected
     assert fake_kube.pods("ci")[0]["metadata"]["labels"] == expected
