@@ -67,3 +67,8 @@ urlpatterns += [
         name="api-pools-unfreeze",
     ),
 ]
+
+# Reconciler leadership (SPEC 5).
+urlpatterns += [
+    path("reconciler", api_route(GET=views.reconciler_detail), name="api-reconciler"),
+]

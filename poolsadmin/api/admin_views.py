@@ -20,6 +20,7 @@ from poolsadmin.api import roles
 from poolsadmin.api.http import field_bool, field_int, field_str, json_body, json_errors
 from poolsadmin.api.serializers import (
     iso,
+    lease_json,
     pool_detail_json,
     pool_json,
     pool_summary_json,
@@ -31,6 +32,7 @@ from poolsadmin.api.serializers import (
 )
 from poolsadmin.api.services import user_actor
 from poolsadmin.api.user_auth import api_user
+from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.pools.actions import (
@@ -41,7 +43,7 @@ from poolsadmin.pools.actions import (
     slot_release_undo,
 )
 from poolsadmin.pools.grid import pool_get, pool_slot_grid, pools_overview
-from poolsadmin.pools.models import AgentPool, Pod, PoolToken, Slot
+from poolsadmin.pools.models import AgentPool, Pod, PoolToken, PoolType, Slot
 from poolsadmin.pools.services import (
     pool_create,
     pool_pause,
@@ -58,6 +60,7 @@ from poolsadmin.tasks.services import (
     workspace_create,
     workspace_unlock,
 )
+from poolsadmin.worker.lease import RECONCILER_LEASE, lease_current
 
 POOL_STR_FIELDS = ("name", "pool_id", "pool_type", "description", "pod_image", "namespace")
 POOL_INT_FIELDS = ("slots_per_pod", "plan_and_apply_per_pod", "min_replicas", "max_replicas")
@@ -124,7 +127,20 @@ def pools_create(request: HttpRequest) -> JsonResponse:
 @json_errors
 def pools_detail(request: HttpRequest, pool_id: str) -> JsonResponse:
     pool = pool_get(pool_id=pool_id)
-    return JsonResponse(pool_detail_json(pool, pool_slot_grid(pool=pool)))
+    # Only k8s pools have an autoscaler: a static pool's page costs no extra query.
+    decision = (
+        ScaleDecision.objects.filter(pool=pool).order_by("-at", "-id").first()
+        if pool.pool_type == PoolType.K8S
+        else None
+    )
+    return JsonResponse(pool_detail_json(pool, pool_slot_grid(pool=pool), decision))
+
+
+@api_user(roles.PERM_VIEW)
+@json_errors
+def reconciler_detail(request: HttpRequest) -> JsonResponse:
+    """Who holds the reconciler lease now (SPEC 5: "the dashboard shows who holds it")."""
+    return JsonResponse(lease_json(lease_current(RECONCILER_LEASE)))
 
 
 @api_user(roles.PERM_MANAGE_POOL)

@@ -7,12 +7,14 @@ from datetime import datetime
 from typing import Any
 
 from poolsadmin.api.models import ApiToken
+from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.events.models import Event
 from poolsadmin.pools.grid import PodRow, PoolSummary
 from poolsadmin.pools.models import AgentPool, PoolToken, Slot, SlotState
 from poolsadmin.scheduler.rules import Diagnosis
 from poolsadmin.tasks.detail import TaskDetail, WorkspaceDetail
 from poolsadmin.tasks.models import WaitReason, Workspace, WorkspaceTask
+from poolsadmin.worker.models import Lease
 
 Json = dict[str, Any]
 
@@ -104,8 +106,37 @@ def pod_json(row: PodRow) -> Json:
     }
 
 
-def pool_detail_json(pool: AgentPool, grid: list[PodRow]) -> Json:
-    return {**pool_json(pool), "pods": [pod_json(row) for row in grid]}
+def scale_decision_json(decision: ScaleDecision | None) -> Json | None:
+    if decision is None:
+        return None
+    return {
+        "at": iso(decision.at),
+        "desired": decision.desired,
+        "actual": decision.actual,
+        "action": decision.action,
+        "reason": decision.reason,
+    }
+
+
+def pool_detail_json(
+    pool: AgentPool, grid: list[PodRow], decision: ScaleDecision | None = None
+) -> Json:
+    return {
+        **pool_json(pool),
+        "pods": [pod_json(row) for row in grid],
+        # The latest autoscaler decision (SPEC 6), null for a pool that has none.
+        "autoscaler": scale_decision_json(decision),
+    }
+
+
+def lease_json(lease: Lease | None) -> Json:
+    """Who leads the reconciler now (SPEC 5), all null when nobody holds the lease."""
+    return {
+        "leader": lease.holder if lease else None,
+        "acquired_at": iso(lease.acquired_at) if lease else None,
+        "renewed_at": iso(lease.renewed_at) if lease else None,
+        "expires_at": iso(lease.expires_at) if lease else None,
+    }
 
 
 def pool_token_json(token: PoolToken, secret: str) -> Json:

@@ -11,9 +11,10 @@ from datetime import datetime
 
 from django.db import IntegrityError, transaction
 
+from poolsadmin.autoscaler.models import ScaleAction, ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import duration, stamp
-from poolsadmin.pools.models import AgentPool, Slot, SlotState
+from poolsadmin.pools.models import AgentPool, PodPhase, PoolType, Slot, SlotState
 from poolsadmin.pools.selectors import PodView, pool_capacity
 from poolsadmin.scheduler.rules import (
     Diagnosis,
@@ -32,6 +33,7 @@ from poolsadmin.tasks.models import (
 from poolsadmin.tasks.services import tasks_waiting_filter
 
 CapacityCache = dict[str, list[PodView]]
+DecisionCache = dict[str, ScaleDecision | None]
 
 
 def _capacity(pool: AgentPool, now: datetime, cache: CapacityCache | None) -> list[PodView]:
@@ -42,8 +44,61 @@ def _capacity(pool: AgentPool, now: datetime, cache: CapacityCache | None) -> li
     return cache[pool.pool_id]
 
 
+def _latest_decision(pool: AgentPool, cache: DecisionCache | None) -> ScaleDecision | None:
+    if cache is None:
+        return ScaleDecision.objects.filter(pool=pool).order_by("-at", "-id").first()
+    if pool.pool_id not in cache:
+        cache[pool.pool_id] = ScaleDecision.objects.filter(pool=pool).order_by("-at", "-id").first()
+    return cache[pool.pool_id]
+
+
+def _scale_up_in_progress(decision: ScaleDecision, views: list[PodView]) -> str:
+    """Pods the latest decision created that are not adopted or not running yet."""
+    by_name = {v.pod.name: v for v in views}
+    waiting = []
+    for name in decision.created_pods or []:
+        view = by_name.get(name)
+        if view is None:
+            waiting.append(f"{name} (not adopted yet)")
+        elif view.pod.phase != PodPhase.RUNNING:
+            waiting.append(f"{name} ({view.pod.phase})")
+        elif view.agent is None:
+            waiting.append(f"{name} (no agent registered yet)")
+    if not waiting:
+        return ""
+    return (
+        f" Scale-up in progress: {', '.join(waiting[:10])} created at {stamp(decision.at)}, "
+        "not running yet."
+    )
+
+
+def autoscaler_words(
+    *, pool: AgentPool, views: list[PodView], decision: ScaleDecision | None
+) -> str:
+    """What the autoscaler last decided for a k8s pool, read from its stored decision (never
+    recomputed): the pods it asked for and why, or why scale-up is blocked."""
+    if decision is None:
+        return " The autoscaler has made no decision for this pool yet."
+    if decision.action == ScaleAction.BLOCKED:
+        return (
+            f" Scale-up is blocked since {stamp(decision.at)} ({decision.actual} of "
+            f"{decision.desired} pods): {decision.reason}."
+        )
+    text = (
+        f" The autoscaler asked for {decision.desired} pods at {stamp(decision.at)} "
+        f"({decision.reason})."
+    )
+    if decision.desired <= decision.actual and decision.actual >= decision.max:
+        text += f" Scale-up is blocked: the pool is at max replicas {decision.max}."
+    return text + _scale_up_in_progress(decision, views)
+
+
 def task_diagnose(
-    *, task: WorkspaceTask, now: datetime | None = None, cache: CapacityCache | None = None
+    *,
+    task: WorkspaceTask,
+    now: datetime | None = None,
+    cache: CapacityCache | None = None,
+    decisions: DecisionCache | None = None,
 ) -> Diagnosis:
     now = now or clock.now()
     if task.status in TERMINAL_STATUSES:
@@ -106,6 +161,16 @@ def task_diagnose(
         candidates, blocked = placement_candidates(
             task=task, pool=task.pool, views=views, own_slot=own_slot, now=now
         )
+        if (
+            blocked is not None
+            and own_slot is None  # an apply waiting for its own reserved slot needs no new pod
+            and blocked.code in {"no_pods", "no_online_agents"}
+            and task.pool.pool_type == PoolType.K8S
+        ):
+            words = autoscaler_words(
+                pool=task.pool, views=views, decision=_latest_decision(task.pool, decisions)
+            )
+            blocked = Diagnosis(blocked.code, blocked.text + words, blocker=blocked.blocker)
         if blocked is None:
             view, reserved = candidates[0]
             if reserved is not None:
@@ -162,6 +227,7 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
     2. close the open history rows of tasks that stopped waiting. Returns rows changed."""
     now = clock.now()
     cache: CapacityCache = {}
+    decisions: DecisionCache = {}
     changed = 0
     waiting = (
         WorkspaceTask.objects.filter(tasks_waiting_filter())
@@ -170,7 +236,9 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
     )
     for task in waiting:
         if diagnosis_record(
-            task=task, diagnosis=task_diagnose(task=task, now=now, cache=cache), now=now
+            task=task,
+            diagnosis=task_diagnose(task=task, now=now, cache=cache, decisions=decisions),
+            now=now,
         ):
             changed += 1
     stale = WaitReason.objects.filter(ended_at__isnull=True).exclude(

@@ -135,6 +135,20 @@ def _can_resume_while_draining(view: PodView, pool: AgentPool, now: datetime) ->
     )
 
 
+def pod_blocker_words(view: PodView) -> str:
+    """Why one pod of a k8s pool cannot take work, naming the pod (SPEC 9 `no_online_agents`):
+    "pod X is Pending", "pod X: no agent registered yet", "pod X: agent A offline since T"."""
+    pod, agent = view.pod, view.agent
+    if pod.phase != PodPhase.RUNNING or pod.cordoned:
+        return view.unavailable_reason
+    if agent is None:
+        return f"pod {pod.name}: no agent registered yet"
+    if agent.status != AgentStatus.DRAINING and view.unavailable_reason.startswith("agent "):
+        since = stamp(agent.last_ping_at) if agent.last_ping_at else "never seen"
+        return f"pod {pod.name}: agent {agent.agent_name} offline since {since}"
+    return f"pod {pod.name}: {view.unavailable_reason}"
+
+
 def placement_candidates(
     *,
     task: WorkspaceTask,
@@ -174,7 +188,10 @@ def placement_candidates(
         )
     eligible = [v for v in views if v.eligible]
     if not eligible:
-        reasons = "; ".join(v.unavailable_reason for v in views[:10])
+        if pool.pool_type == PoolType.K8S:
+            reasons = "; ".join(pod_blocker_words(v) for v in views[:10])
+        else:
+            reasons = "; ".join(v.unavailable_reason for v in views[:10])
         more = f" and {len(views) - 10} more" if len(views) > 10 else ""
         return [], Diagnosis(
             "no_online_agents",
