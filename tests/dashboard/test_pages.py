@@ -123,7 +123,7 @@ def test_the_pool_page_shows_task_598_reserved_with_its_owner(
     assert "Reserved" in cell
     assert f"#{INCIDENT_TASK_ID}" in cell
     assert INCIDENT_WORKSPACE_ID in cell
-    assert "Planned by <strong>agent-pod-a</strong>" in cell
+    assert "Planned by <strong>prod-agents-7xk2p</strong>" in cell
     assert "Waits for an admin to confirm the apply" in cell
     assert "expires in" in cell
     # The queue explains both the incident and the task blocked behind it.
@@ -135,7 +135,7 @@ def test_the_pools_list_shows_counts_and_health(viewer_client: Client, seeded: A
     html = viewer_client.get(reverse("pools-list")).content.decode()
     assert seeded.name in html
     assert "1 reserved" in html
-    assert "11 idle" in html
+    assert "7 idle" in html
     assert "healthy" in html
 
 
@@ -145,7 +145,7 @@ def test_the_task_page_shows_the_diagnosis_and_the_timeline(
     html = viewer_client.get(reverse("tasks-detail", args=[INCIDENT_TASK_ID])).content.decode()
     assert "apply_pending" in html
     assert "awaiting_confirmation" in html
-    assert "agent-pod-a[0]" in html
+    assert "prod-agents-7xk2p[0]" in html
     for kind in ("task.submitted", "task.dispatched", "task.apply_pending", "slot.reserved"):
         assert kind in html
 

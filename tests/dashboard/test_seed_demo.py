@@ -11,13 +11,15 @@ from django.core.management import call_command
 from poolsadmin.agents.models import Agent
 from poolsadmin.dashboard.management.commands.seed_demo import (
     DEMO_AGENT_NAMES,
+    DEMO_NAMESPACE,
     DEMO_POOL_ID,
     INCIDENT_TASK_ID,
     INCIDENT_WORKSPACE_ID,
+    demo_ledger_outdated,
 )
 from poolsadmin.events.models import Event
-from poolsadmin.pools.models import AgentPool, Pod, PoolToken, Slot, SlotState
-from poolsadmin.pools.services import pool_token_authenticate
+from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolToken, PoolType, Slot, SlotState
+from poolsadmin.pools.services import pool_create, pool_token_authenticate
 from poolsadmin.scheduler.diagnosis import task_diagnose
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import Stage, TaskStatus, TaskType, Workspace, WorkspaceTask
@@ -46,6 +48,20 @@ def test_seed_demo_creates_the_pool_the_workspace_and_task_598_on_its_reserved_s
 
     pool = AgentPool.objects.get(pk=DEMO_POOL_ID)
     assert (pool.slots_per_pod, pool.plan_and_apply_per_pod) == (4, 1)
+    assert (pool.pool_type, pool.namespace, pool.min_replicas, pool.max_replicas) == (
+        PoolType.K8S,
+        DEMO_NAMESPACE,
+        2,
+        4,
+    )
+    assert pool.pod_image
+    # The pool's first pods, each linked to the agent named after it (the pod name is the
+    # agent name).
+    pods = {p.name: p for p in Pod.objects.filter(pool=pool).select_related("agent")}
+    assert set(pods) == set(DEMO_AGENT_NAMES)
+    for name, pod in pods.items():
+        assert pod.phase == PodPhase.RUNNING
+        assert pod.agent is not None and pod.agent.agent_name == name
     assert set(Agent.objects.filter(pool=pool).values_list("agent_name", flat=True)) == set(
         DEMO_AGENT_NAMES
     )
@@ -59,7 +75,7 @@ def test_seed_demo_creates_the_pool_the_workspace_and_task_598_on_its_reserved_s
     )
     slot = Slot.objects.select_related("pod").get(task_id=INCIDENT_TASK_ID)
     assert slot.state == SlotState.RESERVED
-    assert slot.pod.name == task.plan_pod_name == "agent-pod-a"
+    assert slot.pod.name == task.plan_pod_name == DEMO_AGENT_NAMES[0]
     assert workspace.is_locked and workspace.lock_task_id == INCIDENT_TASK_ID
     # The queue behind it is pending, for the scheduler and the simulated agents to run.
     later = WorkspaceTask.objects.filter(pk__gt=INCIDENT_TASK_ID)
@@ -114,7 +130,7 @@ def test_task_598_waits_for_confirmation_and_names_its_reserved_slot() -> None:
     diagnosis = task_diagnose(task=task)
 
     assert diagnosis.code == "awaiting_confirmation"
-    assert "agent-pod-a[0] stays reserved" in diagnosis.text
+    assert f"{DEMO_AGENT_NAMES[0]}[0] stays reserved" in diagnosis.text
 
 
 def test_confirmed_task_598_is_dispatched_to_its_own_reserved_slot() -> None:
@@ -137,3 +153,14 @@ def test_confirmed_task_598_is_dispatched_to_its_own_reserved_slot() -> None:
     )
     slot.refresh_from_db()
     assert (slot.state, slot.task_id) == (SlotState.RUNNING, INCIDENT_TASK_ID)
+
+
+def test_a_static_demo_pool_of_an_earlier_seed_is_outdated_and_reset_replaces_it() -> None:
+    pool_create(pool_id=DEMO_POOL_ID, name="prod-agents", actor="user:test")
+    assert demo_ledger_outdated()
+
+    seed("--reset")
+
+    assert not demo_ledger_outdated()
+    assert AgentPool.objects.get(pk=DEMO_POOL_ID).pool_type == PoolType.K8S
+    assert Slot.objects.get(task_id=INCIDENT_TASK_ID).state == SlotState.RESERVED

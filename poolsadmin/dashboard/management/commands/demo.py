@@ -1,12 +1,21 @@
 """`manage.py demo`: the whole product in one process, on the zero-setup default.
 
+The demo pool is a k8s pool, and its cluster is the fake Kubernetes API server
+(`poolsadmin.kube.fake_api`), in-process: pods the autoscaler creates run at once
+(`auto_run`). Before anything else the fake cluster gets every pod the ledger knows for the
+pool (it lives in memory, the ledger on disk): the reconciler would otherwise find them
+vanished and drop task 598's reservation. The worker reaches it through `kube_override`.
+
 Main thread: the ASGI development server (daphne's `runserver`). Side threads, started once
 the server accepts connections, in this order:
 
-1. simulated reference agents, one per seeded agent name, speaking the agent API over HTTP;
-2. the worker loops (scheduler, reconciler, diagnosis), once the agents have registered.
-   The order matters on a re-run: the reconciler would otherwise find the agents' heartbeats
-   of the previous run too old, call them lost and drop task 598's reservation;
+1. the "kubelet": every second it looks at the fake cluster's pods and runs a simulated
+   reference agent, named after the pod, for each running pod, and stops the agent of each
+   pod that is gone (scale-down, reconciler) or no longer running;
+2. the worker loops (scheduler, reconciler, autoscaler, diagnosis), once the agents of the
+   ledger's pods have registered. The order matters on a re-run: the reconciler would
+   otherwise find the agents' heartbeats of the previous run too old, call them lost and drop
+   task 598's reservation;
 3. a little traffic: new tasks every ~10 s, and confirmations of other tasks' applies, so the
    pool stays alive. Task 598 is never confirmed: it stays apply_pending on its reserved slot,
    the founding incident, for anyone to look at.
@@ -24,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -38,12 +47,23 @@ from poolsadmin.dashboard.management.commands.seed_demo import (
     DEMO_WORKSPACES,
     INCIDENT_TASK_ID,
     DemoSeed,
+    demo_ledger_outdated,
     demo_seed,
 )
+from poolsadmin.kube.adapter import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    POOL_LABEL,
+    KubeClient,
+    KubeConfig,
+)
+from poolsadmin.kube.fake_api import FakeKubeServer, start_fake_kube
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import DomainError
+from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType
 from poolsadmin.tasks.models import TaskStatus, TaskType, Workspace, WorkspaceTask
 from poolsadmin.tasks.services import task_confirm_apply, task_submit
+from poolsadmin.worker.cluster_access import kube_override
 from poolsadmin.worker.loops import LOOPS
 from poolsadmin.worker.management.commands.worker import run_loops
 
@@ -58,6 +78,7 @@ TRAFFIC_MAX_PENDING = 8
 CONFIRM_AFTER = timedelta(seconds=25)
 AGENT_HEARTBEAT_SECONDS = 1.0
 AGENT_SIMULATION = Simulation(duration_seconds=13.0, changes_ratio=0.5)  # 9-17 s per task
+KUBELET_INTERVAL_SECONDS = 1.0
 
 
 class _AgentRequestsFilter(logging.Filter):
@@ -110,6 +131,126 @@ def _thread(name: str, target: Callable[[], None]) -> threading.Thread:
     thread = threading.Thread(target=run, name=f"demo-{name}", daemon=True)
     thread.start()
     return thread
+
+
+# --- the fake cluster and its kubelet -------------------------------------------------------------
+
+
+def fake_cluster_restore(server: FakeKubeServer) -> list[str]:
+    """Put every pod the ledger knows for a k8s pool into the fake cluster, running, with the
+    pool's label: the fake cluster lives in memory, the ledger on disk. Pods being scaled
+    down (cordoned) come back too; the autoscaler deletes them again. Returns the pod names."""
+    names: list[str] = []
+    pools = AgentPool.objects.filter(pool_type=PoolType.K8S).exclude(namespace="")
+    for pool in pools:
+        pods = Pod.objects.filter(pool=pool).exclude(
+            phase__in=[PodPhase.FAILED, PodPhase.SUCCEEDED]
+        )
+        for name in pods.order_by("name").values_list("name", flat=True):
+            if server.pod(name, pool.namespace) is None:
+                server.add_pod(
+                    pool.namespace,
+                    name,
+                    labels={POOL_LABEL: pool.pool_id, MANAGED_BY_LABEL: MANAGED_BY},
+                    phase="Running",
+                    image=pool.pod_image or "busybox",
+                )
+            names.append(name)
+    return names
+
+
+class PodAgent(Protocol):
+    """What the kubelet runs for a pod: `ReferenceAgent`, or a stub in tests."""
+
+    def run(self, stop: threading.Event) -> None: ...
+
+
+class Kubelet:
+    """The demo's stand-in for the kubelets: a pod that runs has an agent named after it, a pod
+    that is gone (or finished, or being deleted) has none. `sync()` is one look at the fake
+    cluster; `run()` looks every second until stopped, then stops every agent."""
+
+    def __init__(
+        self,
+        *,
+        server: FakeKubeServer,
+        namespaces: Callable[[], list[str]],
+        agent_factory: Callable[[str], PodAgent],
+    ) -> None:
+        self.server = server
+        self.namespaces = namespaces
+        self.agent_factory = agent_factory
+        self._agents: dict[str, tuple[threading.Event, threading.Thread]] = {}
+
+    @property
+    def running(self) -> list[str]:
+        """Pods whose agent runs, by name."""
+        return sorted(self._agents)
+
+    def _running_pods(self) -> set[str]:
+        names: set[str] = set()
+        for namespace in self.namespaces():
+            for pod in self.server.pods(namespace):
+                metadata = pod.get("metadata", {})
+                if pod.get("status", {}).get("phase") != "Running":
+                    continue
+                if "deletionTimestamp" in metadata:
+                    continue
+                names.add(str(metadata.get("name", "")))
+        return names
+
+    def sync(self) -> tuple[list[str], list[str]]:
+        """Start the agents of new running pods, stop those of pods that are gone.
+        Returns (started, stopped) pod names."""
+        pods = self._running_pods()
+        stopped = sorted(name for name in self._agents if name not in pods)
+        for name in stopped:
+            self._stop(name)
+        started = sorted(name for name in pods if name not in self._agents)
+        for name in started:
+            agent = self.agent_factory(name)
+            stop = threading.Event()
+            self._agents[name] = (
+                stop,
+                _thread(f"agent-{name}", functools.partial(agent.run, stop)),
+            )
+        return started, stopped
+
+    def _stop(self, name: str) -> None:
+        stop, thread = self._agents.pop(name)
+        stop.set()
+        thread.join(timeout=5)
+
+    def stop_all(self) -> None:
+        for name in list(self._agents):
+            self._stop(name)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    started, stopped = self.sync()
+                except Exception:  # a bad look must not end the kubelet
+                    logger.exception("demo kubelet: sync failed")
+                    started, stopped = [], []
+                for name in started:
+                    logger.info("demo kubelet: pod %s runs; started its agent", name)
+                for name in stopped:
+                    logger.info("demo kubelet: pod %s is gone; stopped its agent", name)
+                stop.wait(KUBELET_INTERVAL_SECONDS)
+        finally:
+            self.stop_all()
+
+
+def _k8s_namespaces() -> list[str]:
+    close_old_connections()
+    return sorted(
+        set(
+            AgentPool.objects.filter(pool_type=PoolType.K8S)
+            .exclude(namespace="")
+            .values_list("namespace", flat=True)
+        )
+    )
 
 
 # --- traffic -------------------------------------------------------------------------------------
@@ -211,7 +352,14 @@ class Command(BaseCommand):
             raise CommandError(f"port {port} is in use; choose another with --port")
         logging.getLogger("django.channels.server").addFilter(_AgentRequestsFilter())
 
-        seed = demo_seed(reset=options["reset"])
+        reset = options["reset"]
+        if not reset and demo_ledger_outdated():
+            self.stdout.write(
+                f"demo: pool {DEMO_POOL_ID} is the static pool of an earlier demo; it is a k8s "
+                "pool now, so the demo starts on a fresh ledger"
+            )
+            reset = True
+        seed = demo_seed(reset=reset)
         if not seed.incident_visible:
             # Someone confirmed, cancelled or let task 598's reservation expire in an earlier
             # run; the demo exists to show it, so it replays the incident from scratch.
@@ -234,10 +382,17 @@ class Command(BaseCommand):
                 "stopped. Review and unlock them, or start afresh with `manage.py demo --reset`."
             )
 
+        # The cluster of the k8s pool: in-process, pods run as soon as they are created.
+        fake = start_fake_kube(auto_run=True)
+        pods = fake_cluster_restore(fake)
+        kube = KubeClient(KubeConfig(mode="url", url=fake.url))
+        kube_override(kube)
         stop = threading.Event()
         threads: list[threading.Thread] = []
         threads.append(
-            _thread("starter", lambda: self._start_side_threads(seed, port, stop, threads))
+            _thread(
+                "starter", lambda: self._start_side_threads(seed, port, stop, threads, fake, pods)
+            )
         )
         try:
             # Daphne installs its own SIGINT/SIGTERM handlers (--noreload) and returns here
@@ -248,41 +403,55 @@ class Command(BaseCommand):
             stop.set()
             for thread in list(threads):
                 thread.join(timeout=10)
+            kube_override(None)
+            kube.close()
+            fake.stop()
             self.stdout.write("demo: stopped")
 
     def _start_side_threads(
-        self, seed: DemoSeed, port: int, stop: threading.Event, threads: list[threading.Thread]
+        self,
+        seed: DemoSeed,
+        port: int,
+        stop: threading.Event,
+        threads: list[threading.Thread],
+        fake: FakeKubeServer,
+        pods: list[str],
     ) -> None:
         if not _wait_for_server(port, stop):
             if not stop.is_set():
                 logger.error("demo: the server did not come up on port %s", port)
             return
         url = f"http://127.0.0.1:{port}"
-        agents = [
-            ReferenceAgent(
+        agents: dict[str, ReferenceAgent] = {}
+
+        def agent_for_pod(name: str) -> ReferenceAgent:
+            agents[name] = ReferenceAgent(
                 url=url,
                 token=seed.token_secret,
                 name=name,
                 heartbeat_interval=AGENT_HEARTBEAT_SECONDS,
                 simulation=AGENT_SIMULATION,
             )
-            for name in seed.agent_names
-        ]
-        for agent in agents:
-            threads.append(_thread(f"agent-{agent.name}", functools.partial(agent.run, stop)))
+            return agents[name]
+
+        kubelet = Kubelet(server=fake, namespaces=_k8s_namespaces, agent_factory=agent_for_pod)
+        threads.append(_thread("kubelet", lambda: kubelet.run(stop)))
+
+        def registered() -> bool:
+            return all(name in agents and agents[name].agent_id for name in pods)
 
         deadline = time.monotonic() + 30
-        while any(a.agent_id is None for a in agents) and time.monotonic() < deadline:
+        while not registered() and time.monotonic() < deadline:
             if stop.wait(0.2):
                 return
-        if any(a.agent_id is None for a in agents):
+        if not registered():
             logger.warning("demo: not every agent registered within 30 s; starting the worker")
 
         threads.append(_thread("worker", lambda: run_loops(list(LOOPS.values()), stop=stop)))
         threads.append(_thread("traffic", lambda: _traffic(stop)))
-        self._banner(url, seed)
+        self._banner(url, seed, fake, pods)
 
-    def _banner(self, url: str, seed: DemoSeed) -> None:
+    def _banner(self, url: str, seed: DemoSeed, fake: FakeKubeServer, pods: list[str]) -> None:
         logins = "  ".join(f"{user} / {password}" for user, password, _ in DEMO_USERS)
         task_url = f"{url}/tasks/{INCIDENT_TASK_ID}/"
         lines = [
@@ -294,7 +463,10 @@ class Command(BaseCommand):
             f"  Task {INCIDENT_TASK_ID}:  {task_url} is the founding incident: apply_pending,",
             f"             slot {seed.incident_slot} stays RESERVED for its apply; the demo never",
             "             confirms it. Once confirmed, the apply runs in that very slot.",
-            f"  Agents:    {', '.join(seed.agent_names)} (simulated) · Ctrl-C stops the demo",
+            f"  Cluster:   fake Kubernetes API at {fake.url}, namespace {seed.pool.namespace}:",
+            f"             pods {', '.join(pods)} (min {seed.pool.min_replicas}, max "
+            f"{seed.pool.max_replicas}); the autoscaler adds and removes pods,",
+            "             each pod runs a simulated agent named after it · Ctrl-C stops the demo",
             "=" * 78,
             "",
         ]

@@ -1,4 +1,10 @@
-"""Seed the demo ledger: the founding incident (task 598) in a busy pool.
+"""Seed the demo ledger: the founding incident (task 598) in a busy k8s pool.
+
+The pool is a k8s pool (min 2, max 4 pods). The seed writes its two first pods to the ledger
+under fixed names, as the reconciler adopts pods it finds in the cluster, and registers their
+agents under the same names (the pod name is the agent name, SPEC 7). `manage.py demo` puts
+every ledger pod of the pool into its in-process fake cluster before the worker starts, so
+the reconciler finds them there and keeps task 598's reservation.
 
 Everything goes through the services, so the seeded state is one the product itself can reach.
 Two deliberate exceptions, each commented where it happens: the task id sequence is moved so
@@ -26,6 +32,7 @@ from django.db.models import Model
 
 from poolsadmin.agents.models import Agent
 from poolsadmin.agents.services import agent_heartbeat, agent_register
+from poolsadmin.autoscaler.models import PoolHold, ScaleDecision
 from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
 from poolsadmin.lib.ids import sha256_hex
@@ -33,12 +40,14 @@ from poolsadmin.pools.models import (
     AgentPool,
     FreezeWindow,
     Pod,
+    PodPhase,
     PoolAllowedWorkspace,
     PoolToken,
+    PoolType,
     Slot,
     SlotState,
 )
-from poolsadmin.pools.services import pool_create, pool_token_create
+from poolsadmin.pools.services import pod_create, pool_create, pool_token_create
 from poolsadmin.scheduler.services import task_dispatch
 from poolsadmin.tasks.models import (
     TaskStatus,
@@ -53,7 +62,13 @@ SEED_ACTOR = "system:seed_demo"
 
 DEMO_POOL_ID = "pool-z73eh8ihywlmgx0x"
 DEMO_POOL_NAME = "prod-agents"
-DEMO_AGENT_NAMES = ("agent-pod-a", "agent-pod-b", "agent-pod-c")
+DEMO_NAMESPACE = "iac-agents"
+DEMO_POD_IMAGE = "registry.example.com/iac-agent:1.42"
+DEMO_MIN_REPLICAS = 2
+DEMO_MAX_REPLICAS = 4
+# The pool's first pods, named as the API server names them from the autoscaler's
+# generateName ("prod-agents-" + 5 characters). The first one holds task 598's reservation.
+DEMO_AGENT_NAMES = ("prod-agents-7xk2p", "prod-agents-m4q9z")
 INCIDENT_TASK_ID = 598
 INCIDENT_WORKSPACE_ID = "ws-mb7m9ii5ey"
 
@@ -70,9 +85,10 @@ DEMO_WORKSPACES = (
 )
 
 # The queue behind the incident, submitted after task 598 (so they are #599 onwards), oldest
-# first. More than the 11 free slots, so the first scheduler pass leaves a visible queue:
-# #599 blocked behind #598, a plan_and_apply waiting for plan_and_apply capacity (pod A's
-# only plan_and_apply place is held by #598's reservation), drift checks waiting last.
+# first. More than the 7 free slots of the two seeded pods, so the autoscaler scales up to
+# max at once and the queue stays visible meanwhile: #599 blocked behind #598, a
+# plan_and_apply waiting for plan_and_apply capacity (the first pod's only plan_and_apply
+# place is held by #598's reservation), drift checks waiting last.
 DEMO_QUEUE = (
     (INCIDENT_WORKSPACE_ID, TaskType.PLAN_AND_APPLY, "Rotate the payment gateway TLS certs"),
     ("ws-k3v8q2n7xd", TaskType.PLAN, "Plan: new transit gateway attachment"),
@@ -104,7 +120,7 @@ class DemoSeed:
     token_secret: str
     agent_names: tuple[str, ...]
     created: list[str]  # what this run created, in words (empty on a re-run)
-    incident_slot: str  # "agent-pod-a[0]": task 598's reserved slot; "" once it is gone
+    incident_slot: str  # "prod-agents-7xk2p[0]": task 598's reserved slot; "" once gone
 
     @property
     def incident_visible(self) -> bool:
@@ -126,6 +142,8 @@ def ledger_wipe() -> None:
     """
     models: tuple[type[Model], ...] = (
         Event,
+        ScaleDecision,
+        PoolHold,
         WaitReason,
         Slot,
         Pod,
@@ -162,9 +180,14 @@ def _pool() -> tuple[AgentPool, bool]:
         pool_id=DEMO_POOL_ID,
         name=DEMO_POOL_NAME,
         actor=SEED_ACTOR,
-        description="Production Terraform agents (demo)",
+        pool_type=PoolType.K8S,
+        description="Production Terraform agents on Kubernetes (demo)",
         slots_per_pod=4,
         plan_and_apply_per_pod=1,
+        min_replicas=DEMO_MIN_REPLICAS,
+        max_replicas=DEMO_MAX_REPLICAS,
+        pod_image=DEMO_POD_IMAGE,
+        namespace=DEMO_NAMESPACE,
     )
     return pool, True
 
@@ -217,9 +240,26 @@ def _workspaces(pool: AgentPool) -> tuple[dict[str, Workspace], list[str]]:
     return existing, created
 
 
+def demo_ledger_outdated() -> bool:
+    """The ledger holds the demo pool of an earlier seed, a static pool: replay it afresh."""
+    return AgentPool.objects.filter(pk=DEMO_POOL_ID).exclude(pool_type=PoolType.K8S).exists()
+
+
+def _pods(pool: AgentPool) -> list[str]:
+    """The pool's first pods, as the reconciler adopts them from the cluster: a ledger pod
+    with idle slots. `manage.py demo` creates them in its fake cluster under the same names."""
+    known = set(Pod.objects.filter(pool=pool).values_list("name", flat=True))
+    created: list[str] = []
+    for name in DEMO_AGENT_NAMES:
+        if name not in known:
+            pod_create(pool=pool, name=name, phase=PodPhase.RUNNING, actor=SEED_ACTOR)
+            created.append(f"pod {name}")
+    return created
+
+
 def _agents(pool: AgentPool) -> tuple[dict[str, Agent], list[str]]:
-    """The simulated agents' registrations. In a static pool each one brings its pod and its
-    idle slots; `manage.py demo` then runs reference agents under the same names."""
+    """The simulated agents' registrations, one per seeded pod and named after it: each is
+    linked to its pod. `manage.py demo` then runs reference agents under the same names."""
     agents = {a.agent_name: a for a in Agent.objects.filter(pool=pool)}
     created: list[str] = []
     for name in DEMO_AGENT_NAMES:
@@ -263,7 +303,7 @@ def _incident(
     workspaces: dict[str, Workspace], agents: dict[str, Agent], now: datetime
 ) -> WorkspaceTask:
     """Task 598: a plan_and_apply whose plan found changes two hours ago. It is apply_pending,
-    its slot on agent-pod-a is reserved for the apply, and its workspace is locked."""
+    its slot on the first pod is reserved for the apply, and its workspace is locked."""
     _next_task_id_becomes(INCIDENT_TASK_ID)
     planned_at = now - timedelta(hours=2)
     with _at(planned_at - timedelta(minutes=6)):
@@ -278,7 +318,8 @@ def _incident(
     with _at(planned_at - timedelta(minutes=5, seconds=58)):
         # Only agents with a fresh heartbeat take work.
         for agent in agents.values():
-            agent_heartbeat(agent=agent, running_task_ids=[])
+            if agent.agent_name in DEMO_AGENT_NAMES:
+                agent_heartbeat(agent=agent, running_task_ids=[])
         outcome = task_dispatch(task_id=task.pk, actor="system:scheduler")
     if not outcome.dispatched:
         raise CommandError(f"could not dispatch task {task.pk}: {outcome.diagnosis}")
@@ -334,10 +375,11 @@ def demo_seed(*, reset: bool = False) -> DemoSeed:
     with _at(now - timedelta(hours=3)):
         pool, pool_created = _pool()
         workspaces, new_workspaces = _workspaces(pool)
+        new_pods = _pods(pool)
         agents, new_agents = _agents(pool)
     if pool_created:
-        created.append(f"pool {pool.pool_id}")
-    created += new_workspaces + new_agents
+        created.append(f"pool {pool.pool_id} (k8s, namespace {pool.namespace})")
+    created += new_workspaces + new_pods + new_agents
     secret, token_created = _token(pool)
     if token_created:
         created.append(f"pool token (secret in {token_path()})")
@@ -366,8 +408,8 @@ def demo_seed(*, reset: bool = False) -> DemoSeed:
 
 class Command(BaseCommand):
     help = (
-        "Seed the demo ledger: pool pool-z73eh8ihywlmgx0x with task 598 apply_pending on its "
-        "reserved slot, a queue, and the admin/viewer logins. Idempotent."
+        "Seed the demo ledger: k8s pool pool-z73eh8ihywlmgx0x with two pods, task 598 "
+        "apply_pending on its reserved slot, a queue, and the admin/viewer logins. Idempotent."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
