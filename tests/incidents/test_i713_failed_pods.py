@@ -13,6 +13,8 @@ from poolsadmin.events.models import Event
 from poolsadmin.kube.adapter import KubeClient
 from poolsadmin.pools.models import Pod, Slot
 from poolsadmin.tasks.models import TaskStatus
+from poolsadmin.worker.cluster_access import kube_override
+from poolsadmin.worker.loops import LOOPS
 from poolsadmin.worker.reconcile import reconcile_pool
 from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_workspace, refresh, run, submit
@@ -42,3 +44,24 @@ def test_one_reconcile_deletes_a_failed_pod_and_fails_its_running_tasks_naming_i
     assert Event.objects.filter(kind="pod.removed", target_id="p1").count() == 1
     # A second pass finds nothing left to do.
     assert reconcile_pool(pool=pool, kube=kube_client).changes == []
+
+
+def test_the_worker_loops_replace_the_failed_pod_in_the_next_autoscaler_pass(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    """The whole of I-713 B through the loops: reconciler removes, autoscaler replaces."""
+    pool = make_k8s_pool(min_replicas=1, max_replicas=3)
+    adopted_pod_with_agent(fake_kube, kube_client, pool, "p1")
+    t1 = run(submit(make_workspace(pool), "plan"))
+    fake_kube.set_phase("p1", "Failed")
+    kube_override(kube_client)
+    try:
+        LOOPS["reconciler"].run_once()
+        LOOPS["autoscaler"].run_once()
+    finally:
+        kube_override(None)
+
+    assert refresh(t1).status == TaskStatus.FAILED
+    assert "p1" in refresh(t1).error_message
+    names = [p["metadata"]["name"] for p in fake_kube.pods(pool.namespace or "default")]
+    assert len(names) == 1 and names != ["p1"]
