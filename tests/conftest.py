@@ -116,3 +116,10 @@ def viewer_token(viewer: User) -> str:
 # --- a fake cluster (tests/kube/conftest.py), for the reconciler and autoscaler tests ----------
 
 from tests.kube.conftest import fake_kube, kube_client  # noqa: E402, F401
+
+
+@pytest.fixture
+def running_cluster(fake_kube: Any, kube_client: Any) -> tuple[Any, Any]:  # noqa: F811
+    """The fake cluster with pods that run as soon as they are created, and a client."""
+    fake_kube.auto_run = True
+    return fake_kube, kube_client

@@ -3,34 +3,24 @@ pool keeps both while both run. The one-pod form (max 1) sits with I-606."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from poolsadmin.autoscaler.models import ScaleAction
-from poolsadmin.kube.adapter import KubeClient, KubeConfig
+from poolsadmin.kube.adapter import KubeClient
 from poolsadmin.lib import clock
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import TaskStatus
 from tests.autoscaler.helpers import adopt_all, cluster_pods, k8s_pool, scale
-from tests.kube.fake_api import FakeKubeServer, start_fake_kube
+from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import agent_of, make_workspace, refresh, submit
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple[FakeKubeServer, KubeClient]]:
-    with start_fake_kube(auto_run=True) as fake:
-        config = KubeConfig(mode="url", url=fake.url, timeout_seconds=5.0)
-        with KubeClient(config) as client:
-            yield fake, client
-
-
 def test_two_workspaces_plan_and_apply_get_two_pods_and_keep_them_while_running(
-    cluster: tuple[FakeKubeServer, KubeClient],
+    running_cluster: tuple[FakeKubeServer, KubeClient],
 ) -> None:
-    fake, kube = cluster
+    fake, kube = running_cluster
     pool = k8s_pool(min_replicas=0, max_replicas=5)
     t1 = submit(make_workspace(pool, "wsA"), "plan_and_apply")
     t2 = submit(make_workspace(pool, "wsB"), "plan_and_apply")

@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from poolsadmin.autoscaler.models import ScaleAction
-from poolsadmin.kube.adapter import KubeClient, KubeConfig
+from poolsadmin.kube.adapter import KubeClient
 from poolsadmin.lib import clock
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import TaskStatus
 from tests.autoscaler.helpers import adopt_all, cluster_pods, k8s_pool, scale
-from tests.kube.fake_api import FakeKubeServer, start_fake_kube
+from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_workspace, refresh, submit
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple[FakeKubeServer, KubeClient]]:
-    with start_fake_kube(auto_run=True) as fake:
-        config = KubeConfig(mode="url", url=fake.url, timeout_seconds=5.0)
-        with KubeClient(config) as client:
-            yield fake, client
-
-
 def test_one_pending_plan_starts_exactly_one_pod_and_runs_when_its_agent_is_up(
-    cluster: tuple[FakeKubeServer, KubeClient],
+    running_cluster: tuple[FakeKubeServer, KubeClient],
 ) -> None:
-    fake, kube = cluster
+    fake, kube = running_cluster
     pool = k8s_pool(min_replicas=0, max_replicas=3)
     t1 = submit(make_workspace(pool), "plan")
 
@@ -50,8 +40,8 @@ def test_one_pending_plan_starts_exactly_one_pod_and_runs_when_its_agent_is_up(
     assert scale(pool, kube).action == ScaleAction.NONE
 
 
-def test_min_two_starts_two_pods(cluster: tuple[FakeKubeServer, KubeClient]) -> None:
-    fake, kube = cluster
+def test_min_two_starts_two_pods(running_cluster: tuple[FakeKubeServer, KubeClient]) -> None:
+    fake, kube = running_cluster
     pool = k8s_pool(min_replicas=2, max_replicas=3)
     submit(make_workspace(pool), "plan")
 
@@ -61,8 +51,10 @@ def test_min_two_starts_two_pods(cluster: tuple[FakeKubeServer, KubeClient]) -> 
     assert len(set(cluster_pods(fake))) == 2
 
 
-def test_no_task_and_min_zero_starts_no_pod(cluster: tuple[FakeKubeServer, KubeClient]) -> None:
-    fake, kube = cluster
+def test_no_task_and_min_zero_starts_no_pod(
+    running_cluster: tuple[FakeKubeServer, KubeClient],
+) -> None:
+    fake, kube = running_cluster
     pool = k8s_pool(min_replicas=0, max_replicas=3)
 
     decision = scale(pool, kube)
@@ -72,8 +64,10 @@ def test_no_task_and_min_zero_starts_no_pod(cluster: tuple[FakeKubeServer, KubeC
     assert cluster_pods(fake) == []
 
 
-def test_min_one_and_no_task_keeps_one_pod(cluster: tuple[FakeKubeServer, KubeClient]) -> None:
-    fake, kube = cluster
+def test_min_one_and_no_task_keeps_one_pod(
+    running_cluster: tuple[FakeKubeServer, KubeClient],
+) -> None:
+    fake, kube = running_cluster
     pool = k8s_pool(min_replicas=1, max_replicas=3)
 
     assert scale(pool, kube).action == ScaleAction.SCALE_UP
