@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver, path
+from django.urls import URLPattern, URLResolver, include, path
 
 from poolsadmin.dashboard import views
 
@@ -9,4 +9,6 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("pools/", views.pools_list, name="pools-list"),
     path("pools/<str:pool_id>/", views.pools_detail, name="pools-detail"),
     path("tasks/<int:task_id>/", views.tasks_detail, name="tasks-detail"),
+    path("", include("poolsadmin.dashboard.browse_urls")),
+    path("", include("poolsadmin.dashboard.action_urls")),
 ]
