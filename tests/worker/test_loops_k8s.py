@@ -5,6 +5,7 @@ named after it registers, the scheduler dispatches to it (I-599 through run_once
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -69,3 +70,42 @@ def test_only_the_lease_holder_scales_and_a_dead_holder_is_taken_over(
     clock.advance(61)
     _pass("autoscaler")
     assert len(cluster.pods(pool.namespace or "default")) == 2
+
+
+def _adopt_and_register(pool: Any, cluster: FakeKubeServer) -> list[str]:
+    """Reconciler adopts the pods the autoscaler created; each pod's agent registers."""
+    _pass("reconciler")
+    names = [p["metadata"]["name"] for p in cluster.pods(pool.namespace or "default")]
+    for name in names:
+        agent_register(pool=pool, name=name)
+    return names
+
+
+def test_i515_two_workspaces_plan_and_apply_get_two_pods_through_the_loops(
+    cluster: FakeKubeServer,
+) -> None:
+    pool = k8s_pool(min_replicas=0, max_replicas=5)
+    t1 = submit(make_workspace(pool, "wsA"), "plan_and_apply")
+    t2 = submit(make_workspace(pool, "wsB"), "plan_and_apply")
+
+    _pass("scheduler", "autoscaler")
+    names = _adopt_and_register(pool, cluster)
+    _pass("scheduler", "autoscaler", "reconciler", "autoscaler")
+
+    assert len(names) == 2
+    t1, t2 = refresh(t1), refresh(t2)
+    assert (t1.status, t2.status) == (TaskStatus.RUNNING, TaskStatus.RUNNING)
+    assert {t1.pod_name, t2.pod_name} == set(names)
+    assert len(cluster.pods(pool.namespace or "default")) == 2  # no shrink while both run
+
+
+def test_i599_min_replicas_through_the_loops(cluster: FakeKubeServer) -> None:
+    idle = k8s_pool(min_replicas=0, max_replicas=3)
+    two = k8s_pool(min_replicas=2, max_replicas=3)
+
+    _pass("autoscaler", "reconciler", "autoscaler")
+
+    pods = cluster.pods(two.namespace or "default")
+    by_pool = [p["metadata"]["labels"]["poolsadmin/pool"] for p in pods]
+    assert by_pool.count(two.pool_id) == 2
+    assert by_pool.count(idle.pool_id) == 0
