@@ -11,7 +11,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from django.contrib.auth.models import User
 from django.db import models
 from django.http import HttpRequest, JsonResponse
 from django.utils.dateparse import parse_datetime
@@ -30,7 +29,7 @@ from poolsadmin.api.serializers import (
     workspace_detail_json,
     workspace_json,
 )
-from poolsadmin.api.services import user_actor
+from poolsadmin.api.services import request_actor
 from poolsadmin.api.user_auth import api_user
 from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.lib import clock
@@ -64,11 +63,6 @@ from poolsadmin.worker.lease import RECONCILER_LEASE, lease_current
 
 POOL_STR_FIELDS = ("name", "pool_id", "pool_type", "description", "pod_image", "namespace")
 POOL_INT_FIELDS = ("slots_per_pod", "plan_and_apply_per_pod", "min_replicas", "max_replicas")
-
-
-def _actor(request: HttpRequest) -> str:
-    assert isinstance(request.user, User)  # api_user let only an authenticated user through
-    return user_actor(request.user)
 
 
 def _body(request: HttpRequest, *allowed: str) -> dict[str, Any]:
@@ -119,7 +113,7 @@ def pools_create(request: HttpRequest) -> JsonResponse:
             if fields[name] < 0:
                 raise InvalidInput(f"{name} must not be negative", field=name)
     _fits(AgentPool, fields, *POOL_STR_FIELDS)
-    pool = pool_create(actor=_actor(request), **fields)
+    pool = pool_create(actor=request_actor(request), **fields)
     return JsonResponse(pool_json(pool), status=201)
 
 
@@ -149,7 +143,9 @@ def pools_token_create(request: HttpRequest, pool_id: str) -> JsonResponse:
     pool = pool_get(pool_id=pool_id)
     data = _body(request, "name")
     _fits(PoolToken, data, "name")
-    issued = pool_token_create(pool=pool, name=field_str(data, "name"), actor=_actor(request))
+    issued = pool_token_create(
+        pool=pool, name=field_str(data, "name"), actor=request_actor(request)
+    )
     return _secret(JsonResponse(pool_token_json(issued.token, issued.secret), status=201))
 
 
@@ -170,7 +166,7 @@ def workspaces_create(request: HttpRequest) -> JsonResponse:
     workspace = workspace_create(
         name=field_str(data, "name"),
         pool=pool,
-        actor=_actor(request),
+        actor=request_actor(request),
         workspace_id=field_str(data, "workspace_id", required=False) or None,
         execution_mode=field_str(data, "execution_mode", required=False, default="agent"),
     )
@@ -191,7 +187,7 @@ def workspaces_task_submit(request: HttpRequest, workspace_id: str) -> JsonRespo
     task = task_submit(
         workspace=workspace,
         task_type=field_str(data, "task_type"),
-        actor=_actor(request),
+        actor=request_actor(request),
         description=field_str(data, "description", required=False),
     )
     return JsonResponse(task_json(task), status=201)
@@ -202,7 +198,7 @@ def workspaces_task_submit(request: HttpRequest, workspace_id: str) -> JsonRespo
 def workspaces_unlock(request: HttpRequest, workspace_id: str) -> JsonResponse:
     data = _body(request, "reason")
     workspace = workspace_unlock(
-        workspace_id=workspace_id, actor=_actor(request), reason=field_str(data, "reason")
+        workspace_id=workspace_id, actor=request_actor(request), reason=field_str(data, "reason")
     )
     return JsonResponse(workspace_json(workspace))
 
@@ -222,7 +218,7 @@ def tasks_confirm_apply(request: HttpRequest, task_id: int) -> JsonResponse:
     data = _body(request, "description")
     task = task_confirm_apply(
         task_id=task_id,
-        actor=_actor(request),
+        actor=request_actor(request),
         description=field_str(data, "description", required=False),
     )
     return JsonResponse(task_json(task))
@@ -234,7 +230,7 @@ def tasks_cancel(request: HttpRequest, task_id: int) -> JsonResponse:
     data = _body(request, "force", "reason")
     task = task_cancel(
         task_id=task_id,
-        actor=_actor(request),
+        actor=request_actor(request),
         reason=field_str(data, "reason", required=False),
         force=field_bool(data, "force"),
     )
@@ -291,7 +287,7 @@ def slots_release(request: HttpRequest, slot_id: int) -> JsonResponse:
     data = _body(request, "reason", "expected_version")
     result = slot_release(
         slot_id=slot_id,
-        actor=_actor(request),
+        actor=request_actor(request),
         reason=field_str(data, "reason"),
         expected_version=field_int(data, "expected_version"),
     )
@@ -325,7 +321,7 @@ def slots_release_preview(request: HttpRequest, slot_id: int) -> JsonResponse:
 @json_errors
 def events_undo_release(request: HttpRequest, event_id: int) -> JsonResponse:
     _body(request)
-    result = slot_release_undo(event_id=event_id, actor=_actor(request))
+    result = slot_release_undo(event_id=event_id, actor=request_actor(request))
     return JsonResponse(
         {
             "slot": _slot_action_json(result.slot),
@@ -339,7 +335,7 @@ def events_undo_release(request: HttpRequest, event_id: int) -> JsonResponse:
 @json_errors
 def pods_drain(request: HttpRequest, pod_id: int) -> JsonResponse:
     data = _body(request, "reason")
-    pod = pod_drain(pod_id=pod_id, actor=_actor(request), reason=field_str(data, "reason"))
+    pod = pod_drain(pod_id=pod_id, actor=request_actor(request), reason=field_str(data, "reason"))
     return JsonResponse(_pod_action_json(pod))
 
 
@@ -347,7 +343,7 @@ def pods_drain(request: HttpRequest, pod_id: int) -> JsonResponse:
 @json_errors
 def pods_undrain(request: HttpRequest, pod_id: int) -> JsonResponse:
     data = _body(request, "reason")
-    pod = pod_undrain(pod_id=pod_id, actor=_actor(request), reason=field_str(data, "reason"))
+    pod = pod_undrain(pod_id=pod_id, actor=request_actor(request), reason=field_str(data, "reason"))
     return JsonResponse(_pod_action_json(pod))
 
 
@@ -357,7 +353,7 @@ def pools_pause(request: HttpRequest, pool_id: str) -> JsonResponse:
     data = _body(request, "reason", "until")
     reason = field_str(data, "reason")
     until = _future_datetime(data, "until")
-    pool = pool_pause(pool_id=pool_id, actor=_actor(request), reason=reason, until=until)
+    pool = pool_pause(pool_id=pool_id, actor=request_actor(request), reason=reason, until=until)
     return JsonResponse(pool_json(pool))
 
 
@@ -366,7 +362,9 @@ def pools_pause(request: HttpRequest, pool_id: str) -> JsonResponse:
 def pools_resume(request: HttpRequest, pool_id: str) -> JsonResponse:
     data = _body(request, "reason")
     pool = pool_resume(
-        pool_id=pool_id, actor=_actor(request), reason=field_str(data, "reason", required=False)
+        pool_id=pool_id,
+        actor=request_actor(request),
+        reason=field_str(data, "reason", required=False),
     )
     return JsonResponse(pool_json(pool))
 
@@ -376,7 +374,7 @@ def pools_resume(request: HttpRequest, pool_id: str) -> JsonResponse:
 def pools_unfreeze(request: HttpRequest, pool_id: str) -> JsonResponse:
     data = _body(request, "reason")
     pool = pool_unfreeze_once(
-        pool_id=pool_id, actor=_actor(request), reason=field_str(data, "reason")
+        pool_id=pool_id, actor=request_actor(request), reason=field_str(data, "reason")
     )
     body = pool_json(pool)
     body["unfrozen_until"] = iso(pool.unfrozen_until)

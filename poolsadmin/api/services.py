@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.http import HttpRequest
 
 from poolsadmin.api.models import ApiToken
 from poolsadmin.events.services import event_record
@@ -22,6 +23,13 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 def user_actor(user: User) -> str:
     """The actor string services and the event log use for a person."""
     return f"user:{user.get_username()}"
+
+
+def request_actor(request: HttpRequest) -> str:
+    """The actor of an authenticated request (views check authentication first)."""
+    user = request.user
+    assert isinstance(user, User), "an action view ran for an anonymous request"
+    return user_actor(user)
 
 
 def api_token_create(*, user: User, name: str) -> tuple[ApiToken, str]:

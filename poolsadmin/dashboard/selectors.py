@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from django.db.models import Case, IntegerField, Value, When, prefetch_related_objects
+from django.db.models import prefetch_related_objects
 
 from poolsadmin.agents.models import Agent
 from poolsadmin.lib import clock
@@ -21,9 +21,9 @@ from poolsadmin.pools.grid import PoolSummary, pools_overview
 from poolsadmin.pools.models import AgentPool, PoolStatus, Slot, SlotState
 from poolsadmin.pools.selectors import PodView, pool_capacity, pool_freeze_state
 from poolsadmin.scheduler.diagnosis import task_diagnose
-from poolsadmin.scheduler.rules import Diagnosis
+from poolsadmin.scheduler.rules import Diagnosis, in_dispatch_order
 from poolsadmin.tasks.detail import TaskDetail, task_detail
-from poolsadmin.tasks.models import QUEUED, TaskStatus, TaskType, WorkspaceTask
+from poolsadmin.tasks.models import QUEUED, TaskStatus, WorkspaceTask
 
 # Rows of the queue shown on the pool page: each costs its diagnosis queries.
 QUEUE_LIMIT = 50
@@ -127,16 +127,6 @@ class PoolPage:
         return counts
 
 
-# Dispatch order (SPEC 4 rule 7, as `dispatch_candidates`): confirmed applies first, then
-# FIFO by creation, drift checks last.
-_QUEUE_ORDER = Case(
-    When(status=TaskStatus.APPLY_PENDING, then=Value(0)),
-    When(task_type=TaskType.DRIFT_CHECK, then=Value(2)),
-    default=Value(1),
-    output_field=IntegerField(),
-)
-
-
 def dashboard_pool(*, pool_id: str, now: datetime | None = None) -> PoolPage:
     now = now or clock.now()
     pool = AgentPool.objects.filter(pk=pool_id).prefetch_related("freeze_windows").first()
@@ -175,11 +165,7 @@ def dashboard_pool(*, pool_id: str, now: datetime | None = None) -> PoolPage:
     # The queue's diagnoses reuse this page's capacity snapshot and pool instance.
     cache = {pool.pool_id: views}
     waiting = WorkspaceTask.objects.filter(pool=pool).select_related("workspace")
-    queued = list(
-        waiting.filter(QUEUED)
-        .annotate(priority=_QUEUE_ORDER)
-        .order_by("priority", "created_at", "id")[:QUEUE_LIMIT]
-    )
+    queued = list(in_dispatch_order(waiting.filter(QUEUED))[:QUEUE_LIMIT])
     unconfirmed = list(
         waiting.filter(status=TaskStatus.APPLY_PENDING, apply_confirmed_by="").order_by(
             "planned_at", "id"

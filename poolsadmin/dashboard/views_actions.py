@@ -13,7 +13,6 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
-from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.middleware.csrf import get_token
@@ -31,7 +30,7 @@ from poolsadmin.api.roles import (
     PERM_UNLOCK_WORKSPACE,
     PERM_VIEW,
 )
-from poolsadmin.api.services import user_actor
+from poolsadmin.api.services import request_actor
 from poolsadmin.events.models import Event
 from poolsadmin.lib.errors import DomainError
 from poolsadmin.pools.actions import (
@@ -51,12 +50,6 @@ from poolsadmin.tasks.services import task_cancel, task_confirm_apply, workspace
 
 TEMPLATE = "dashboard/actions/confirm.html"
 REASON_REQUIRED = "A reason is required for this action."
-
-
-def _actor(request: HttpRequest) -> str:
-    user = request.user
-    assert isinstance(user, User)
-    return user_actor(user)
 
 
 def _back(request: HttpRequest, default: str) -> str:
@@ -165,7 +158,10 @@ def slot_release_view(request: HttpRequest, slot_id: int) -> HttpResponse:
         else:
             try:
                 result = slot_release(
-                    slot_id=slot.pk, actor=_actor(request), reason=reason, expected_version=expected
+                    slot_id=slot.pk,
+                    actor=request_actor(request),
+                    reason=reason,
+                    expected_version=expected,
                 )
             except SlotChanged as exc:
                 error, status, changed = exc.message, 409, True
@@ -224,7 +220,7 @@ def slot_release_undo_view(request: HttpRequest, event_id: int) -> HttpResponse:
     back = _back(request, _pool_url(event.pool_id) if event.pool_id else reverse("pools-list"))
 
     def perform(reason: str) -> str:
-        result = slot_release_undo(event_id=event.pk, actor=_actor(request))
+        result = slot_release_undo(event_id=event.pk, actor=request_actor(request))
         return f"Put back the reservation of task #{result.task.pk} on {slot_label(result.slot)}."
 
     return _confirm(
@@ -258,9 +254,9 @@ def _pod_view(request: HttpRequest, pod_id: int, *, drain: bool) -> HttpResponse
 
     def perform(reason: str) -> str:
         if drain:
-            pod_drain(pod_id=pod.pk, actor=_actor(request), reason=reason)
+            pod_drain(pod_id=pod.pk, actor=request_actor(request), reason=reason)
             return f"Pod {pod.name} is draining."
-        pod_undrain(pod_id=pod.pk, actor=_actor(request), reason=reason or "undrained")
+        pod_undrain(pod_id=pod.pk, actor=request_actor(request), reason=reason or "undrained")
         return f"Pod {pod.name} takes work again."
 
     return _confirm(
@@ -299,7 +295,7 @@ def pool_pause_view(request: HttpRequest, pool_id: str) -> HttpResponse:
     pool: AgentPool = _get(AgentPool, pool_id, "pool")
 
     def perform(reason: str) -> str:
-        pool_pause(pool_id=pool.pk, actor=_actor(request), reason=reason)
+        pool_pause(pool_id=pool.pk, actor=request_actor(request), reason=reason)
         return f"Pool {pool.name} is paused."
 
     return _confirm(
@@ -325,7 +321,7 @@ def pool_resume_view(request: HttpRequest, pool_id: str) -> HttpResponse:
         impact = f"pool {pool.name} is not paused; there is nothing to resume"
 
     def perform(reason: str) -> str:
-        pool_resume(pool_id=pool.pk, actor=_actor(request), reason=reason)
+        pool_resume(pool_id=pool.pk, actor=request_actor(request), reason=reason)
         return f"Pool {pool.name} is dispatching again."
 
     return _confirm(
@@ -347,7 +343,7 @@ def pool_unfreeze_view(request: HttpRequest, pool_id: str) -> HttpResponse:
     pool: AgentPool = _get(AgentPool, pool_id, "pool")
 
     def perform(reason: str) -> str:
-        done = pool_unfreeze_once(pool_id=pool.pk, actor=_actor(request), reason=reason)
+        done = pool_unfreeze_once(pool_id=pool.pk, actor=request_actor(request), reason=reason)
         return f"Pool {pool.name} is unfrozen until {done.unfrozen_until:%Y-%m-%d %H:%M} UTC."
 
     return _confirm(
@@ -382,7 +378,7 @@ def task_cancel_view(request: HttpRequest, task_id: int) -> HttpResponse:
 
     def perform(reason: str) -> str:
         force = request.POST.get("force") == "on"
-        task_cancel(task_id=task.pk, actor=_actor(request), reason=reason, force=force)
+        task_cancel(task_id=task.pk, actor=request_actor(request), reason=reason, force=force)
         return f"Task #{task.pk} is cancelled."
 
     return _confirm(
@@ -405,7 +401,7 @@ def task_confirm_apply_view(request: HttpRequest, task_id: int) -> HttpResponse:
     task: WorkspaceTask = _get(WorkspaceTask, task_id, "task")
 
     def perform(reason: str) -> str:
-        task_confirm_apply(task_id=task.pk, actor=_actor(request), description=reason)
+        task_confirm_apply(task_id=task.pk, actor=request_actor(request), description=reason)
         return f"Apply of task #{task.pk} confirmed; it runs when a slot is free."
 
     return _confirm(
@@ -448,7 +444,7 @@ def workspace_unlock_view(request: HttpRequest, workspace_id: str) -> HttpRespon
         impact = f"workspace {workspace.pk} is not locked; there is nothing to unlock"
 
     def perform(reason: str) -> str:
-        workspace_unlock(workspace_id=workspace.pk, actor=_actor(request), reason=reason)
+        workspace_unlock(workspace_id=workspace.pk, actor=request_actor(request), reason=reason)
         return f"Workspace {workspace.pk} is unlocked."
 
     return _confirm(

@@ -16,7 +16,7 @@ from poolsadmin.agents.models import Agent
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, Slot
-from poolsadmin.pools.selectors import agent_is_online
+from poolsadmin.pools.selectors import agent_is_online, pool_capacity
 from poolsadmin.tasks.models import QUEUED, WorkspaceTask
 
 
@@ -91,22 +91,19 @@ class PodRow:
 
 
 def pool_slot_grid(*, pool: AgentPool, now: datetime | None = None) -> list[PodRow]:
-    """The pods of `pool` (oldest first) with agents and slots. Two queries."""
+    """The pods of `pool` (oldest first) with agents, slots and their tasks: the scheduler's
+    capacity snapshot, so the API shows what the scheduler sees. Two queries."""
     now = now or clock.now()
-    pods = list(Pod.objects.filter(pool=pool).select_related("agent").order_by("created_at", "id"))
-    slots: dict[int, list[Slot]] = {pod.pk: [] for pod in pods}
-    for slot in (
-        Slot.objects.filter(pod__pool=pool).select_related("task").order_by("pod_id", "index")
-    ):
-        slots.setdefault(slot.pod_id, []).append(slot)
+    views = pool_capacity(pool=pool, now=now, with_tasks=True)
+    views.sort(key=lambda v: (v.pod.created_at, v.pod.pk))
     return [
         PodRow(
-            pod=pod,
-            agent=pod.agent,
-            agent_online=agent_is_online(agent=pod.agent, pool=pool, now=now),
-            slots=slots[pod.pk],
+            pod=v.pod,
+            agent=v.agent,
+            agent_online=agent_is_online(agent=v.agent, pool=pool, now=now),
+            slots=v.slots,
         )
-        for pod in pods
+        for v in views
     ]
 
 

@@ -109,7 +109,7 @@ def pod_unavailable_reason(*, pod: Pod, agent: Agent | None, pool: AgentPool, no
     return ""
 
 
-def pool_capacity(*, pool: AgentPool, now: datetime) -> list[PodView]:
+def pool_capacity(*, pool: AgentPool, now: datetime, with_tasks: bool = False) -> list[PodView]:
     """Every pod of the pool with its agent and slots, in bin-packing order: busiest pod
     first, ties to the oldest pod (idle pods stay idle so the autoscaler can remove them).
     Two queries, whatever the number of pods."""
@@ -117,7 +117,10 @@ def pool_capacity(*, pool: AgentPool, now: datetime) -> list[PodView]:
     slots_by_pod: dict[int, list[Slot]] = {p.pk: [] for p in pods}
     # Filter by the pods just read: a pod committed between the two statements (READ
     # COMMITTED) must not show up as slots without a pod.
-    for slot in Slot.objects.filter(pod_id__in=list(slots_by_pod)).order_by("pod_id", "index"):
+    slots = Slot.objects.filter(pod_id__in=list(slots_by_pod)).order_by("pod_id", "index")
+    if with_tasks:  # pages show each slot's task; the scheduler does not need them
+        slots = slots.select_related("task")
+    for slot in slots:
         slots_by_pod[slot.pod_id].append(slot)
     views = [
         PodView(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.db.models import Case, IntegerField, QuerySet, Value, When
+
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.lib.humanize import duration, stamp
 from poolsadmin.pools.models import AgentPool, PodPhase, PoolStatus, PoolType, Slot, SlotState
@@ -25,6 +27,19 @@ class Diagnosis:
 
 # Codes that mean "the pool has no idle slot for anyone": later tasks of the pool need not try.
 POOL_EXHAUSTED = frozenset({"no_pods", "no_online_agents", "no_free_slot"})
+
+
+def in_dispatch_order(tasks: QuerySet[WorkspaceTask]) -> QuerySet[WorkspaceTask]:
+    """Rules 4 and 7: confirmed applies first, then FIFO by creation, drift checks last. The
+    scheduler dispatches in this order and the queue panel shows it."""
+    return tasks.annotate(
+        dispatch_priority=Case(
+            When(status=TaskStatus.APPLY_PENDING, then=Value(0)),
+            When(task_type=TaskType.DRIFT_CHECK, then=Value(2)),
+            default=Value(1),
+            output_field=IntegerField(),
+        )
+    ).order_by("dispatch_priority", "created_at", "id")
 
 
 def pool_block(*, pool: AgentPool, now: datetime) -> Diagnosis | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, IntegerField, Q, Value, When
+from django.db.models import Q
 
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
@@ -39,6 +39,7 @@ from poolsadmin.scheduler.rules import (
     POOL_EXHAUSTED,
     Diagnosis,
     backoff_block,
+    in_dispatch_order,
     placement_candidates,
     pool_block,
     workspace_block,
@@ -330,20 +331,8 @@ def _waiting(now: datetime) -> Q:
 def dispatch_candidates(*, pool_id: str, now: datetime, limit: int) -> list[tuple[int, str, str]]:
     """A pool's waiting tasks in dispatch order (rules 4 and 7): confirmed applies first, then
     FIFO by creation, drift checks last."""
-    rows = (
-        WorkspaceTask.objects.filter(_waiting(now), pool_id=pool_id)
-        .annotate(
-            priority=Case(
-                When(status=TaskStatus.APPLY_PENDING, then=Value(0)),
-                When(task_type=TaskType.DRIFT_CHECK, then=Value(2)),
-                default=Value(1),
-                output_field=IntegerField(),
-            )
-        )
-        .order_by("priority", "created_at", "id")
-        .values_list("id", "task_type", "status")[:limit]
-    )
-    return list(rows)
+    rows = in_dispatch_order(WorkspaceTask.objects.filter(_waiting(now), pool_id=pool_id))
+    return list(rows.values_list("id", "task_type", "status")[:limit])
 
 
 def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> PassResult:
