@@ -36,6 +36,7 @@ from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.lib.humanize import duration, stamp
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot, SlotState
 from poolsadmin.pools.selectors import pool_freeze_state
+from poolsadmin.pools.services import pod_retire
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
 
 logger = logging.getLogger(__name__)
@@ -365,43 +366,16 @@ def _pod_delete_if_idle(
     kind: str = "pod.scale_down",
     cordon_reason: str = "scale-down",
 ) -> bool:
-    """Cordon the pod if all its slots are still idle, then delete it from the cluster.
-
-    The scheduler locks a pod row before taking one of its slots and re-reads the slots, so
-    checking the slots under the same row lock and cordoning in that transaction means no task
-    can be placed on the pod after we decided it is idle. The ledger row is removed by the
-    reconciler when the pod is gone from the cluster. A failed delete lifts the cordon again."""
-    with transaction.atomic():
-        locked = Pod.objects.select_for_update(skip_locked=True).filter(pk=pod.pk).first()
-        if locked is None:  # a scheduler holds it right now: it is not idle
-            return False
-        if Slot.objects.filter(pod_id=pod.pk).exclude(state=SlotState.IDLE).exists():
-            return False
-        was_cordoned = locked.cordoned
-        if not was_cordoned:
-            Pod.objects.filter(pk=pod.pk, cordoned=False).update(
-                cordoned=True, cordoned_by=actor, cordoned_reason=cordon_reason
-            )
-        event_record(
-            actor=actor,
-            kind=kind,
-            target_type="pod",
-            target_id=pod.name,
-            pool_id=pool.pk,
-            before={"cordoned": was_cordoned},
-            after={"cordoned": True},
-            reason=reason,
-        )
-    try:
-        kube.delete_pod(namespace=pool.namespace, name=pod.name)
-    except KubeError:
-        if not was_cordoned:
-            Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
-                cordoned=False, cordoned_by="", cordoned_reason=""
-            )
-        raise
-    broadcast_pool_changed(pool_id=pool.pk, kind="pod", payload={"pod": pod.name})
-    return True
+    """Delete a pod whose slots are all still idle (checked under its row lock)."""
+    return pod_retire(
+        pod=pod,
+        kube=kube,
+        actor=actor,
+        kind=kind,
+        reason=reason,
+        cordon_reason=cordon_reason,
+        blocking_states=(SlotState.RUNNING, SlotState.RESERVED),
+    )
 
 
 def _store(actor: str, decision: ScaleDecision) -> ScaleDecision:

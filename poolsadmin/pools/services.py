@@ -3,6 +3,7 @@ what the caller expects the slot to hold, inside a transaction, with an event.""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, time
 from typing import Any
@@ -11,6 +12,7 @@ from django.db import transaction
 from django.db.models import F
 
 from poolsadmin.events.services import event_record
+from poolsadmin.kube.adapter import KubeApi, KubeError
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
@@ -509,3 +511,56 @@ def pool_token_revoke(*, token_id: int, actor: str) -> PoolToken:
         )
         token.refresh_from_db()
     return token
+
+
+def pod_retire(
+    *,
+    pod: Pod,
+    kube: KubeApi,
+    actor: str,
+    kind: str,
+    reason: str,
+    cordon_reason: str,
+    blocking_states: Collection[str],
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+) -> bool:
+    """Cordon a pod and delete it from the cluster, unless one of its slots is in
+    `blocking_states`. False (nothing changed) when a slot blocks or a scheduler holds the pod.
+
+    The scheduler locks a pod row before taking one of its slots and re-reads the slots, so
+    checking the slots under the same row lock and cordoning in that transaction means no task
+    can be placed on the pod once it is decided. The ledger row goes when the reconciler sees
+    the pod gone from the cluster. A failed delete lifts the cordon again and re-raises the
+    KubeError."""
+    with transaction.atomic():
+        locked = Pod.objects.select_for_update(skip_locked=True).filter(pk=pod.pk).first()
+        if locked is None:
+            return False
+        if Slot.objects.filter(pod_id=pod.pk, state__in=list(blocking_states)).exists():
+            return False
+        was_cordoned = locked.cordoned
+        if not was_cordoned:
+            Pod.objects.filter(pk=pod.pk, cordoned=False).update(
+                cordoned=True, cordoned_by=actor, cordoned_reason=cordon_reason
+            )
+        event_record(
+            actor=actor,
+            kind=kind,
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pod.pool_id,
+            before={"cordoned": was_cordoned, **(before or {})},
+            after={"cordoned": True, **(after or {})},
+            reason=reason,
+        )
+    try:
+        kube.delete_pod(namespace=pod.pool.namespace, name=pod.name)
+    except KubeError:
+        if not was_cordoned:
+            Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
+                cordoned=False, cordoned_by="", cordoned_reason=""
+            )
+        raise
+    broadcast_pool_changed(pool_id=pod.pool_id, kind="pod", payload={"pod": pod.name})
+    return True

@@ -23,7 +23,7 @@ from poolsadmin.kube.adapter import KubeApi, KubeError, PodInfo
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot, SlotState
-from poolsadmin.pools.services import pod_create, slot_free_for_task
+from poolsadmin.pools.services import pod_create, pod_retire, slot_free_for_task
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 from poolsadmin.tasks.services import task_fail_lost, task_reservation_drop
@@ -180,47 +180,27 @@ def _lost_agent_words(agent: Agent) -> str:
 
 
 def _pod_delete_for_lost_agent(*, pool: AgentPool, pod: Pod, kube: KubeApi, actor: str) -> bool:
-    """Cordon the pod if it holds no running slot, then delete it from the cluster.
+    """Delete the pod of a lost agent once it holds no running slot.
 
-    Its running tasks were failed by the ledger-side step first (a running slot means that
+    Its running tasks are failed by the ledger-side step first (a running slot means that
     has not happened yet: the next pass tries again); reservations are dropped when the pod
-    is released. The cordon is taken under the pod's row lock, as scale-down does, so no task
-    can be placed on the pod once it is decided; a failed delete lifts it again and raises
-    ClusterUnavailable before anything else in the ledger changed."""
+    is released. A failed delete raises ClusterUnavailable before anything else changed."""
     agent = pod.agent
     assert agent is not None  # _lost_agent_pods
-    why = _lost_agent_words(agent)
-    with transaction.atomic():
-        locked = Pod.objects.select_for_update(skip_locked=True).filter(pk=pod.pk).first()
-        if locked is None:  # a scheduler holds it right now: try again next pass
-            return False
-        if Slot.objects.filter(pod_id=pod.pk, state=SlotState.RUNNING).exists():
-            return False
-        was_cordoned = locked.cordoned
-        if not was_cordoned:
-            Pod.objects.filter(pk=pod.pk, cordoned=False).update(
-                cordoned=True, cordoned_by=actor, cordoned_reason="agent lost"
-            )
-        event_record(
+    try:
+        return pod_retire(
+            pod=pod,
+            kube=kube,
             actor=actor,
             kind="pod.agent_lost",
-            target_type="pod",
-            target_id=pod.name,
-            pool_id=pool.pk,
-            before={"cordoned": was_cordoned, "agent_id": agent.agent_id},
-            after={"cordoned": True, "deleted": True},
-            reason=f"pod {pod.name} deleted from the cluster: {why}",
+            reason=f"pod {pod.name} deleted from the cluster: {_lost_agent_words(agent)}",
+            cordon_reason="agent lost",
+            blocking_states=(SlotState.RUNNING,),
+            before={"agent_id": agent.agent_id},
+            after={"deleted": True},
         )
-    try:
-        kube.delete_pod(namespace=pool.namespace, name=pod.name)
     except KubeError as exc:
-        if not was_cordoned:
-            Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
-                cordoned=False, cordoned_by="", cordoned_reason=""
-            )
         raise ClusterUnavailable(exc) from exc
-    broadcast_pool_changed(pool_id=pool.pk, kind="pod", payload={"pod": pod.name})
-    return True
 
 
 def cluster_sync(
