@@ -247,10 +247,11 @@ def agent_heartbeat(
     return answer
 
 
-def agents_mark_offline(*, now: datetime, actor: str) -> list[str]:
-    """Online or draining agents without a heartbeat for their pool's timeout -> offline."""
+def agents_mark_offline(*, now: datetime, actor: str, only: AgentPool | None = None) -> list[str]:
+    """Online or draining agents without a heartbeat for their pool's timeout -> offline;
+    of one pool (`only`), or of every pool."""
     changed: list[str] = []
-    for pool in AgentPool.objects.all():
+    for pool in [only] if only is not None else AgentPool.objects.all():
         stale = Agent.objects.filter(
             pool=pool,
             status__in=[AgentStatus.ONLINE, AgentStatus.DRAINING],

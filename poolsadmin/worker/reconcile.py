@@ -309,12 +309,8 @@ def reconcile_pool(
             last_ping_at__lt=now - pool.heartbeat_timeout,
         ).values_list("agent_name", "agent_id")
     else:
-        # agents_mark_offline covers every pool (one conditional update per stale agent);
-        # the report names this pool's.
-        offline = agents_mark_offline(now=now, actor=actor)
-        stale = Agent.objects.filter(pool=pool, agent_id__in=offline).values_list(
-            "agent_name", "agent_id"
-        )
+        offline = agents_mark_offline(now=now, actor=actor, only=pool)
+        stale = Agent.objects.filter(agent_id__in=offline).values_list("agent_name", "agent_id")
     report.changes += [
         Change("agent.offline", f"{n} ({i})") for n, i in stale.order_by("agent_name")
     ]

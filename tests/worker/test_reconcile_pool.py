@@ -8,6 +8,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from poolsadmin.agents.models import Agent
 from poolsadmin.events.models import Event
 from poolsadmin.kube.adapter import KubeApi, KubeClient
 from poolsadmin.lib import clock
@@ -156,3 +157,16 @@ def test_a_task_lost_twice_over_is_listed_and_failed_once(
     target = f"task #{task.pk}"
     assert [c.kind for c in dry.changes if c.target == target] == ["task.fail"]
     assert dry.changes == done.changes
+
+
+def test_reconciling_one_pool_leaves_other_pools_agents_to_their_own_pass() -> None:
+    mine, other = make_pool(name="mine"), make_pool(name="other")
+    a = make_agent(mine, "a")
+    b = make_agent(other, "b")
+    clock.advance(mine.heartbeat_timeout_seconds + 1)
+
+    report = reconcile_pool(pool=mine, kube=None)
+
+    assert [c.kind for c in report.changes].count("agent.offline") == 1
+    statuses = dict(Agent.objects.values_list("agent_id", "status"))
+    assert (statuses[a.agent_id], statuses[b.agent_id]) == ("offline", "online")
