@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint fmt worker clean
+.PHONY: install demo test lint fmt worker bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ fmt: install
 
 worker: install
 	$(BIN)/python manage.py worker
+
+# Figures, not assertions: the pool page with 2 pods against 500 pods x 4 slots.
+bench: install
+	$(BIN)/python scripts/bench_pool_page.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

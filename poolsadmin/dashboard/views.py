@@ -1,7 +1,9 @@
 """The server-rendered dashboard: pools, a pool's slot grid and queue, a task.
 
-A stand-in for the live dashboard: the same URLs and reads, refreshed by the browser instead
-of pushed over WebSockets. Every page needs a login and the viewer role (`PERM_VIEW`).
+Every page needs a login and the viewer role (`PERM_VIEW`). The pool and task pages are live:
+asked by htmx (a poll, or a refresh after an action), they answer only their live regions,
+which htmx swaps in by id. The pool page is also pushed over its WebSocket
+(`realtime.consumers`), rendered by the same partial (`dashboard.live`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_safe
 
 from poolsadmin.api.roles import PERM_VIEW
+from poolsadmin.dashboard.live import LIVE_FRAGMENTS, POOL_TEMPLATE, pool_page_context
 from poolsadmin.dashboard.selectors import dashboard_pool, dashboard_pools, dashboard_task
 from poolsadmin.lib.errors import NotFound
+from poolsadmin.lib.htmx import is_htmx
 
 
 @require_safe
@@ -36,7 +40,8 @@ def pools_detail(request: HttpRequest, pool_id: str) -> HttpResponse:
         page = dashboard_pool(pool_id=pool_id)
     except NotFound as exc:
         raise Http404(exc.message) from None
-    return render(request, "dashboard/pool.html", {"page": page})
+    template = LIVE_FRAGMENTS if is_htmx(request) else POOL_TEMPLATE
+    return render(request, template, pool_page_context(page=page))
 
 
 @require_safe
@@ -47,4 +52,5 @@ def tasks_detail(request: HttpRequest, task_id: int) -> HttpResponse:
         page = dashboard_task(task_id=task_id)
     except NotFound as exc:
         raise Http404(exc.message) from None
-    return render(request, "dashboard/task.html", {"page": page})
+    template = "dashboard/task.html#task-live" if is_htmx(request) else "dashboard/task.html"
+    return render(request, template, {"page": page})

@@ -1,9 +1,14 @@
-"""Admin actions without JavaScript (SPEC 8 "Actions"), after Django admin's delete_selected.
+"""Admin actions (SPEC 8 "Actions"), after Django admin's delete_selected.
 
 GET shows a confirm page with the impact of the action; POST (CSRF-protected, permission
 checked) calls the service, adds a success message and redirects back to the page the action
 came from (POST-redirect-GET). A refused POST shows the confirm page again with the error.
 A viewer may open a confirm page, where the button is disabled and names the permission.
+
+With htmx the same views fill the action dialog: GET and a refused POST answer the
+`confirm-form` partial only, and a done POST answers the messages region (retargeted to
+`#messages`) with the `poolsadmin:action-done` trigger, which closes the dialog and refreshes
+the page's live regions. Without JavaScript every action still works as a page.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from poolsadmin.api.roles import (
 from poolsadmin.api.services import request_actor
 from poolsadmin.events.models import Event
 from poolsadmin.lib.errors import DomainError
+from poolsadmin.lib.htmx import is_htmx
 from poolsadmin.pools.actions import (
     RELEASE_UNDO_SECONDS,
     RELEASED,
@@ -49,7 +55,31 @@ from poolsadmin.tasks.models import Workspace, WorkspaceTask
 from poolsadmin.tasks.services import task_cancel, task_confirm_apply, workspace_unlock
 
 TEMPLATE = "dashboard/actions/confirm.html"
+MESSAGES_TEMPLATE = "dashboard/actions/_messages.html"
+ACTION_DONE = "poolsadmin:action-done"
 REASON_REQUIRED = "A reason is required for this action."
+
+
+def _render_form(
+    request: HttpRequest, context: dict[str, Any], status: int, template: str = TEMPLATE
+) -> HttpResponse:
+    """The confirm page, or only its form for the dialog when htmx asks."""
+    in_dialog = is_htmx(request)
+    context = {**context, "in_dialog": in_dialog, "action_url": request.get_full_path()}
+    name = f"{template}#confirm-form" if in_dialog else template
+    return render(request, name, context, status=status)
+
+
+def _done(request: HttpRequest, back: str) -> HttpResponse:
+    """After a done action: back to the page (POST-redirect-GET), or, in the dialog, the
+    messages region for the page the dialog sits on."""
+    if not is_htmx(request):
+        return redirect(back)
+    response = render(request, MESSAGES_TEMPLATE)
+    response["HX-Retarget"] = "#messages"
+    response["HX-Reswap"] = "outerHTML"
+    response["HX-Trigger"] = ACTION_DONE
+    return response
 
 
 def _back(request: HttpRequest, default: str) -> str:
@@ -93,7 +123,7 @@ def _confirm(
                 error, status = exc.message, exc.http_status
             else:
                 messages.success(request, text)
-                return redirect(back)
+                return _done(request, back)
     context = {
         "title": title,
         "impact": impact,
@@ -109,7 +139,7 @@ def _confirm(
         "force_field": force_field,
         "force": request.POST.get("force") == "on",
     }
-    return render(request, TEMPLATE, context, status=status)
+    return _render_form(request, context, status)
 
 
 def _get(model: type[Any], pk: Any, what: str, **related: Any) -> Any:
@@ -169,7 +199,7 @@ def slot_release_view(request: HttpRequest, slot_id: int) -> HttpResponse:
                 error, status = exc.message, exc.http_status
             else:
                 _release_message(request, result.event.pk, label, result.task_failed, result.task)
-                return redirect(back)
+                return _done(request, back)
     impact = slot_release_impact(slot_id=slot.pk)
     context = {
         "title": f"Release slot {label}",
@@ -187,7 +217,7 @@ def slot_release_view(request: HttpRequest, slot_id: int) -> HttpResponse:
         "hidden": {"expected_version": impact.version},
         "force_field": False,
     }
-    return render(request, TEMPLATE, context, status=status)
+    return _render_form(request, context, status)
 
 
 def _release_message(
@@ -196,14 +226,17 @@ def _release_message(
     if failed:
         messages.success(request, f"Released slot {label}; task #{task.pk} failed.")
         return
+    undo_url = reverse("events-undo-release", args=[event_id])
     message = format_html(
         'Released slot {} (reservation of task #{}). <form method="post" action="{}" '
-        'class="inline-form"><input type="hidden" name="csrfmiddlewaretoken" value="{}">'
+        'hx-post="{}" hx-target="#action-dialog-body" class="inline-form">'
+        '<input type="hidden" name="csrfmiddlewaretoken" value="{}">'
         '<button type="submit" class="button button-small">Undo</button></form> '
         '<span class="muted">within {} s</span>',
         label,
         task.pk,
-        reverse("events-undo-release", args=[event_id]),
+        undo_url,
+        undo_url,
         get_token(request),
         RELEASE_UNDO_SECONDS,
     )

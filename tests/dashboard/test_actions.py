@@ -324,3 +324,100 @@ def test_the_task_page_links_confirm_cancel_and_unlock_for_an_admin(
     assert reverse("tasks-confirm-apply", args=[scene.task.pk]) in html
     assert reverse("tasks-cancel", args=[scene.task.pk]) in html
     assert reverse("workspaces-unlock", args=[scene.workspace.pk]) in html
+
+
+# --- the same actions in the htmx dialog ---------------------------------------------------------
+
+HTMX = {"HX-Request": "true"}
+
+
+@pytest.mark.parametrize("action", ACTIONS, ids=IDS)
+def test_htmx_gets_only_the_confirm_form_for_the_dialog(
+    admin_client: Client, scene: Scene, action: Action
+) -> None:
+    response = admin_client.get(action.url(scene), headers=HTMX)
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "<html" not in html
+    assert 'id="dialog-title"' in html
+    assert action.impact in html
+    assert f'hx-post="{action.url(scene)}"' in html
+    assert 'hx-target="#action-dialog-body"' in html
+    assert "data-dialog-close" in html
+
+
+@pytest.mark.parametrize("action", ACTIONS, ids=IDS)
+def test_a_done_action_in_the_dialog_answers_the_messages_and_closes_it(
+    admin_client: Client, scene: Scene, action: Action
+) -> None:
+    response = admin_client.post(action.url(scene), _post_data(action, scene), headers=HTMX)
+    assert response.status_code == 200
+    assert action.done(scene)
+    assert response["HX-Retarget"] == "#messages"
+    assert response["HX-Reswap"] == "outerHTML"
+    assert response["HX-Trigger"] == "poolsadmin:action-done"
+    html = response.content.decode()
+    assert 'id="messages"' in html
+    assert "message-success" in html
+
+
+@pytest.mark.parametrize("action", [a for a in ACTIONS if a.reason_required], ids=str)
+def test_a_missing_reason_in_the_dialog_answers_the_form_with_the_error(
+    admin_client: Client, scene: Scene, action: Action
+) -> None:
+    response = admin_client.post(
+        action.url(scene), _post_data(action, scene, reason=""), headers=HTMX
+    )
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "<html" not in html
+    assert "A reason is required" in html
+    assert 'aria-invalid="true"' in html
+    assert "HX-Trigger" not in response
+    assert not action.done(scene)
+
+
+def test_a_stale_version_in_the_dialog_says_the_slot_changed(
+    admin_client: Client, scene: Scene
+) -> None:
+    stale = scene.slot.version
+    Slot.objects.filter(pk=scene.slot.pk).update(version=stale + 1)
+    response = admin_client.post(
+        reverse("pools-slot-release", args=[scene.slot.pk]),
+        {"reason": "incident", "expected_version": str(stale)},
+        headers=HTMX,
+    )
+    assert response.status_code == 409
+    html = response.content.decode()
+    assert "<html" not in html
+    assert "This slot changed" in html
+    assert f'name="expected_version" value="{stale + 1}"' in html
+    assert Slot.objects.get(pk=scene.slot.pk).state == SlotState.RESERVED
+
+
+def test_a_viewer_post_in_the_dialog_is_forbidden(viewer_client: Client, scene: Scene) -> None:
+    response = viewer_client.post(
+        reverse("pools-slot-release", args=[scene.slot.pk]),
+        {"reason": "incident", "expected_version": str(scene.slot.version)},
+        headers=HTMX,
+    )
+    assert response.status_code == 403
+    assert Slot.objects.get(pk=scene.slot.pk).state == SlotState.RESERVED
+
+
+def test_the_undo_from_the_message_works_in_htmx_too(admin_client: Client, scene: Scene) -> None:
+    response = admin_client.post(
+        reverse("pools-slot-release", args=[scene.slot.pk]),
+        {"reason": "incident", "expected_version": str(scene.slot.version)},
+        headers=HTMX,
+    )
+    event = Event.objects.get(kind="slot.released")
+    undo_url = reverse("events-undo-release", args=[event.pk])
+    assert f'hx-post="{undo_url}"' in response.content.decode()
+
+    response = admin_client.post(undo_url, {}, headers=HTMX)
+    assert response.status_code == 200
+    assert response["HX-Trigger"] == "poolsadmin:action-done"
+    slot = Slot.objects.get(pk=scene.slot.pk)
+    assert slot.state == SlotState.RESERVED
+    assert slot.task_id == scene.task.pk

@@ -11,12 +11,14 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from poolsadmin.dashboard.live import pool_live_html
 from poolsadmin.dashboard.management.commands.seed_demo import (
     DEMO_POOL_ID,
     INCIDENT_TASK_ID,
     INCIDENT_WORKSPACE_ID,
     demo_seed,
 )
+from poolsadmin.lib import clock
 from poolsadmin.pools.models import AgentPool
 from tests.ledger import (
     make_agent,
@@ -157,7 +159,7 @@ def _pool_page_queries(client: Client, pool: AgentPool) -> int:
     return len(queries)
 
 
-def test_the_pool_page_runs_the_same_number_of_queries_for_2_and_10_pods(
+def test_the_pool_page_runs_the_same_number_of_queries_for_2_and_200_pods(
     viewer_client: Client,
 ) -> None:
     pool = make_pool()
@@ -172,11 +174,71 @@ def test_the_pool_page_runs_the_same_number_of_queries_for_2_and_10_pods(
     submit(make_workspace(pool), "drift_check")
     two_pods = _pool_page_queries(viewer_client, pool)
 
-    for i in range(2, 10):
+    for i in range(2, 200):
         make_agent(pool, f"pod-{i}")
     extra = [submit(make_workspace(pool), "plan") for _ in range(12)]
     for task in extra:
         run(task)
-    ten_pods = _pool_page_queries(viewer_client, pool)
+    many_pods = _pool_page_queries(viewer_client, pool)
 
-    assert ten_pods == two_pods
+    assert many_pods == two_pods
+
+
+# --- live regions -------------------------------------------------------------------------------
+
+LIVE_IDS = ("pool-updated", "pool-actions", "pool-stats", "slot-grid", "queue", "awaiting")
+
+
+def test_htmx_polling_the_pool_page_gets_only_its_live_regions(
+    viewer_client: Client, seeded: AgentPool
+) -> None:
+    response = viewer_client.get(
+        reverse("pools-detail", args=[seeded.pool_id]), HTTP_HX_REQUEST="true"
+    )
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "<html" not in html
+    for region in LIVE_IDS:
+        assert html.count(f'id="{region}" hx-swap-oob="true"') == 1
+    assert len(_reserved_cells(html)) == 1
+    assert f"#{INCIDENT_TASK_ID}" in html
+
+
+def test_the_full_pool_page_holds_each_live_region_once_and_connects_its_socket(
+    viewer_client: Client, seeded: AgentPool
+) -> None:
+    html = viewer_client.get(reverse("pools-detail", args=[seeded.pool_id])).content.decode()
+    for region in LIVE_IDS:
+        assert html.count(f'id="{region}"') == 1
+    assert f'ws-connect="/ws/pools/{seeded.pool_id}/"' in html
+    assert 'hx-trigger="every 5s [!poolsadmin.liveConnected()], poolsadmin:refresh"' in html
+    # Without JavaScript the page still refreshes itself.
+    assert '<noscript><meta http-equiv="refresh" content="5"></noscript>' in html
+
+
+def test_htmx_polling_the_task_page_gets_only_its_live_region(
+    viewer_client: Client, seeded: AgentPool
+) -> None:
+    response = viewer_client.get(
+        reverse("tasks-detail", args=[INCIDENT_TASK_ID]), HTTP_HX_REQUEST="true"
+    )
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "<html" not in html
+    assert html.count('id="task-live" hx-swap-oob="true"') == 1
+    assert "awaiting_confirmation" in html
+    # The messages of an action stay outside the region a refresh replaces.
+    assert 'id="messages"' not in html
+
+
+def test_the_live_html_pushed_over_the_socket_is_what_a_poll_gets(
+    viewer_client: Client, seeded: AgentPool
+) -> None:
+    user = User.objects.get(username="vera")
+    # The same moment for both, since the regions show ages.
+    with clock.frozen_at(clock.now()):
+        polled = viewer_client.get(
+            reverse("pools-detail", args=[seeded.pool_id]), HTTP_HX_REQUEST="true"
+        ).content.decode()
+        pushed = pool_live_html(pool_id=seeded.pool_id, user=user)
+    assert pushed == polled

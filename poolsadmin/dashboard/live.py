@@ -1,0 +1,37 @@
+"""The live regions of the pool page, rendered for a push or a poll.
+
+The pool page is made of template partials (`dashboard/pool.html`), each with a stable id and
+`hx-swap-oob="true"`. `live-fragments` renders all of them in a row: the WebSocket consumer
+sends that after each change of the pool (the htmx ws extension swaps each element by id), and
+a poll of the page with htmx (the fallback while the socket is down) gets the same answer. So
+a pushed page and a polled page can never show different things.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.context_processors import PermWrapper
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.template.loader import render_to_string
+
+from poolsadmin.dashboard.selectors import PoolPage, dashboard_pool
+
+POOL_TEMPLATE = "dashboard/pool.html"
+LIVE_FRAGMENTS = f"{POOL_TEMPLATE}#live-fragments"
+
+
+def pool_page_context(*, page: PoolPage) -> dict[str, Any]:
+    return {"page": page}
+
+
+def pool_live_html(
+    *, pool_id: str, user: AbstractBaseUser | AnonymousUser, now: datetime | None = None
+) -> str:
+    """Every live region of the pool page as `user` sees it (buttons depend on permissions).
+    Raises NotFound when the pool does not exist."""
+    page = dashboard_pool(pool_id=pool_id, now=now)
+    context = pool_page_context(page=page)
+    context.update({"user": user, "perms": PermWrapper(user)})
+    return render_to_string(LIVE_FRAGMENTS, context)

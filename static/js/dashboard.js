@@ -1,0 +1,88 @@
+// poolsadmin dashboard behaviour on top of htmx: the live state of a page (WebSocket or
+// polling) and the action dialog. Everything here is an enhancement: without JavaScript the
+// pages refresh themselves (<noscript> meta refresh) and actions are pages of their own.
+(function () {
+  "use strict";
+
+  var live = { connected: false };
+  window.poolsadmin = {
+    // The poller of a live page polls only while the WebSocket is down.
+    liveConnected: function () { return live.connected; }
+  };
+
+  function showLiveState() {
+    document.querySelectorAll("[data-live-state]").forEach(function (el) {
+      el.textContent = live.connected ? "live" : "polling every 5 s";
+      el.classList.toggle("live-on", live.connected);
+    });
+  }
+  document.addEventListener("htmx:wsOpen", function () { live.connected = true; showLiveState(); });
+  document.addEventListener("htmx:wsClose", function () { live.connected = false; showLiveState(); });
+  // Swapped-in regions carry the server's text: put the current state back.
+  document.addEventListener("htmx:oobAfterSwap", showLiveState);
+  document.addEventListener("htmx:wsAfterMessage", showLiveState);
+  document.addEventListener("DOMContentLoaded", showLiveState);
+
+  // --- action dialog ------------------------------------------------------------------------
+  // A button's confirm form is loaded into #action-dialog-body; the dialog then opens modal
+  // (Escape cancels it, as for every <dialog>). When it closes, focus goes back to the button
+  // that opened it: the same element, or, if a live update replaced it meanwhile, the
+  // element with its id; else the page's heading.
+  var openerId = null;
+  var opener = null;
+
+  function dialog() { return document.getElementById("action-dialog"); }
+
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var elt = event.detail.elt;
+    var target = event.detail.target;
+    var d = dialog();
+    if (target && target.id === "action-dialog-body" && d && !d.contains(elt)) {
+      opener = elt;
+      openerId = elt.id || null;
+    }
+  });
+
+  document.addEventListener("htmx:afterSwap", function (event) {
+    var d = dialog();
+    if (!d || event.detail.target.id !== "action-dialog-body") { return; }
+    if (!d.open) { d.showModal(); }
+    var field = d.querySelector("[aria-invalid=true]") ||
+      d.querySelector("textarea, input:not([type=hidden]), select") ||
+      d.querySelector("button[type=submit]:not([disabled])") ||
+      d.querySelector("[data-dialog-close]");
+    if (field) { field.focus(); }
+  });
+
+  document.addEventListener("click", function (event) {
+    var closer = event.target.closest && event.target.closest("[data-dialog-close]");
+    if (closer) { event.preventDefault(); dialog().close(); }
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var d = dialog();
+    if (!d) { return; }
+    // A click on the backdrop (the dialog element itself, outside its content) cancels.
+    d.addEventListener("click", function (event) { if (event.target === d) { d.close(); } });
+    d.addEventListener("close", function () {
+      document.getElementById("action-dialog-body").innerHTML = "";
+      var back = (opener && document.contains(opener)) ? opener :
+        (openerId && document.getElementById(openerId)) || document.querySelector("main h1");
+      opener = null;
+      openerId = null;
+      if (back) {
+        if (!back.hasAttribute("tabindex") && back.matches("h1")) { back.setAttribute("tabindex", "-1"); }
+        back.focus();
+      }
+    });
+  });
+
+  // A done action: close the dialog and refresh the page's live regions at once (the
+  // WebSocket would bring them too, but the poller also serves pages without one).
+  document.addEventListener("poolsadmin:action-done", function () {
+    var d = dialog();
+    if (d && d.open) { d.close(); }
+    var poller = document.getElementById("live-poller");
+    if (poller && window.htmx) { window.htmx.trigger(poller, "poolsadmin:refresh"); }
+  });
+})();
