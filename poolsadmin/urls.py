@@ -4,10 +4,13 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from poolsadmin.dashboard.views_metrics import metrics
+
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("django-admin/", admin.site.urls),
     path("api/v1/", include("poolsadmin.api.urls")),
+    path("metrics", metrics, name="metrics"),
     path("", include("poolsadmin.dashboard.urls")),
 ]
