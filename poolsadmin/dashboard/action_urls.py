@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.urls import URLPattern, URLResolver, path
 
 from poolsadmin.dashboard import views_actions as v
+from poolsadmin.dashboard import views_pool_actions as pa
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("slots/<int:slot_id>/release/", v.slot_release_view, name="pools-slot-release"),
@@ -25,4 +26,11 @@ urlpatterns: list[URLPattern | URLResolver] = [
         v.workspace_unlock_view,
         name="workspaces-unlock",
     ),
+]
+
+# Pool actions with a dry run or numbers (views_pool_actions.py).
+urlpatterns += [
+    path("pools/<str:pool_id>/reconcile/", pa.pool_reconcile_view, name="pools-reconcile"),
+    path("pools/<str:pool_id>/scale/", pa.pool_scale_view, name="pools-scale"),
+    path("pools/<str:pool_id>/hold/", pa.pool_hold_view, name="pools-hold"),
 ]

@@ -16,6 +16,11 @@ from django.contrib.auth.context_processors import PermWrapper
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.template.loader import render_to_string
 
+from poolsadmin.dashboard.panels import (
+    pool_autoscaler_panel,
+    pool_recent_events,
+    pool_reconciler_panel,
+)
 from poolsadmin.dashboard.selectors import PoolPage, dashboard_pool
 
 POOL_TEMPLATE = "dashboard/pool.html"
@@ -23,7 +28,14 @@ LIVE_FRAGMENTS = f"{POOL_TEMPLATE}#live-fragments"
 
 
 def pool_page_context(*, page: PoolPage) -> dict[str, Any]:
-    return {"page": page}
+    """The pool page's context: the grid and queue, and the autoscaler, reconciler and
+    recent-events panels (a fixed number of queries each)."""
+    return {
+        "page": page,
+        "autoscaler": pool_autoscaler_panel(pool=page.pool, now=page.now),
+        "reconciler": pool_reconciler_panel(pool=page.pool, now=page.now),
+        "events": pool_recent_events(pool=page.pool),
+    }
 
 
 def pool_live_html(

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
-from typing import Any
+from django.urls import URLPattern, path
 
-# The per-pool consumer arrives with the live dashboard; the ASGI router is wired already.
-websocket_urlpatterns: list[Any] = []
+from poolsadmin.realtime.consumers import PoolConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    path("ws/pools/<str:pool_id>/", PoolConsumer.as_asgi(), name="ws-pools-detail"),
+]

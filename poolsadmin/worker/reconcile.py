@@ -16,12 +16,15 @@ from poolsadmin.agents.services import agents_mark_offline
 from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi
 from poolsadmin.lib import clock
+from poolsadmin.lib.errors import NotFound
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.pools.models import AgentPool, PoolType, Slot, SlotState
 from poolsadmin.pools.services import slot_free_for_task, slot_label
+from poolsadmin.realtime.broadcast import broadcast_pool_changed
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 from poolsadmin.tasks.services import task_fail_lost, task_reservation_drop
 from poolsadmin.worker.cluster import RECONCILER, Change, ClusterUnavailable, cluster_sync
+from poolsadmin.worker.cluster_access import kube_for_pool
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew
 
 logger = logging.getLogger("poolsadmin.worker.reconcile")
@@ -366,3 +369,59 @@ def reconcile_pass_leader(
             # One broken pool must not stop the others; the next pass tries it again.
             logger.exception("reconcile of %s failed", pool.pool_id)
     return reports
+
+
+# --- "Reconcile now" from the dashboard --------------------------------------------------------
+
+RECONCILED = "pool.reconciled"
+NO_CLUSTER_CLIENT = "no Kubernetes client is configured (KUBE_*); cluster sync is skipped"
+
+
+def _pool_kube(pool: AgentPool) -> tuple[KubeApi | None, str]:
+    """The worker's client for the pool, and why cluster sync cannot run without one."""
+    kube = kube_for_pool(pool)
+    if pool.pool_type == PoolType.K8S and kube is None:
+        return None, NO_CLUSTER_CLIENT
+    return kube, ""
+
+
+def pool_reconcile_preview(*, pool: AgentPool) -> ReconcileReport:
+    """The dry run the "Reconcile now" confirm page shows: what a pass would change now. It
+    reads the ledger and lists the cluster's pods; it writes nothing."""
+    kube, missing = _pool_kube(pool)
+    report = reconcile_pool(pool=pool, kube=kube, dry_run=True)
+    report.cluster_error = report.cluster_error or missing
+    return report
+
+
+def pool_reconcile_now(*, pool_id: str, actor: str, reason: str = "") -> ReconcileReport:
+    """The dashboard's "Reconcile now" (SPEC 5, 8): one pass for one pool, run by a person,
+    with the worker's cluster client, then one `pool.reconciled` audit event naming who ran
+    it, why and what it changed.
+
+    Each change of the pass already writes its own event with `actor`, but a pass that finds
+    nothing writes none, and the audit log must show every admin action. The event is written
+    after the pass, not around it: the pass commits each repair on its own and talks to the
+    API server between them, so one transaction around it would hold row locks across HTTP
+    calls."""
+    pool = AgentPool.objects.filter(pk=pool_id).first()
+    if pool is None:
+        raise NotFound(f"pool {pool_id} does not exist")
+    kube, missing = _pool_kube(pool)
+    report = reconcile_pool(pool=pool, kube=kube, actor=actor)
+    report.cluster_error = report.cluster_error or missing
+    with transaction.atomic():
+        event_record(
+            actor=actor,
+            kind=RECONCILED,
+            target_type="pool",
+            target_id=pool.pk,
+            pool_id=pool.pk,
+            after={"changes": len(report.changes), "cluster_error": report.cluster_error},
+            reason=reason,
+            data={"changes": [str(change) for change in report.changes]},
+        )
+        broadcast_pool_changed(
+            pool_id=pool.pk, kind="pool", payload={"reconciled": len(report.changes)}
+        )
+    return report

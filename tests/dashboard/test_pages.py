@@ -186,7 +186,17 @@ def test_the_pool_page_runs_the_same_number_of_queries_for_2_and_200_pods(
 
 # --- live regions -------------------------------------------------------------------------------
 
-LIVE_IDS = ("pool-updated", "pool-actions", "pool-stats", "slot-grid", "queue", "awaiting")
+LIVE_IDS = (
+    "pool-updated",
+    "pool-actions",
+    "pool-stats",
+    "slot-grid",
+    "queue",
+    "awaiting",
+    "autoscaler-panel",
+    "reconciler-panel",
+    "events-panel",
+)
 
 
 def test_htmx_polling_the_pool_page_gets_only_its_live_regions(

@@ -1,0 +1,119 @@
+"""Reads for the pool page's side panels (SPEC 8 "Pool"): the autoscaler (desired/actual/min/
+max, last decision and its reason, hold, freeze), the reconciler (leader, last pass, recent
+changes) and the pool's recent events.
+
+The pool page refreshes every few seconds, so each panel costs a fixed number of queries,
+whatever the number of decisions, events or pods: autoscaler 3 (plus 1 for the freeze windows
+unless the pool was read with `prefetch_related("freeze_windows")`, as `dashboard_pool`
+does; none for a static pool), reconciler 3, events 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db.models import Q
+
+from poolsadmin.autoscaler.models import PoolHold, ScaleDecision
+from poolsadmin.autoscaler.services import GONE_PHASES, pool_active_hold
+from poolsadmin.events.models import Event
+from poolsadmin.pools.models import AgentPool, Pod, PoolType
+from poolsadmin.pools.selectors import FreezeState, pool_freeze_state
+from poolsadmin.worker.lease import RECONCILER_LEASE, lease_current
+from poolsadmin.worker.models import Lease
+from poolsadmin.worker.reconcile import RECONCILED, RECONCILER
+
+# Rows of the reconciler's "recent changes" and of "recent events".
+RECONCILER_CHANGES_LIMIT = 10
+EVENTS_LIMIT = 15
+
+
+@dataclass(frozen=True)
+class AutoscalerPanel:
+    pool: AgentPool
+    # Static pools have no autoscaler: their pods are the machines whose agents registered.
+    static: bool
+    actual: int = 0  # pods in the ledger that are not finished (as the autoscaler counts)
+    decision: ScaleDecision | None = None  # the latest stored decision
+    hold: PoolHold | None = None  # the hold in force, if any
+    freeze: FreezeState = field(default_factory=lambda: FreezeState(frozen=False))
+
+    @property
+    def desired(self) -> int | None:
+        """What the autoscaler aims for: a hold's count, else the latest decision's."""
+        if self.hold is not None:
+            return self.hold.pods
+        return self.decision.desired if self.decision is not None else None
+
+    @property
+    def min_replicas(self) -> int:
+        return self.pool.min_replicas
+
+    @property
+    def max_replicas(self) -> int:
+        return self.pool.max_replicas
+
+
+def pool_autoscaler_panel(*, pool: AgentPool, now: datetime) -> AutoscalerPanel:
+    if pool.pool_type != PoolType.K8S:
+        return AutoscalerPanel(pool=pool, static=True)
+    # Decisions are stored only when the pod count changed or could not change, so the
+    # latest one is the autoscaler's last word, however long ago it was.
+    decision = ScaleDecision.objects.filter(pool=pool).order_by("-at", "-id").first()
+    return AutoscalerPanel(
+        pool=pool,
+        static=False,
+        actual=Pod.objects.filter(pool=pool).exclude(phase__in=GONE_PHASES).count(),
+        decision=decision,
+        hold=pool_active_hold(pool=pool, now=now),
+        freeze=pool_freeze_state(pool=pool, now=now),
+    )
+
+
+@dataclass(frozen=True)
+class ReconcilerPanel:
+    pool: AgentPool
+    # The `reconciler` lease if a worker holds it now (SPEC 5: "the dashboard shows who holds
+    # it"), else None: no worker reconciles.
+    lease: Lease | None
+    # Repairs (`drift.*`) and whatever the reconciler did in this pool, newest first.
+    changes: list[Event]
+    # The latest "Reconcile now" of this pool (who, when, how many changes), if any.
+    last_manual: Event | None
+
+    @property
+    def leader(self) -> str:
+        return self.lease.holder if self.lease is not None else ""
+
+    @property
+    def last_pass_at(self) -> datetime | None:
+        """The leader renews its lease at the start of each of its passes (the reconciler's
+        every few seconds, the autoscaler's too), so the renewal is the last pass within a
+        few seconds. Passes themselves are not recorded."""
+        return self.lease.renewed_at if self.lease is not None else None
+
+
+def pool_reconciler_panel(*, pool: AgentPool, now: datetime) -> ReconcilerPanel:
+    # `now` is taken for symmetry with the other panels: the lease compares against the
+    # clock itself, the one source of now.
+    events = Event.objects.filter(pool_id=pool.pk)
+    changes = events.filter(Q(kind__startswith="drift.") | Q(actor=RECONCILER)).order_by("-id")
+    return ReconcilerPanel(
+        pool=pool,
+        lease=lease_current(RECONCILER_LEASE),
+        changes=list(changes[:RECONCILER_CHANGES_LIMIT]),
+        last_manual=events.filter(kind=RECONCILED).order_by("-id").first(),
+    )
+
+
+@dataclass(frozen=True)
+class RecentEvents:
+    pool: AgentPool
+    events: list[Event]  # newest first
+    limit: int
+
+
+def pool_recent_events(*, pool: AgentPool, limit: int = EVENTS_LIMIT) -> RecentEvents:
+    events = Event.objects.filter(pool_id=pool.pk).order_by("-id")[:limit]
+    return RecentEvents(pool=pool, events=list(events), limit=limit)

@@ -1,0 +1,262 @@
+"""The pool actions of SPEC 8 that need more than a reason: "Reconcile now", whose confirm page
+shows a dry run of the pass, and "Scale" and "Hold" (k8s pools), whose confirm pages take
+numbers. Same flow as views_actions.py: GET confirms, POST acts and redirects (or closes the
+dialog), a refused POST shows the form again with the error and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required, permission_required
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse
+from django.template.loader import render_to_string
+from django.utils.safestring import SafeString, mark_safe
+from django.views.decorators.http import require_http_methods
+
+from poolsadmin.api.roles import PERM_MANAGE_POOL, PERM_VIEW
+from poolsadmin.api.services import request_actor
+from poolsadmin.autoscaler.services import pool_active_hold, pool_hold, pool_scale
+from poolsadmin.dashboard.views_actions import (
+    REASON_REQUIRED,
+    _back,
+    _confirm,
+    _done,
+    _get,
+    _pool_url,
+    _render_form,
+)
+from poolsadmin.lib import clock
+from poolsadmin.lib.errors import DomainError, InvalidInput
+from poolsadmin.lib.humanize import stamp
+from poolsadmin.pools.models import AgentPool, PoolType
+from poolsadmin.worker.reconcile import pool_reconcile_now, pool_reconcile_preview
+
+PREVIEW_TEMPLATE = "dashboard/actions/_reconcile_preview.html"
+FIELDS_TEMPLATE = "dashboard/actions/_scale_fields.html"
+STATIC_POOL = "only k8s pools have replicas"
+HOLD_MINUTES = (1, 24 * 60)
+# Pod counts are PositiveIntegerFields (up to 2**31 - 1, beyond which PostgreSQL fails the
+# write with a 500). No pool runs anywhere near this many pods: a larger number is a typo.
+MAX_PODS = 1000
+
+
+# --- reconcile now -------------------------------------------------------------------------------
+
+
+def _reconcile_impact(pool: AgentPool) -> SafeString:
+    """The dry run in words, rendered by a template (it lists each change). Inline markup
+    only: confirm.html puts the impact inside a paragraph."""
+    report = pool_reconcile_preview(pool=pool)
+    html = render_to_string(PREVIEW_TEMPLATE, {"pool": pool, "report": report})
+    # render_to_string escaped every value; strip() only drops the file's final newline.
+    return mark_safe(html.strip())
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+@permission_required(PERM_VIEW, raise_exception=True)
+def pool_reconcile_view(request: HttpRequest, pool_id: str) -> HttpResponse:
+    pool: AgentPool = _get(AgentPool, pool_id, "pool")
+    if request.method == "POST":
+        # Shown only if the pass is refused: a dry run would list the cluster for nothing.
+        impact: str = f"runs one reconcile pass over pool {pool.name} now"
+    else:
+        impact = _reconcile_impact(pool)
+
+    def perform(reason: str) -> str:
+        report = pool_reconcile_now(pool_id=pool.pk, actor=request_actor(request), reason=reason)
+        count = len(report.changes)
+        text = f"Reconciled pool {pool.name}: " + (
+            f"{count} change{'' if count == 1 else 's'} made." if count else "nothing to change."
+        )
+        if report.cluster_error:
+            text += f" Cluster sync was skipped: {report.cluster_error}."
+        return text
+
+    return _confirm(
+        request,
+        perm=PERM_MANAGE_POOL,
+        title=f"Reconcile pool {pool.name} now",
+        impact=impact,
+        button="Reconcile now",
+        back=_back(request, _pool_url(pool.pk)),
+        reason_required=False,
+        perform=perform,
+        reason_label="Note (optional)",
+    )
+
+
+# --- scale and hold ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NumberField:
+    """One whole-number input of a form (`_scale_fields.html`)."""
+
+    name: str
+    label: str
+    value: str  # as sent, so a refused form shows what was typed
+    low: int
+    high: int
+    help: str = ""
+
+    def parse(self) -> int:
+        try:
+            number = int(self.value)
+        except ValueError:
+            raise InvalidInput(f"{self.label} must be a whole number", field=self.name) from None
+        if not self.low <= number <= self.high:
+            raise InvalidInput(
+                f"{self.label} must be between {self.low} and {self.high}", field=self.name
+            )
+        return number
+
+
+def _numbers_confirm(
+    request: HttpRequest,
+    *,
+    pool: AgentPool,
+    title: str,
+    impact: str,
+    button: str,
+    fields: list[NumberField],
+    perform: Callable[[dict[str, int], str], str],
+) -> HttpResponse:
+    """views_actions._confirm with numbers: the confirm form (confirm.html) gets the number
+    inputs through its `fields_template`. A reason is required; bad numbers are refused (400)
+    before any service runs."""
+    back = _back(request, _pool_url(pool.pk))
+    error, error_field, status, reason = "", "", 200, ""
+    static = pool.pool_type != PoolType.K8S
+    if request.method == "POST":
+        if not request.user.has_perm(PERM_MANAGE_POOL):
+            raise PermissionDenied(f"needs {PERM_MANAGE_POOL}")
+        reason = request.POST.get("reason", "").strip()
+        fields = [replace(f, value=request.POST.get(f.name, "").strip()) for f in fields]
+        try:
+            if static:
+                raise InvalidInput(STATIC_POOL, field="pool_type")
+            values = {f.name: f.parse() for f in fields}
+            if not reason:
+                raise InvalidInput(REASON_REQUIRED, field="reason")
+            text = perform(values, reason)
+        except DomainError as exc:
+            error, error_field, status = exc.message, exc.field or "", exc.http_status
+        else:
+            messages.success(request, text)
+            return _done(request, back)
+    elif static:
+        error, status = STATIC_POOL, 400
+    context = {
+        "title": title,
+        "impact": impact,
+        "button": button,
+        "back": back,
+        "perm": PERM_MANAGE_POOL,
+        "allowed": request.user.has_perm(PERM_MANAGE_POOL),
+        "reason_required": True,
+        "reason_label": "Reason",
+        "reason": reason,
+        "error": error,
+        "fields_template": FIELDS_TEMPLATE,
+        "fields": [] if static else fields,
+        "error_field": error_field,
+    }
+    return _render_form(request, context, status)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+@permission_required(PERM_VIEW, raise_exception=True)
+def pool_scale_view(request: HttpRequest, pool_id: str) -> HttpResponse:
+    pool: AgentPool = _get(AgentPool, pool_id, "pool")
+
+    def perform(values: dict[str, int], reason: str) -> str:
+        if values["min_replicas"] > values["max_replicas"]:
+            # pool_scale refuses it too, in the API's words; the form names its own fields.
+            raise InvalidInput(
+                f"Min pods ({values['min_replicas']}) must not be more than max pods "
+                f"({values['max_replicas']})",
+                field="min_replicas",
+            )
+        done = pool_scale(pool=pool, actor=request_actor(request), reason=reason, **values)
+        return (
+            f"Pool {pool.name} scales between {done.min_replicas} and {done.max_replicas} "
+            "pods from the autoscaler's next pass."
+        )
+
+    return _numbers_confirm(
+        request,
+        pool=pool,
+        title=f"Scale pool {pool.name}",
+        impact=(
+            f"sets the pod bounds of pool {pool.name} (now min {pool.min_replicas}, "
+            f"max {pool.max_replicas}); the autoscaler scales within them from its next pass, "
+            "and never removes a pod with a running or reserved slot"
+        ),
+        button="Scale pool",
+        fields=[
+            NumberField("min_replicas", "Min pods", str(pool.min_replicas), 0, MAX_PODS),
+            NumberField(
+                "max_replicas",
+                "Max pods",
+                str(pool.max_replicas),
+                1,
+                MAX_PODS,
+                help="At least 1, and not below min.",
+            ),
+        ],
+        perform=perform,
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+@permission_required(PERM_VIEW, raise_exception=True)
+def pool_hold_view(request: HttpRequest, pool_id: str) -> HttpResponse:
+    pool: AgentPool = _get(AgentPool, pool_id, "pool")
+    now = clock.now()
+    current = pool_active_hold(pool=pool, now=now)
+    impact = (
+        f"holds pool {pool.name} at a number of pods for a while, whatever the demand; pods "
+        "with a running or reserved slot are still never removed, and a freeze still allows "
+        "no scale-up"
+    )
+    if current is not None:
+        impact += (
+            f"; it replaces the hold at {current.pods} pods by {current.by} "
+            f"until {stamp(current.until)}"
+        )
+
+    def perform(values: dict[str, int], reason: str) -> str:
+        until = clock.now() + timedelta(minutes=values["minutes"])
+        hold = pool_hold(
+            pool=pool, pods=values["pods"], until=until, actor=request_actor(request), reason=reason
+        )
+        return f"Pool {pool.name} is held at {hold.pods} pods until {stamp(hold.until)}."
+
+    low, high = HOLD_MINUTES
+    return _numbers_confirm(
+        request,
+        pool=pool,
+        title=f"Hold pool {pool.name}",
+        impact=impact,
+        button="Hold pool",
+        fields=[
+            NumberField(
+                "pods",
+                "Pods",
+                str(current.pods if current is not None else pool.min_replicas),
+                0,
+                pool.max_replicas,
+                help=f"0 to the pool's max ({pool.max_replicas}).",
+            ),
+            NumberField("minutes", "For (minutes)", "60", low, high, help="1 to 1440 (24 hours)."),
+        ],
+        perform=perform,
+    )

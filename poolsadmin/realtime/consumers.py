@@ -1,0 +1,113 @@
+"""The live pool page: one WebSocket per open page, fed by the group `pool.<pool_id>`.
+
+Each "pool.changed" event marks the page stale; the consumer renders every live region
+(`pool_live_html`, the same HTML a poll of the page gets) and sends it, and the htmx ws
+extension swaps each region by id. Events carry no state: the render reads the ledger, so a
+dropped or coalesced event can never leave the page showing something the database does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from poolsadmin.api.roles import PERM_VIEW
+from poolsadmin.dashboard.live import pool_live_html
+from poolsadmin.lib.errors import NotFound
+from poolsadmin.pools.models import AgentPool
+from poolsadmin.realtime.broadcast import pool_group
+
+logger = logging.getLogger(__name__)
+
+# Close codes in the application range (4000-4999), after the HTTP status they stand for.
+CLOSE_NOT_LOGGED_IN = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NO_POOL = 4404
+
+# A scheduler pass publishes dozens of events within a few ms: render at most once per window.
+RENDER_WINDOW_SECONDS = 0.15
+
+
+def _pool_exists(pool_id: str) -> bool:
+    return AgentPool.objects.filter(pk=pool_id).exists()
+
+
+class PoolConsumer(AsyncWebsocketConsumer):
+    pool_id: str
+    group: str | None = None
+    stale: bool = False
+    render_task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        self.pool_id = self.scope["url_route"]["kwargs"]["pool_id"]
+        refusal = await self._refusal()
+        if refusal is not None:
+            # Accept, then close with the reason. Refused before accept, the handshake fails
+            # with HTTP 403, the browser only sees 1006, and the htmx ws extension retries
+            # 1006 forever. A 44xx close reaches the page as CloseEvent.code and is not
+            # retried; the page's polling fallback then gets the login redirect, 403 or 404.
+            await self.accept()
+            await self.close(code=refusal)
+            return
+        self.group = pool_group(self.pool_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        # Render once at (re)connect: changes made between the page load (or a dropped
+        # socket) and joining the group published to nobody.
+        self._mark_stale()
+
+    async def _refusal(self) -> int | None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            return CLOSE_NOT_LOGGED_IN
+        if not await database_sync_to_async(user.has_perm)(PERM_VIEW):
+            return CLOSE_FORBIDDEN
+        if not await database_sync_to_async(_pool_exists)(self.pool_id):
+            return CLOSE_NO_POOL
+        return None
+
+    async def disconnect(self, code: int) -> None:
+        if self.render_task is not None:
+            self.render_task.cancel()
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def pool_changed(self, event: dict[str, Any]) -> None:
+        self._mark_stale()
+
+    def _mark_stale(self) -> None:
+        self.stale = True
+        if self.render_task is None or self.render_task.done():
+            self.render_task = asyncio.create_task(self._render_while_stale())
+
+    async def _render_while_stale(self) -> None:
+        """Throttle with a trailing edge: the first event renders at once; events arriving
+        during a render or the rest of its window mark the page stale again and get one more
+        render when the window ends. The last render always starts after the last event."""
+        loop = asyncio.get_running_loop()
+        while self.stale:
+            self.stale = False
+            started = loop.time()
+            if not await self._render_and_send():
+                return
+            await asyncio.sleep(max(0.0, started + RENDER_WINDOW_SECONDS - loop.time()))
+
+    async def _render_and_send(self) -> bool:
+        """Return False when the socket was closed. Errors are logged here: this runs in a
+        task of its own, whose exception nobody would ever read."""
+        try:
+            html = await database_sync_to_async(pool_live_html)(
+                pool_id=self.pool_id, user=self.scope["user"]
+            )
+            await self.send(text_data=html)
+        except NotFound:
+            await self.close(code=CLOSE_NO_POOL)
+            return False
+        except Exception:
+            # Keep the socket: the next change tries again (at most once per window).
+            logger.exception("live update of pool %s failed", self.pool_id)
+        return True

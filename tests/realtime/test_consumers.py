@@ -1,0 +1,386 @@
+"""The live pool page over WebSockets: service -> on_commit -> broadcast -> group `pool.<id>`
+-> PoolConsumer -> pool_live_html -> the socket.
+
+pytest-asyncio is not a dependency: each test is sync and drives one coroutine with
+async_to_sync. Services publish on commit and the consumer renders what they committed, so
+these tests run with real transactions (django_db(transaction=True)).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from channels_redis.core import RedisChannelLayer
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser, User
+from django.db import transaction
+from django.test import Client
+
+from poolsadmin.asgi import application
+from poolsadmin.dashboard import live
+from poolsadmin.pools.actions import slot_release
+from poolsadmin.pools.models import AgentPool, Pod, Slot
+from poolsadmin.realtime import consumers
+from poolsadmin.realtime.broadcast import broadcast_pool_changed
+from poolsadmin.realtime.consumers import CLOSE_FORBIDDEN, CLOSE_NO_POOL, CLOSE_NOT_LOGGED_IN
+from poolsadmin.realtime.routing import websocket_urlpatterns
+from poolsadmin.tasks.models import WorkspaceTask
+from tests.ledger import (
+    make_agent,
+    make_pool,
+    make_workspace,
+    plan_with_changes,
+    pod_of,
+    submit,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+# Generous: the first render compiles the templates. The product promise is "within a
+# second of a change", asserted separately where a change is made.
+TIMEOUT = 5
+REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+@dataclass
+class World:
+    pool: AgentPool
+    pod: Pod
+    planned: WorkspaceTask  # apply_pending, holding a reserved slot
+    reserved: Slot
+
+
+@pytest.fixture
+def world() -> World:
+    pool = make_pool(name="blue")
+    pod = pod_of(make_agent(pool, "P1"))
+    planned = plan_with_changes(submit(make_workspace(pool, "infra"), "plan_and_apply"))
+    return World(pool=pool, pod=pod, planned=planned, reserved=Slot.objects.get(task=planned))
+
+
+def socket(pool_id: str, user: Any) -> WebsocketCommunicator:
+    """A socket to the consumer through the routing, with `user` as AuthMiddleware sets it."""
+    communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), ws_path(pool_id))
+    communicator.scope["user"] = user
+    return communicator
+
+
+def ws_path(pool_id: str) -> str:
+    return f"/ws/pools/{pool_id}/"
+
+
+async def open_page(communicator: WebsocketCommunicator) -> str:
+    """Connect and return the render the consumer sends on (re)connect."""
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert connected
+    html: str = await communicator.receive_from(timeout=TIMEOUT)
+    return html
+
+
+async def refusal(communicator: WebsocketCommunicator) -> int:
+    """The close code of a refused socket (accepted, then closed at once: see connect)."""
+    connected, _ = await communicator.connect(timeout=TIMEOUT)
+    assert connected
+    message = await communicator.receive_output(timeout=TIMEOUT)
+    assert message["type"] == "websocket.close"
+    code: int = message["code"]
+    return code
+
+
+def reserved_cells(html: str) -> list[str]:
+    return re.findall(r'<li class="slot slot-reserved">(.*?)</li>', html, flags=re.S)
+
+
+def release(slot: Slot) -> None:
+    slot.refresh_from_db()
+    slot_release(slot_id=slot.pk, actor="user:alice", reason="stuck", expected_version=slot.version)
+
+
+# --- a change reaches the page -----------------------------------------------------------------
+
+
+def admin_sees_the_release(world: World, user: User) -> None:
+    async def scenario() -> None:
+        page = socket(world.pool.pool_id, user)
+        try:
+            before = await open_page(page)
+            assert 'id="slot-grid"' in before
+            assert any(f"#{world.planned.pk}" in cell for cell in reserved_cells(before))
+
+            await database_sync_to_async(release)(world.reserved)
+            released_at = time.monotonic()
+            after = await page.receive_from(timeout=TIMEOUT)
+
+            assert time.monotonic() - released_at < 1.0
+            assert 'id="slot-grid"' in after
+            assert world.pod.name in after
+            assert reserved_cells(after) == []
+        finally:
+            await page.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_an_admin_receives_the_pool_regions_after_a_slot_release_in_that_pool(
+    world: World, admin: User
+) -> None:
+    admin_sees_the_release(world, admin)
+
+
+def test_a_change_in_another_pool_sends_nothing(world: World, viewer: User) -> None:
+    other = make_pool(name="green")
+
+    async def scenario() -> None:
+        page = socket(world.pool.pool_id, viewer)
+        try:
+            await open_page(page)
+            await database_sync_to_async(make_agent)(other, "G1")
+            assert await page.receive_nothing(timeout=0.5)
+
+            # The socket was live all along: a change in its own pool does arrive.
+            await database_sync_to_async(make_agent)(world.pool, "joined-later")
+            assert "joined-later" in await page.receive_from(timeout=TIMEOUT)
+        finally:
+            await page.disconnect()
+
+    async_to_sync(scenario)()
+
+
+@pytest.fixture
+def counted_renders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every render the consumer makes, made by the real pool_live_html."""
+    renders: list[str] = []
+
+    def counting(**kwargs: Any) -> str:
+        html = live.pool_live_html(**kwargs)
+        renders.append(html)
+        return html
+
+    monkeypatch.setattr(consumers, "pool_live_html", counting)
+    return renders
+
+
+def test_a_burst_of_twenty_events_yields_one_or_two_renders_and_the_last_is_final(
+    world: World, viewer: User, counted_renders: list[str]
+) -> None:
+    workspace = make_workspace(world.pool, "burst")
+
+    def burst() -> list[WorkspaceTask]:
+        # One transaction, like a busy scheduler pass: 20 events published within a few ms.
+        with transaction.atomic():
+            return [submit(workspace) for _ in range(20)]
+
+    async def scenario() -> tuple[list[str], WorkspaceTask, float]:
+        page = socket(world.pool.pool_id, viewer)
+        try:
+            await open_page(page)
+            counted_renders.clear()
+            tasks = await database_sync_to_async(burst)()
+            committed_at = time.monotonic()
+            quiet = 4 * consumers.RENDER_WINDOW_SECONDS
+            received = [await page.receive_from(timeout=TIMEOUT)]
+            while not await page.receive_nothing(timeout=quiet):
+                received.append(await page.receive_from(timeout=TIMEOUT))
+            # receive_nothing waited `quiet` after the last message: not part of the path.
+            return received, tasks[-1], time.monotonic() - quiet - committed_at
+        finally:
+            await page.disconnect()
+
+    received, last_task, latency = async_to_sync(scenario)()
+
+    assert len(received) in (1, 2)
+    assert received == counted_renders
+    assert f"#{last_task.pk}" in received[-1]
+    assert latency < 1.0
+
+
+def test_a_change_published_during_a_render_gets_a_render_after_it(
+    world: World, viewer: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renders = 0
+
+    def render_then_change(**kwargs: Any) -> str:
+        nonlocal renders
+        html = live.pool_live_html(**kwargs)
+        renders += 1
+        if renders == 1:
+            # The ledger changes after this render read it: the page it sends is stale.
+            make_agent(world.pool, "joined-later")
+        return html
+
+    monkeypatch.setattr(consumers, "pool_live_html", render_then_change)
+
+    async def scenario() -> tuple[str, str]:
+        page = socket(world.pool.pool_id, viewer)
+        try:
+            stale = await open_page(page)
+            return stale, await page.receive_from(timeout=TIMEOUT)
+        finally:
+            await page.disconnect()
+
+    stale, trailing = async_to_sync(scenario)()
+
+    assert "joined-later" not in stale
+    assert "joined-later" in trailing
+
+
+def test_a_failed_render_is_logged_and_the_next_change_renders_again(
+    world: World, viewer: User, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    failures = iter([RuntimeError("template broke")])
+
+    def flaky(**kwargs: Any) -> str:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return live.pool_live_html(**kwargs)
+
+    monkeypatch.setattr(consumers, "pool_live_html", flaky)
+
+    async def scenario() -> str:
+        page = socket(world.pool.pool_id, viewer)
+        try:
+            connected, _ = await page.connect(timeout=TIMEOUT)
+            assert connected
+            # The render on connect fails: nothing is sent and the socket stays open.
+            assert await page.receive_nothing(timeout=0.5)
+            await database_sync_to_async(make_agent)(world.pool, "joined-later")
+            html: str = await page.receive_from(timeout=TIMEOUT)
+            return html
+        finally:
+            await page.disconnect()
+
+    with caplog.at_level(logging.ERROR, logger=consumers.__name__):
+        html = async_to_sync(scenario)()
+
+    assert "joined-later" in html
+    assert [r.getMessage() for r in caplog.records] == [
+        f"live update of pool {world.pool.pool_id} failed"
+    ]
+
+
+def test_a_pool_deleted_while_open_closes_the_socket_with_4404(viewer: User) -> None:
+    pool = make_pool(name="gone")
+
+    def delete_and_publish() -> None:
+        # No service deletes pools yet; the consumer must cope with a vanished pool anyway.
+        with transaction.atomic():
+            AgentPool.objects.filter(pk=pool.pk).delete()
+            broadcast_pool_changed(pool_id=pool.pk, kind="pool", payload={})
+
+    async def scenario() -> dict[str, Any]:
+        page = socket(pool.pk, viewer)
+        try:
+            await open_page(page)
+            await database_sync_to_async(delete_and_publish)()
+            message: dict[str, Any] = await page.receive_output(timeout=TIMEOUT)
+            return message
+        finally:
+            await page.disconnect()
+
+    assert async_to_sync(scenario)() == {"type": "websocket.close", "code": CLOSE_NO_POOL}
+
+
+# --- who may connect ---------------------------------------------------------------------------
+
+
+def test_an_anonymous_visitor_is_refused_with_4401(world: World) -> None:
+    code = async_to_sync(refusal)(socket(world.pool.pool_id, AnonymousUser()))
+    assert code == CLOSE_NOT_LOGGED_IN
+
+
+def test_a_user_without_the_view_permission_is_refused_with_4403(world: World) -> None:
+    nobody = User.objects.create_user(username="nobody")
+    assert async_to_sync(refusal)(socket(world.pool.pool_id, nobody)) == CLOSE_FORBIDDEN
+
+
+def test_an_unknown_pool_is_refused_with_4404(viewer: User) -> None:
+    code = async_to_sync(refusal)(socket("pool-nosuchpool00000", viewer))
+    assert code == CLOSE_NO_POOL
+
+
+# --- through the real ASGI application ----------------------------------------------------------
+
+
+def browser_socket(pool_id: str, *, user: User, origin: str) -> WebsocketCommunicator:
+    """What a browser sends: the session cookie of a logged-in user and its page's origin."""
+    client = Client()
+    client.force_login(user)
+    cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+    headers = [(b"cookie", cookie.encode()), (b"origin", origin.encode())]
+    return WebsocketCommunicator(application, ws_path(pool_id), headers=headers)
+
+
+def test_a_logged_in_browser_connects_through_the_asgi_application(
+    world: World, viewer: User
+) -> None:
+    page = browser_socket(world.pool.pool_id, user=viewer, origin="http://testserver")
+
+    async def scenario() -> str:
+        try:
+            return await open_page(page)
+        finally:
+            await page.disconnect()
+
+    assert world.pod.name in async_to_sync(scenario)()
+
+
+def test_a_foreign_origin_is_refused_by_the_asgi_application(world: World, viewer: User) -> None:
+    page = browser_socket(world.pool.pool_id, user=viewer, origin="https://evil.example")
+
+    async def scenario() -> bool:
+        try:
+            connected, _ = await page.connect(timeout=TIMEOUT)
+            return bool(connected)
+        finally:
+            await page.disconnect()
+
+    assert not async_to_sync(scenario)()
+
+
+# --- the production channel layer --------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_layer(settings: Any) -> Iterator[None]:
+    """CHANNEL_LAYERS on Redis (db 13, flushed around the test). Under CI=true a missing Redis
+    fails the test: CI must prove the production layer, not skip it."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        reason = f"Redis does not answer at {REDIS_URL}: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    client.flushdb()
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+    yield
+    client.flushdb()
+    client.close()
+
+
+@pytest.mark.usefixtures("redis_layer")
+def test_an_admin_receives_the_pool_regions_after_a_slot_release_over_the_redis_layer(
+    world: World, admin: User
+) -> None:
+    assert isinstance(get_channel_layer(), RedisChannelLayer)
+    admin_sees_the_release(world, admin)
