@@ -15,9 +15,9 @@ Choices:
   gauges, not a summary whose `_count` Prometheus would take for a counter.
 * The actual pod count is the ledger's (every phase); the autoscaler also counts pods the
   cluster has and the reconciler has not adopted yet, which only the worker can see.
-* The reconciler stores no pass duration; what the ledger has is its lease: who leads and when
-  the leader last renewed it (every reconciler and autoscaler pass does), so a stuck leader
-  shows as a renewal that grows old.
+* Reconcile duration is the leader's latest pass over every pool, as it recorded it on its
+  lease row (`lease_record_pass`), with the time that pass ended: a stuck leader shows as a
+  last pass that grows old.
 """
 
 from __future__ import annotations
@@ -239,14 +239,33 @@ def _reconciler_families(now: datetime) -> list[Family]:
         "poolsadmin_reconciler_lease_renewed_timestamp_seconds",
         "gauge",
         "Unix time the reconciler lease was last renewed; every reconciler and autoscaler pass "
-        "of the leader renews it. The reconciler does not record pass durations.",
+        "of the leader renews it.",
+    )
+    duration = Family(
+        "poolsadmin_reconcile_duration_seconds",
+        "gauge",
+        "How long the leader's latest reconcile pass over every pool took.",
+    )
+    last_pass = Family(
+        "poolsadmin_reconcile_last_pass_timestamp_seconds",
+        "gauge",
+        "Unix time the leader's latest reconcile pass ended.",
+    )
+    changes = Family(
+        "poolsadmin_reconcile_last_pass_changes",
+        "gauge",
+        "Changes the leader's latest reconcile pass made, over every pool.",
     )
     lease = Lease.objects.filter(name=RECONCILER_LEASE).first()
     if lease is not None:
         if lease.expires_at >= now:
             leader.add(1, holder=lease.holder)
         renewed.add(lease.renewed_at.timestamp())
-    return [leader, renewed]
+        if lease.last_pass_at is not None and lease.last_pass_seconds is not None:
+            duration.add(lease.last_pass_seconds)
+            last_pass.add(lease.last_pass_at.timestamp())
+            changes.add(lease.last_pass_changes)
+    return [leader, renewed, duration, last_pass, changes]
 
 
 def metrics_collect(*, now: datetime | None = None) -> list[Family]:

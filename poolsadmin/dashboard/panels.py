@@ -88,10 +88,8 @@ class ReconcilerPanel:
 
     @property
     def last_pass_at(self) -> datetime | None:
-        """The leader renews its lease at the start of each of its passes (the reconciler's
-        every few seconds, the autoscaler's too), so the renewal is the last pass within a
-        few seconds. Passes themselves are not recorded."""
-        return self.lease.renewed_at if self.lease is not None else None
+        """When the leader's latest pass over every pool ended (recorded on its lease)."""
+        return self.lease.last_pass_at if self.lease is not None else None
 
 
 def pool_reconciler_panel(*, pool: AgentPool, now: datetime) -> ReconcilerPanel:

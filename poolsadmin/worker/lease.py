@@ -65,6 +65,17 @@ def lease_release(*, name: str, holder: str) -> bool:
     )
 
 
+def lease_record_pass(*, name: str, holder: str, seconds: float, changes: int) -> bool:
+    """Record the holder's completed pass on its lease row. Only the holder writes it: a
+    worker that lost the lease mid-pass does not overwrite its successor's figures."""
+    return (
+        Lease.objects.filter(name=name, holder=holder).update(
+            last_pass_at=clock.now(), last_pass_seconds=seconds, last_pass_changes=changes
+        )
+        == 1
+    )
+
+
 def lease_current(name: str) -> Lease | None:
     """The lease row if someone holds it now (for display), else None."""
     return Lease.objects.filter(name=name, expires_at__gte=clock.now()).first()

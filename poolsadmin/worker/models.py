@@ -12,6 +12,11 @@ class Lease(models.Model):
     acquired_at = models.DateTimeField()
     renewed_at = models.DateTimeField()
     expires_at = models.DateTimeField()
+    # The holder's latest completed pass (reconciler: over every pool), for the dashboard's
+    # reconciler panel and /metrics: when it ended, how long it took, how many changes.
+    last_pass_at = models.DateTimeField(null=True, blank=True)
+    last_pass_seconds = models.FloatField(null=True, blank=True)
+    last_pass_changes = models.PositiveIntegerField(default=0)
 
     class Meta:
         db_table = "worker_leases"

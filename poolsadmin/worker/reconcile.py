@@ -5,6 +5,7 @@ check, per pool, with a dry run; and the leader-only pass over every pool."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,7 +26,7 @@ from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 from poolsadmin.tasks.services import task_fail_lost, task_reservation_drop
 from poolsadmin.worker.cluster import RECONCILER, Change, ClusterUnavailable, cluster_sync
 from poolsadmin.worker.cluster_access import kube_for_pool
-from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew
+from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew, lease_record_pass
 
 logger = logging.getLogger("poolsadmin.worker.reconcile")
 
@@ -360,6 +361,8 @@ def reconcile_pass_leader(
     cluster sync for it)."""
     if not lease_acquire_or_renew(name=RECONCILER_LEASE, holder=holder, ttl_seconds=ttl_seconds):
         return None
+    # Wall time, not the ledger clock: tests move the ledger clock, and a duration is real.
+    started = time.monotonic()
     reports = []
     for pool in AgentPool.objects.all():
         try:
@@ -368,6 +371,12 @@ def reconcile_pass_leader(
         except Exception:
             # One broken pool must not stop the others; the next pass tries it again.
             logger.exception("reconcile of %s failed", pool.pool_id)
+    lease_record_pass(
+        name=RECONCILER_LEASE,
+        holder=holder,
+        seconds=time.monotonic() - started,
+        changes=sum(len(report.changes) for report in reports),
+    )
     return reports
 
 

@@ -22,7 +22,8 @@ from poolsadmin.scheduler.services import task_dispatch, task_dispatch_rollback
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 from poolsadmin.tasks.services import task_confirm_apply
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew
-from poolsadmin.worker.reconcile import ledger_check
+from poolsadmin.worker.models import Lease
+from poolsadmin.worker.reconcile import ledger_check, reconcile_pass_leader
 from tests.autoscaler.helpers import adopt_all, k8s_pool, scale
 from tests.ledger import ADMIN, make_agent, make_pool, make_workspace, plan_with_changes, run
 from tests.ledger import submit as submit_task
@@ -299,6 +300,24 @@ def test_the_reconciler_leader_and_its_last_renewal_are_shown(viewer_client: Cli
     assert family(text, "poolsadmin_reconciler_lease_renewed_timestamp_seconds") == [renewed]
     assert family(expired, "poolsadmin_reconciler_leader_info") == []
     assert family(expired, "poolsadmin_reconciler_lease_renewed_timestamp_seconds") == [renewed]
+
+
+def test_the_reconcile_duration_of_the_leaders_last_pass_is_shown(viewer_client: Client) -> None:
+    assert family(scrape(viewer_client), "poolsadmin_reconcile_duration_seconds") == []
+    assert reconcile_pass_leader(holder="w1:42:ab", kube_factory=lambda p: None) is not None
+    lease = Lease.objects.get(name=RECONCILER_LEASE)
+    assert lease.last_pass_seconds is not None
+
+    text = scrape(viewer_client)
+
+    [line] = family(text, "poolsadmin_reconcile_duration_seconds")
+    assert float(line.split()[1]) == lease.last_pass_seconds
+    assert family(text, "poolsadmin_reconcile_last_pass_timestamp_seconds") == [
+        f"poolsadmin_reconcile_last_pass_timestamp_seconds {int(T0.timestamp())}"
+    ]
+    assert family(text, "poolsadmin_reconcile_last_pass_changes") == [
+        "poolsadmin_reconcile_last_pass_changes 0"
+    ]
 
 
 # --- cost --------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from poolsadmin.pools.models import AgentPool
 from poolsadmin.pools.services import pod_create, pool_freeze_window_add
 from poolsadmin.worker.cluster import RECONCILER
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew
+from poolsadmin.worker.reconcile import reconcile_pass_leader
 from tests.ledger import ADMIN, make_pool
 from tests.worker.kube_scenarios import make_k8s_pool
 
@@ -159,15 +160,19 @@ def test_without_a_leader_the_reconciler_panel_says_so() -> None:
 
 
 def test_the_reconciler_panel_names_the_leader_and_its_last_pass() -> None:
-    assert lease_acquire_or_renew(name=RECONCILER_LEASE, holder="worker-1", ttl_seconds=30)
+    pool = make_pool()
+    assert reconcile_pass_leader(holder="worker-1", kube_factory=lambda p: None) is not None
     clock.advance(3)
     assert lease_acquire_or_renew(name=RECONCILER_LEASE, holder="worker-1", ttl_seconds=30)
 
-    panel = pool_reconciler_panel(pool=make_pool(), now=clock.now())
+    panel = pool_reconciler_panel(pool=pool, now=clock.now())
 
     assert panel.leader == "worker-1"
     assert panel.lease is not None and panel.lease.acquired_at == NOON
-    assert panel.last_pass_at == NOON + timedelta(seconds=3)
+    # The pass ended at NOON; the later renewal (an autoscaler pass, say) is not a pass.
+    assert panel.last_pass_at == NOON
+    assert panel.lease.last_pass_seconds is not None and panel.lease.last_pass_seconds >= 0
+    assert panel.lease.last_pass_changes == 0
 
 
 def test_an_expired_lease_has_no_leader() -> None:

@@ -13,6 +13,7 @@ from poolsadmin.worker.lease import (
     lease_acquire_or_renew,
     lease_current,
     lease_holder_id,
+    lease_record_pass,
     lease_release,
 )
 from poolsadmin.worker.models import Lease
@@ -106,3 +107,15 @@ def _race(name: str, *, expired: bool) -> None:
     winners = [h for h, ok in won.items() if ok]
     assert len(won) == n and len(winners) == 1
     assert Lease.objects.get(pk=name).holder == winners[0]
+
+
+@pytest.mark.django_db
+def test_only_the_holder_records_its_pass_on_the_lease() -> None:
+    assert lease_acquire_or_renew(name="reconciler", holder="w1", ttl_seconds=30)
+
+    assert not lease_record_pass(name="reconciler", holder="w2", seconds=9.0, changes=9)
+    assert lease_record_pass(name="reconciler", holder="w1", seconds=0.25, changes=3)
+
+    lease = Lease.objects.get(name="reconciler")
+    assert (lease.last_pass_seconds, lease.last_pass_changes) == (0.25, 3)
+    assert lease.last_pass_at is not None and lease.last_pass_at <= clock.now()
