@@ -183,7 +183,7 @@ def test_a_cancelled_task_is_abandoned_and_never_reported(
     task = submit(workspace, "plan")
     dispatch_to(agent, task)
 
-    task_cancel(task_id=task.pk, actor="user:alice")
+    task_cancel(task_id=task.pk, actor="user:alice", reason="not needed")
     agent.step()
 
     assert agent.running_task_ids == []
@@ -204,7 +204,7 @@ def test_a_report_the_server_refuses_with_409_is_dropped(
     dispatch_to(agent, task)
 
     # Cancelled while the agent works, before any heartbeat could tell it.
-    task_cancel(task_id=task.pk, actor="user:alice")
+    task_cancel(task_id=task.pk, actor="user:alice", reason="not needed")
 
     wait_for(lambda: agent.running_task_ids == [], "the refused report to be dropped")
     assert status_of(task) == TaskStatus.CANCELLED
@@ -262,7 +262,7 @@ def test_cancelling_a_task_kills_its_command(
     wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "the command")
     pid = int(pid_file.read_text())
 
-    task_cancel(task_id=task.pk, actor="user:alice")
+    task_cancel(task_id=task.pk, actor="user:alice", reason="not needed")
     agent.step()
 
     wait_for(lambda: not _alive(pid), "the command to be killed", timeout=5)

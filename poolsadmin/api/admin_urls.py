@@ -66,6 +66,13 @@ urlpatterns += [
         api_route(POST=views.pools_unfreeze),
         name="api-pools-unfreeze",
     ),
+    path(
+        "pools/<str:pool_id>/reconcile",
+        api_route(POST=views.pools_reconcile),
+        name="api-pools-reconcile",
+    ),
+    path("pools/<str:pool_id>/scale", api_route(POST=views.pools_scale), name="api-pools-scale"),
+    path("pools/<str:pool_id>/hold", api_route(POST=views.pools_hold), name="api-pools-hold"),
 ]
 
 # Reconciler leadership (SPEC 5).

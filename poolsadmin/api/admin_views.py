@@ -1,5 +1,6 @@
 """The admin JSON API (SPEC 8 "JSON API"): pools, a pool's slot grid, workspaces, tasks with
-their diagnosis and timeline, task submission, confirm, cancel and unlock.
+their diagnosis and timeline, task submission, confirm, cancel and unlock, and the admin
+actions of the dashboard (release, drain, pause, reconcile now, scale, hold, ...).
 
 Each view: `api_user` (who, which permission), `json_errors` (domain errors -> 400/403/404/
 409 JSON), one selector or service call, a serializer. Methods are routed in admin_urls.py
@@ -8,7 +9,7 @@ Each view: `api_user` (who, which permission), `json_errors` (domain errors -> 4
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import models
@@ -31,7 +32,8 @@ from poolsadmin.api.serializers import (
 )
 from poolsadmin.api.services import request_actor
 from poolsadmin.api.user_auth import api_user
-from poolsadmin.autoscaler.models import ScaleDecision
+from poolsadmin.autoscaler.models import PoolHold, ScaleDecision
+from poolsadmin.autoscaler.services import HOLD_MAX, pool_hold, pool_scale
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.pools.actions import (
@@ -59,7 +61,9 @@ from poolsadmin.tasks.services import (
     workspace_create,
     workspace_unlock,
 )
+from poolsadmin.worker.cluster import Change
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_current
+from poolsadmin.worker.reconcile import pool_reconcile_now, pool_reconcile_preview
 
 POOL_STR_FIELDS = ("name", "pool_id", "pool_type", "description", "pod_image", "namespace")
 POOL_INT_FIELDS = ("slots_per_pod", "plan_and_apply_per_pod", "min_replicas", "max_replicas")
@@ -231,7 +235,7 @@ def tasks_cancel(request: HttpRequest, task_id: int) -> JsonResponse:
     task = task_cancel(
         task_id=task_id,
         actor=request_actor(request),
-        reason=field_str(data, "reason", required=False),
+        reason=field_str(data, "reason"),
         force=field_bool(data, "force"),
     )
     return JsonResponse(task_json(task))
@@ -379,3 +383,94 @@ def pools_unfreeze(request: HttpRequest, pool_id: str) -> JsonResponse:
     body = pool_json(pool)
     body["unfrozen_until"] = iso(pool.unfrozen_until)
     return JsonResponse(body)
+
+
+# --- admin actions: reconcile now, scale, hold (the dashboard's views_pool_actions.py) ---------
+
+
+def _change_json(change: Change) -> dict[str, str]:
+    return {"kind": change.kind, "target": change.target, "detail": change.detail}
+
+
+def _hold_json(hold: PoolHold) -> dict[str, Any]:
+    return {
+        "pool_id": hold.pool_id,
+        "pods": hold.pods,
+        "until": iso(hold.until),
+        "by": hold.by,
+        "reason": hold.reason,
+    }
+
+
+def _hold_until(data: dict[str, Any]) -> datetime:
+    """When a hold ends: `minutes` from now, or `until`; at most a day ahead, as on the
+    dashboard. `"minutes": 0` ends the current hold now (the dashboard's form cannot)."""
+    longest = int(HOLD_MAX.total_seconds() // 60)
+    now = clock.now()
+    if data.get("until") is not None:
+        if data.get("minutes") is not None:
+            raise InvalidInput("give minutes or until, not both", field="until")
+        until = _future_datetime(data, "until")
+        if until is None:  # ""
+            raise InvalidInput("until must be an ISO 8601 date and time", field="until")
+        if until > now + timedelta(minutes=longest):
+            raise InvalidInput(f"until must be within {longest} minutes from now", field="until")
+        return until
+    if data.get("minutes") is None:
+        raise InvalidInput("minutes (0 ends the hold now) or until is required", field="minutes")
+    minutes = field_int(data, "minutes")
+    if not 0 <= minutes <= longest:
+        raise InvalidInput(f"minutes must be between 0 and {longest}", field="minutes")
+    return now + timedelta(minutes=minutes)
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pools_reconcile(request: HttpRequest, pool_id: str) -> JsonResponse:
+    data = _body(request, "dry_run", "reason")
+    if "dry_run" not in data:
+        # No default: a forgotten flag must neither run a pass nor pretend to.
+        raise InvalidInput("dry_run is required (true: what a pass would change)", field="dry_run")
+    reason = field_str(data, "reason", required=False)
+    if field_bool(data, "dry_run"):
+        report = pool_reconcile_preview(pool=pool_get(pool_id=pool_id))
+    else:
+        report = pool_reconcile_now(pool_id=pool_id, actor=request_actor(request), reason=reason)
+    return JsonResponse(
+        {
+            "pool_id": report.pool_id,
+            "dry_run": report.dry_run,
+            "changes": [_change_json(change) for change in report.changes],
+            "cluster_error": report.cluster_error or None,
+        }
+    )
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pools_scale(request: HttpRequest, pool_id: str) -> JsonResponse:
+    pool = pool_get(pool_id=pool_id)
+    data = _body(request, "min_replicas", "max_replicas", "reason")
+    pool = pool_scale(
+        pool=pool,
+        min_replicas=field_int(data, "min_replicas"),
+        max_replicas=field_int(data, "max_replicas"),
+        actor=request_actor(request),
+        reason=field_str(data, "reason"),
+    )
+    return JsonResponse(pool_json(pool))
+
+
+@api_user(roles.PERM_MANAGE_POOL)
+@json_errors
+def pools_hold(request: HttpRequest, pool_id: str) -> JsonResponse:
+    pool = pool_get(pool_id=pool_id)
+    data = _body(request, "pods", "minutes", "until", "reason")
+    hold = pool_hold(
+        pool=pool,
+        pods=field_int(data, "pods"),
+        until=_hold_until(data),
+        actor=request_actor(request),
+        reason=field_str(data, "reason"),
+    )
+    return JsonResponse(_hold_json(hold))

@@ -23,7 +23,7 @@ One pass, `autoscale_pool`:
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db import transaction
 
@@ -47,6 +47,12 @@ GONE_PHASES = (PodPhase.FAILED, PodPhase.SUCCEEDED)
 
 # --- admin actions -------------------------------------------------------------------------------
 
+# Pod counts are PositiveIntegerFields (up to 2**31 - 1, beyond which PostgreSQL fails the
+# write). No pool runs anywhere near this many pods: a larger number is a typo.
+MAX_REPLICAS = 1000
+# A hold is a short manual override (a migration, an incident), not a configuration.
+HOLD_MAX = timedelta(hours=24)
+
 
 def pool_scale(
     *, pool: AgentPool, min_replicas: int, max_replicas: int, actor: str, reason: str
@@ -59,6 +65,8 @@ def pool_scale(
         raise InvalidInput("max_replicas must be at least 1", field="max_replicas")
     if not 0 <= min_replicas <= max_replicas:
         raise InvalidInput("need 0 <= min_replicas <= max_replicas", field="min_replicas")
+    if max_replicas > MAX_REPLICAS:
+        raise InvalidInput(f"max_replicas must be at most {MAX_REPLICAS}", field="max_replicas")
     if not reason.strip():
         raise InvalidInput("a reason is required to scale a pool", field="reason")
     with transaction.atomic():
@@ -97,6 +105,10 @@ def pool_hold(*, pool: AgentPool, pods: int, until: datetime, actor: str, reason
     if not reason.strip():
         raise InvalidInput("a reason is required to hold a pool", field="reason")
     now = clock.now()
+    if until > now + HOLD_MAX:
+        raise InvalidInput(
+            f"a hold lasts at most {HOLD_MAX.total_seconds() / 3600:g} h", field="until"
+        )
     with transaction.atomic():
         hold = PoolHold.objects.create(
             pool=pool, pods=pods, until=until, by=actor, reason=reason, created_at=now

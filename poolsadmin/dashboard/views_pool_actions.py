@@ -20,7 +20,13 @@ from django.views.decorators.http import require_http_methods
 
 from poolsadmin.api.roles import PERM_MANAGE_POOL, PERM_VIEW
 from poolsadmin.api.services import request_actor
-from poolsadmin.autoscaler.services import pool_active_hold, pool_hold, pool_scale
+from poolsadmin.autoscaler.services import (
+    HOLD_MAX,
+    MAX_REPLICAS,
+    pool_active_hold,
+    pool_hold,
+    pool_scale,
+)
 from poolsadmin.dashboard.views_actions import (
     REASON_REQUIRED,
     _back,
@@ -39,10 +45,8 @@ from poolsadmin.worker.reconcile import pool_reconcile_now, pool_reconcile_previ
 PREVIEW_TEMPLATE = "dashboard/actions/_reconcile_preview.html"
 FIELDS_TEMPLATE = "dashboard/actions/_scale_fields.html"
 STATIC_POOL = "only k8s pools have replicas"
-HOLD_MINUTES = (1, 24 * 60)
-# Pod counts are PositiveIntegerFields (up to 2**31 - 1, beyond which PostgreSQL fails the
-# write with a 500). No pool runs anywhere near this many pods: a larger number is a typo.
-MAX_PODS = 1000
+HOLD_MINUTES = (1, int(HOLD_MAX.total_seconds() // 60))
+MAX_PODS = MAX_REPLICAS
 
 
 # --- reconcile now -------------------------------------------------------------------------------

@@ -301,15 +301,16 @@ def task_confirm_apply(*, task_id: int, actor: str, description: str = "") -> Wo
         )
 
 
-def task_cancel(
-    *, task_id: int, actor: str, reason: str = "", force: bool = False
-) -> WorkspaceTask:
-    """pending | apply_pending | running -> cancelled.
+def task_cancel(*, task_id: int, actor: str, reason: str, force: bool = False) -> WorkspaceTask:
+    """pending | apply_pending | running -> cancelled, with a reason (SPEC 8: destructive
+    actions need one).
 
     The agent running it hears of it in its next heartbeat answer: it still reports the task,
     which the ledger no longer assigns to it (I-510). Cancelling an apply that is applying
     needs `force`, and then keeps the workspace lock: the apply may have changed things.
     """
+    if not reason.strip():
+        raise InvalidInput("a reason is required to cancel a task", field="reason")
     with transaction.atomic():
         task = _locked_task(task_id)
         _refuse_terminal(task)
@@ -321,7 +322,7 @@ def task_cancel(
                 f"task #{task_id} is applying; cancelling it may leave partial state. "
                 "Repeat with force to cancel anyway."
             )
-        message = f"Cancelled by {actor}" + (f": {reason}" if reason else "")
+        message = f"Cancelled by {actor}: {reason}"
         task = _transition(
             task,
             expected=task.status,

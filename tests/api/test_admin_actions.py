@@ -1,27 +1,35 @@
 """The admin-action endpoints of the JSON API (SPEC 8 "Actions"): release a slot (with its
-preview and undo), drain/undrain a pod, pause/resume/unfreeze a pool. Each one allowed,
-refused to a viewer with nothing written, to an anonymous caller, to a wrong method, and its
-404, 409 and 400 answers."""
+preview and undo), drain/undrain a pod, pause/resume/unfreeze a pool, reconcile it now (with a
+dry run), scale and hold it. Each one allowed, refused to a viewer with nothing written, to an
+anonymous caller, to a wrong method, and its 404, 409 and 400 answers."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
+from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.api import roles
+from poolsadmin.autoscaler.models import PoolHold
+from poolsadmin.autoscaler.services import pool_active_hold, pool_hold
 from poolsadmin.events.models import Event
+from poolsadmin.kube.adapter import KubeClient
 from poolsadmin.lib import clock
 from poolsadmin.pools.actions import slot_release
 from poolsadmin.pools.models import AgentPool, Pod, PoolStatus, Slot, SlotState
 from poolsadmin.pools.services import pool_pause
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
+from poolsadmin.worker.cluster_access import kube_override
+from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_agent, make_pool, make_workspace, plan_with_changes, pod_of, submit
+from tests.worker.kube_scenarios import cluster_pod, make_k8s_pool
 
 if TYPE_CHECKING:
     from django.test.client import _MonkeyPatchedWSGIResponse as Response
@@ -70,6 +78,9 @@ def writes() -> tuple[Any, ...]:
         list(Slot.objects.order_by("pk").values_list("state", "task_id", "version")),
         list(Pod.objects.values_list("cordoned", "cordoned_by")),
         list(AgentPool.objects.values_list("status", "unfrozen_until")),
+        list(AgentPool.objects.values_list("min_replicas", "max_replicas")),
+        list(PoolHold.objects.values_list("pods", "until")),
+        list(Agent.objects.values_list("status", flat=True)),
         list(WorkspaceTask.objects.values_list("status", "pod_id")),
     )
 
@@ -87,6 +98,17 @@ ACTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("/api/v1/pools/{pool}/pause", {"reason": "incident"}, roles.PERM_MANAGE_POOL),
     ("/api/v1/pools/{pool}/resume", {}, roles.PERM_MANAGE_POOL),
     ("/api/v1/pools/{pool}/unfreeze", {"reason": "hotfix"}, roles.PERM_MANAGE_POOL),
+    ("/api/v1/pools/{pool}/reconcile", {"dry_run": False}, roles.PERM_MANAGE_POOL),
+    (
+        "/api/v1/pools/{pool}/scale",
+        {"min_replicas": 1, "max_replicas": 2, "reason": "load test"},
+        roles.PERM_MANAGE_POOL,
+    ),
+    (
+        "/api/v1/pools/{pool}/hold",
+        {"pods": 1, "minutes": 30, "reason": "load test"},
+        roles.PERM_MANAGE_POOL,
+    ),
 ]
 PREVIEW = "/api/v1/slots/{slot}/release-preview"
 
@@ -247,6 +269,13 @@ def test_unknown_slots_pods_pools_and_events_are_404(
         ("/api/v1/pools/pool-doesnotexist0000/pause", {"reason": "x"}),
         ("/api/v1/pools/pool-doesnotexist0000/resume", {}),
         ("/api/v1/pools/pool-doesnotexist0000/unfreeze", {"reason": "x"}),
+        ("/api/v1/pools/pool-doesnotexist0000/reconcile", {"dry_run": True}),
+        ("/api/v1/pools/pool-doesnotexist0000/reconcile", {"dry_run": False}),
+        (
+            "/api/v1/pools/pool-doesnotexist0000/scale",
+            {"min_replicas": 1, "max_replicas": 2, "reason": "x"},
+        ),
+        ("/api/v1/pools/pool-doesnotexist0000/hold", {"pods": 1, "minutes": 5, "reason": "x"}),
     ]
     for url, body in missing:
         response = post(admin_client, url, body)
@@ -382,3 +411,291 @@ def test_an_undo_with_an_unknown_field_is_400_naming_it(
     response = post(admin_client, f"/api/v1/events/{released}/undo-release", {"force": True})
     assert (response.status_code, response.json()["field"]) == (400, "force")
     assert writes() == before
+
+
+# --- reconcile now, scale, hold ------------------------------------------------------------------
+
+NOON = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def cluster(fake_kube: FakeKubeServer, kube_client: KubeClient) -> Iterator[FakeKubeServer]:
+    """The fake cluster, reached the way the worker reaches a cluster (kube_for_pool)."""
+    kube_override(kube_client)
+    yield fake_kube
+    kube_override(None)
+
+
+@pytest.fixture
+def k8s_pool(cluster: FakeKubeServer) -> AgentPool:
+    """min 0, max 3, no pods; its cluster is `cluster`."""
+    return make_k8s_pool(name="k8s", min_replicas=0, max_replicas=3)
+
+
+@pytest.fixture
+def stale_pool() -> AgentPool:
+    """A static pool whose one agent, S1, has not heartbeated for longer than the timeout."""
+    pool = make_pool(name="stale", heartbeat_timeout_seconds=120)
+    make_agent(pool, "S1")
+    clock.advance(121)
+    return pool
+
+
+def reconcile(client: Client, pool: AgentPool, body: Any) -> Response:
+    return post(client, f"/api/v1/pools/{pool.pk}/reconcile", body)
+
+
+def test_a_dry_run_lists_what_a_pass_would_change_and_writes_nothing(
+    admin_client: Client, stale_pool: AgentPool
+) -> None:
+    before = writes()
+    response = reconcile(admin_client, stale_pool, {"dry_run": True, "reason": "look first"})
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert (body["pool_id"], body["dry_run"], body["cluster_error"]) == (stale_pool.pk, True, None)
+    agent = Agent.objects.get(pool=stale_pool)
+    assert body["changes"] == [
+        {"kind": "agent.offline", "target": f"S1 ({agent.agent_id})", "detail": ""}
+    ]
+    assert writes() == before
+
+
+def test_reconcile_now_makes_the_changes_and_writes_its_audit_event(
+    admin_client: Client, stale_pool: AgentPool
+) -> None:
+    response = reconcile(admin_client, stale_pool, {"dry_run": False, "reason": "incident 7"})
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert body["dry_run"] is False
+    assert [c["kind"] for c in body["changes"]] == ["agent.offline"]
+    assert Agent.objects.get(pool=stale_pool).status == AgentStatus.OFFLINE
+    event = Event.objects.get(kind="pool.reconciled")
+    assert (event.actor, event.reason, event.after) == (
+        "user:alice",
+        "incident 7",
+        {"changes": 1, "cluster_error": ""},
+    )
+
+
+def test_the_dry_run_of_a_k8s_pool_lists_the_cluster_and_writes_nowhere(
+    admin_client: Client, k8s_pool: AgentPool, cluster: FakeKubeServer
+) -> None:
+    cluster_pod(cluster, k8s_pool, "agent-a")
+    before = writes()
+    response = reconcile(admin_client, k8s_pool, {"dry_run": True})
+    assert response.status_code == 200, response.json()
+    assert [(c["kind"], c["target"]) for c in response.json()["changes"]] == [
+        ("pod.adopt", "agent-a")
+    ]
+    assert writes() == before
+    assert [r.method for r in cluster.requests_log if r.method != "GET"] == []
+
+    response = reconcile(admin_client, k8s_pool, {"dry_run": False})
+    assert response.status_code == 200
+    assert Pod.objects.filter(pool=k8s_pool, name="agent-a").exists()
+
+
+def test_reconcile_now_answers_the_cluster_error(
+    admin_client: Client, k8s_pool: AgentPool, cluster: FakeKubeServer
+) -> None:
+    cluster.fail_next(1, 500)
+    response = reconcile(admin_client, k8s_pool, {"dry_run": False})
+    assert response.status_code == 200
+    body = response.json()
+    assert "500" in body["cluster_error"]
+    assert body["changes"] == []
+    assert Event.objects.filter(kind="pool.reconciled").count() == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "dry_run"),
+        ({"reason": "x"}, "dry_run"),
+        ({"dry_run": "false"}, "dry_run"),
+        ({"dry_run": False, "reason": 5}, "reason"),
+        ({"dry_run": False, "force": True}, "force"),
+        (["dry_run"], "body"),
+    ],
+)
+def test_reconcile_with_bad_input_is_400_naming_the_field(
+    admin_client: Client, stale_pool: AgentPool, body: Any, field: str
+) -> None:
+    before = writes()
+    response = reconcile(admin_client, stale_pool, body)
+    assert (response.status_code, response.json()["field"]) == (400, field)
+    assert writes() == before
+
+
+def test_an_admin_scales_a_k8s_pool(admin_client: Client, k8s_pool: AgentPool) -> None:
+    response = post(
+        admin_client,
+        f"/api/v1/pools/{k8s_pool.pk}/scale",
+        {"min_replicas": 1, "max_replicas": 4, "reason": "quarter end"},
+    )
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    assert (body["pool_id"], body["min_replicas"], body["max_replicas"]) == (k8s_pool.pk, 1, 4)
+    pool = AgentPool.objects.get(pk=k8s_pool.pk)
+    assert (pool.min_replicas, pool.max_replicas) == (1, 4)
+    event = Event.objects.get(kind="pool.scaled")
+    assert (event.actor, event.reason, event.after) == (
+        "user:alice",
+        "quarter end",
+        {"min_replicas": 1, "max_replicas": 4},
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"max_replicas": 3, "reason": "r"}, "min_replicas"),
+        ({"min_replicas": "1", "max_replicas": 3, "reason": "r"}, "min_replicas"),
+        ({"min_replicas": 1.5, "max_replicas": 3, "reason": "r"}, "min_replicas"),
+        ({"min_replicas": -1, "max_replicas": 3, "reason": "r"}, "min_replicas"),
+        ({"min_replicas": 3, "max_replicas": 2, "reason": "r"}, "min_replicas"),
+        ({"min_replicas": 0, "max_replicas": 0, "reason": "r"}, "max_replicas"),
+        ({"min_replicas": 0, "max_replicas": 2**31, "reason": "r"}, "max_replicas"),
+        ({"min_replicas": 0, "max_replicas": True, "reason": "r"}, "max_replicas"),
+        ({"min_replicas": 1, "max_replicas": 3}, "reason"),
+        ({"min_replicas": 1, "max_replicas": 3, "reason": " "}, "reason"),
+        ({"min": 1, "max_replicas": 3, "reason": "r"}, "min"),
+        ("scale", "body"),
+    ],
+)
+def test_scaling_with_bad_input_is_400_naming_the_field(
+    admin_client: Client, k8s_pool: AgentPool, body: Any, field: str
+) -> None:
+    before = writes()
+    response = post(admin_client, f"/api/v1/pools/{k8s_pool.pk}/scale", body)
+    assert (response.status_code, response.json()["field"]) == (400, field)
+    assert writes() == before
+
+
+def test_an_admin_holds_a_k8s_pool_for_some_minutes(
+    admin_client: Client, k8s_pool: AgentPool
+) -> None:
+    with clock.frozen_at(NOON):
+        response = post(
+            admin_client,
+            f"/api/v1/pools/{k8s_pool.pk}/hold",
+            {"pods": 2, "minutes": 90, "reason": "migration"},
+        )
+    assert response.status_code == 200, response.json()
+    assert response.json() == {
+        "pool_id": k8s_pool.pk,
+        "pods": 2,
+        "until": "2025-03-05T13:30:00+00:00",
+        "by": "user:alice",
+        "reason": "migration",
+    }
+    hold = PoolHold.objects.get(pool=k8s_pool)
+    assert (hold.pods, hold.until) == (2, NOON + timedelta(minutes=90))
+    assert Event.objects.get(kind="pool.held").actor == "user:alice"
+
+
+def test_a_hold_may_run_until_a_given_time(admin_client: Client, k8s_pool: AgentPool) -> None:
+    with clock.frozen_at(NOON):
+        response = post(
+            admin_client,
+            f"/api/v1/pools/{k8s_pool.pk}/hold",
+            {"pods": 0, "until": "2025-03-05T14:00:00+01:00", "reason": "quiet hour"},
+        )
+    assert response.status_code == 200, response.json()
+    assert PoolHold.objects.get(pool=k8s_pool).until == NOON + timedelta(hours=1)
+
+
+def test_a_hold_of_zero_minutes_ends_the_current_hold(
+    admin_client: Client, k8s_pool: AgentPool
+) -> None:
+    with clock.frozen_at(NOON):
+        pool_hold(
+            pool=k8s_pool,
+            pods=3,
+            until=NOON + timedelta(hours=2),
+            actor="user:bob",
+            reason="load test",
+        )
+        response = post(
+            admin_client,
+            f"/api/v1/pools/{k8s_pool.pk}/hold",
+            {"pods": 0, "minutes": 0, "reason": "load test over"},
+        )
+        assert response.status_code == 200, response.json()
+        assert response.json()["until"] == NOON.isoformat()
+        assert pool_active_hold(pool=k8s_pool, now=clock.now()) is None
+    assert Event.objects.filter(kind="pool.held", actor="user:alice").count() == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"minutes": 30, "reason": "r"}, "pods"),
+        ({"pods": "1", "minutes": 30, "reason": "r"}, "pods"),
+        ({"pods": 4, "minutes": 30, "reason": "r"}, "pods"),
+        ({"pods": -1, "minutes": 30, "reason": "r"}, "pods"),
+        ({"pods": 1, "reason": "r"}, "minutes"),
+        ({"pods": 1, "minutes": -1, "reason": "r"}, "minutes"),
+        ({"pods": 1, "minutes": 1441, "reason": "r"}, "minutes"),
+        ({"pods": 1, "minutes": "30", "reason": "r"}, "minutes"),
+        ({"pods": 1, "minutes": 30, "until": "2025-03-05T13:00:00+00:00", "reason": "r"}, "until"),
+        ({"pods": 1, "until": "tomorrow", "reason": "r"}, "until"),
+        ({"pods": 1, "until": "", "reason": "r"}, "until"),
+        ({"pods": 1, "until": "2025-03-05T11:00:00+00:00", "reason": "r"}, "until"),
+        ({"pods": 1, "until": "2025-03-06T12:01:00+00:00", "reason": "r"}, "until"),
+        ({"pods": 1, "minutes": 30}, "reason"),
+        ({"pods": 1, "minutes": 30, "reason": ""}, "reason"),
+        ({"pods": 1, "hours": 1, "reason": "r"}, "hours"),
+        ([1], "body"),
+    ],
+)
+def test_holding_with_bad_input_is_400_naming_the_field(
+    admin_client: Client, k8s_pool: AgentPool, body: Any, field: str
+) -> None:
+    before = writes()
+    with clock.frozen_at(NOON):
+        response = post(admin_client, f"/api/v1/pools/{k8s_pool.pk}/hold", body)
+    assert (response.status_code, response.json()["field"]) == (400, field)
+    assert writes() == before
+
+
+@pytest.mark.parametrize(
+    ("action", "body"),
+    [
+        ("scale", {"min_replicas": 1, "max_replicas": 2, "reason": "r"}),
+        ("hold", {"pods": 1, "minutes": 5, "reason": "r"}),
+    ],
+)
+def test_a_static_pool_cannot_be_scaled_or_held(
+    world: World, admin_client: Client, action: str, body: dict[str, Any]
+) -> None:
+    before = writes()
+    response = post(admin_client, f"/api/v1/pools/{world.pool.pk}/{action}", body)
+    assert (response.status_code, response.json()["field"]) == (400, "pool_type")
+    assert "only k8s pools" in response.json()["detail"]
+    assert writes() == before
+
+
+@pytest.mark.parametrize("action", ["reconcile", "scale", "hold"])
+def test_a_session_post_to_a_pool_action_without_a_csrf_token_is_refused(
+    admin: User, k8s_pool: AgentPool, action: str
+) -> None:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(admin)
+    before = writes()
+    body = {"dry_run": False, "min_replicas": 1, "max_replicas": 2, "pods": 1, "minutes": 5}
+    response = post(client, f"/api/v1/pools/{k8s_pool.pk}/{action}", body)
+    assert (response.status_code, response.json()["error"]) == (403, "csrf_failed")
+    assert writes() == before
+
+
+def test_a_bearer_token_scales_without_a_csrf_token(k8s_pool: AgentPool, admin_token: str) -> None:
+    client = Client(enforce_csrf_checks=True)
+    response = client.post(
+        f"/api/v1/pools/{k8s_pool.pk}/scale",
+        json.dumps({"min_replicas": 0, "max_replicas": 5, "reason": "script"}),
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {admin_token}"},
+    )
+    assert response.status_code == 200, response.json()
+    assert Event.objects.get(kind="pool.scaled").actor == "user:alice"

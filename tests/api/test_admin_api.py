@@ -110,7 +110,13 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any] | None, str, str]] = [
     ),
     ("GET", "/api/v1/tasks/{task}", None, "POST", roles.PERM_VIEW),
     ("POST", "/api/v1/tasks/{task}/confirm-apply", {}, "GET", roles.PERM_CONFIRM_APPLY),
-    ("POST", "/api/v1/tasks/{task}/cancel", {}, "GET", roles.PERM_CANCEL_TASK),
+    (
+        "POST",
+        "/api/v1/tasks/{task}/cancel",
+        {"reason": "not needed"},
+        "GET",
+        roles.PERM_CANCEL_TASK,
+    ),
 ]
 ACTIONS = [e for e in ENDPOINTS if e[0] == "POST"]
 READS = [e for e in ENDPOINTS if e[0] == "GET"]
@@ -538,7 +544,8 @@ def test_the_task_page_shows_the_diagnosis_history(world: World, viewer_client: 
 def test_an_unknown_task_is_404(viewer_client: Client, admin_client: Client) -> None:
     assert viewer_client.get("/api/v1/tasks/999999").status_code == 404
     assert post(admin_client, "/api/v1/tasks/999999/confirm-apply", {}).status_code == 404
-    assert post(admin_client, "/api/v1/tasks/999999/cancel", {}).status_code == 404
+    missing = post(admin_client, "/api/v1/tasks/999999/cancel", {"reason": "not needed"})
+    assert missing.status_code == 404
 
 
 def test_an_admin_confirms_an_apply(world: World, admin_client: Client) -> None:
@@ -597,17 +604,27 @@ def test_cancelling_an_applying_task_needs_force(world: World, admin_client: Cli
 
 def test_cancel_fields_are_typed(world: World, admin_client: Client) -> None:
     url = f"/api/v1/tasks/{world.pending.pk}/cancel"
-    response = post(admin_client, url, {"force": "yes"})
+    response = post(admin_client, url, {"reason": "x", "force": "yes"})
     assert (response.status_code, response.json()["field"]) == (400, "force")
-    response = post(admin_client, url, {"forced": True})
+    response = post(admin_client, url, {"reason": "x", "forced": True})
     assert (response.status_code, response.json()["field"]) == (400, "forced")
     assert refresh(world.pending).status == TaskStatus.PENDING
 
 
+@pytest.mark.parametrize("body", [{}, {"reason": " "}, {"reason": None}, {"force": True}])
+def test_cancelling_without_a_reason_is_400_naming_it(
+    world: World, admin_client: Client, body: dict[str, Any]
+) -> None:
+    before = writes(world)
+    response = post(admin_client, f"/api/v1/tasks/{world.pending.pk}/cancel", body)
+    assert (response.status_code, response.json()["field"]) == (400, "reason")
+    assert writes(world) == before
+
+
 def test_cancelling_a_finished_task_is_409(world: World, admin_client: Client) -> None:
     url = f"/api/v1/tasks/{world.pending.pk}/cancel"
-    assert post(admin_client, url, {}).status_code == 200
-    response = post(admin_client, url, {})
+    assert post(admin_client, url, {"reason": "not needed"}).status_code == 200
+    response = post(admin_client, url, {"reason": "not needed"})
     assert response.status_code == 409
     assert "terminal" in response.json()["detail"]
 
@@ -628,7 +645,7 @@ def test_a_session_post_without_a_csrf_token_is_refused(world: World, admin: Use
     client = Client(enforce_csrf_checks=True)
     client.force_login(admin)
     before = writes(world)
-    response = post(client, f"/api/v1/tasks/{world.pending.pk}/cancel", {})
+    response = post(client, f"/api/v1/tasks/{world.pending.pk}/cancel", {"reason": "x"})
     assert response.status_code == 403
     assert response.json()["error"] == "csrf_failed"
     assert writes(world) == before
@@ -640,7 +657,8 @@ def test_a_session_post_with_the_csrf_token_is_accepted(world: World, admin: Use
     request = RequestFactory().get("/")
     token = get_token(request)
     client.cookies["csrftoken"] = request.META["CSRF_COOKIE"]
-    response = post(client, f"/api/v1/tasks/{world.pending.pk}/cancel", {}, X_CSRFToken=token)
+    url = f"/api/v1/tasks/{world.pending.pk}/cancel"
+    response = post(client, url, {"reason": "not needed"}, X_CSRFToken=token)
     assert response.status_code == 200
     assert refresh(world.pending).status == TaskStatus.CANCELLED
 

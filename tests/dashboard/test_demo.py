@@ -75,7 +75,7 @@ def test_traffic_submits_work_when_the_backlog_has_room() -> None:
     for task_id in WorkspaceTask.objects.filter(status=TaskStatus.PENDING).values_list(
         "id", flat=True
     ):
-        task_cancel(task_id=task_id, actor="user:test")
+        task_cancel(task_id=task_id, actor="user:test", reason="make room")
     last_id = WorkspaceTask.objects.order_by("-id").values_list("id", flat=True)[0]
 
     done = traffic_step(rng=random.Random(1))

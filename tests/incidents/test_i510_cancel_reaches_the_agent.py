@@ -97,7 +97,7 @@ def test_cancelling_a_plan_and_apply_lets_the_workspaces_next_plan_and_apply_run
     t2 = submit(ws_a, "plan_and_apply")
     assert t2.pk in scheduler_pass().waiting  # strictly serial behind T1
 
-    task_cancel(task_id=t1.pk, actor="user:alice")
+    task_cancel(task_id=t1.pk, actor="user:alice", reason="wrong branch")
 
     assert cancelled_ids(heartbeat(client, secret, b, running=[t1.pk])) == [t1.pk]
     assert cancelled_ids(heartbeat(client, secret, a, running=[])) == []

@@ -172,6 +172,17 @@ def test_a_user_can_cancel_a_waiting_or_running_task(pool: AgentPool, state: str
     assert not any(state != "idle" for state, _ in slot_states(pod_of(make_agent(pool, "P1"))))
 
 
+@pytest.mark.parametrize("reason", ["", "  "])
+def test_a_cancel_needs_a_reason(pool: AgentPool, reason: str) -> None:
+    task = submit(make_workspace(pool), "plan")
+    events = Event.objects.count()
+    with pytest.raises(InvalidInput, match="reason") as refused:
+        task_cancel(task_id=task.pk, actor="user:alice", reason=reason)
+    assert refused.value.field == "reason"
+    assert refresh(task).status == TaskStatus.PENDING
+    assert Event.objects.count() == events
+
+
 def test_cancelling_an_apply_that_is_applying_needs_force_and_keeps_the_lock(
     pool: AgentPool,
 ) -> None:
@@ -179,7 +190,7 @@ def test_cancelling_an_apply_that_is_applying_needs_force_and_keeps_the_lock(
     task_confirm_apply(task_id=task.pk, actor="user:alice")
     task = run(task)
     with pytest.raises(Conflict, match="force"):
-        task_cancel(task_id=task.pk, actor="user:alice")
+        task_cancel(task_id=task.pk, actor="user:alice", reason="stuck")
     assert refresh(task).status == TaskStatus.RUNNING
     task = task_cancel(task_id=task.pk, actor="user:alice", reason="stuck", force=True)
     assert task.status == TaskStatus.CANCELLED
@@ -194,7 +205,7 @@ def test_terminal_states_are_sticky(pool: AgentPool, terminal: str) -> None:
     task = run(submit(make_workspace(pool), "plan"))
     agent = agent_of(task)
     if terminal == "cancelled":
-        task_cancel(task_id=task.pk, actor="user:alice")
+        task_cancel(task_id=task.pk, actor="user:alice", reason="not needed")
     else:
         task_report(task_id=task.pk, agent=agent, status=terminal)
     events = Event.objects.count()
@@ -204,7 +215,7 @@ def test_terminal_states_are_sticky(pool: AgentPool, terminal: str) -> None:
     with pytest.raises(Conflict):
         task_accept(task_id=task.pk, agent=agent)
     with pytest.raises(Conflict):
-        task_cancel(task_id=task.pk, actor="user:alice")
+        task_cancel(task_id=task.pk, actor="user:alice", reason="not needed")
     with pytest.raises(DispatchRefused):
         task_dispatch(task_id=task.pk)
     assert task_fail_lost(task_id=task.pk, message="late", actor="system:reconciler") is None
