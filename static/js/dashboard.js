@@ -23,6 +23,20 @@
   document.addEventListener("htmx:wsAfterMessage", showLiveState);
   document.addEventListener("DOMContentLoaded", showLiveState);
 
+  // A live region swapped in replaces the elements in it, and the keyboard focus with them:
+  // put the focus back on the element with the same id (buttons have stable ids).
+  var focusedId = null;
+  document.addEventListener("htmx:oobBeforeSwap", function (event) {
+    var active = document.activeElement;
+    if (active && active.id && event.detail.target.contains(active)) { focusedId = active.id; }
+  });
+  document.addEventListener("htmx:oobAfterSwap", function () {
+    if (!focusedId) { return; }
+    var again = document.getElementById(focusedId);
+    if (again && again !== document.activeElement) { again.focus({ preventScroll: true }); }
+    focusedId = null;
+  });
+
   // --- action dialog ------------------------------------------------------------------------
   // A button's confirm form is loaded into #action-dialog-body; the dialog then opens modal
   // (Escape cancels it, as for every <dialog>). When it closes, focus goes back to the button
@@ -66,6 +80,7 @@
     d.addEventListener("click", function (event) { if (event.target === d) { d.close(); } });
     d.addEventListener("close", function () {
       document.getElementById("action-dialog-body").innerHTML = "";
+      if (focusOutcome) { opener = null; openerId = null; return; }
       var back = (opener && document.contains(opener)) ? opener :
         (openerId && document.getElementById(openerId)) || document.querySelector("main h1");
       opener = null;
@@ -78,9 +93,22 @@
   });
 
   // A done action: close the dialog and refresh the page's live regions at once (the
-  // WebSocket would bring them too, but the poller also serves pages without one).
+  // WebSocket would bring them too, but the poller also serves pages without one). Focus
+  // goes to the outcome, the message (its Undo button if it has one): the button that opened
+  // the dialog may be gone with the state it acted on.
+  var focusOutcome = false;
+  document.addEventListener("htmx:afterSettle", function () {
+    if (!focusOutcome) { return; }
+    var region = document.getElementById("messages");
+    var target = region && (region.querySelector("button") || region.querySelector(".message"));
+    if (!target) { return; }
+    focusOutcome = false;
+    if (!target.matches("button")) { target.setAttribute("tabindex", "-1"); }
+    target.focus();
+  });
   document.addEventListener("poolsadmin:action-done", function () {
     var d = dialog();
+    focusOutcome = true;
     if (d && d.open) { d.close(); }
     var poller = document.getElementById("live-poller");
     if (poller && window.htmx) { window.htmx.trigger(poller, "poolsadmin:refresh"); }

@@ -147,11 +147,134 @@ def test_the_open_pool_page_shows_a_slot_released_through_the_api_without_reload
         f"slots/{slot.pk}/release",
         {"reason": "browser test", "expected_version": slot.version},
     )
-    # SPEC 8 asks for "within a second", the issue for 2 s; the wait is longer so a noisy
-    # machine does not fail it, and the latency is printed for the record.
-    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-idle\b"), timeout=5_000)
+    # SPEC 8 asks for "within a second", the issue's acceptance for 2 s, which is the bound
+    # here (measured: about 0.1 s); the latency is printed for the record.
+    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-idle\b"), timeout=2_000)
     print(f"live update latency: {time.monotonic() - started:.2f} s")
     assert page.evaluate("window.__notReloaded === true"), "the page reloaded"
+
+
+# A WebSocket that never connects (the server or a proxy refuses it): closes at once, 1006.
+DEAD_WEBSOCKET = """
+window.WebSocket = class {
+  constructor() {
+    this.readyState = 0;
+    setTimeout(() => { this.readyState = 3; if (this.onclose) this.onclose({ code: 1006 }); }, 10);
+  }
+  send() {}
+  close() {}
+};
+"""
+
+
+def test_without_a_websocket_the_pool_page_polls_and_still_updates_without_reload(
+    page: Page, demo: DemoSeed, admin_api: Api
+) -> None:
+    page.add_init_script(DEAD_WEBSOCKET)
+    login(page, "admin")
+    page.goto(POOL_URL)
+    expect(page.locator("[data-live-state]")).to_have_text("polling every 5 s")
+    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-reserved\b"))
+    page.evaluate("window.__notReloaded = true")
+    slot = Slot.objects.get(task_id=INCIDENT_TASK_ID)
+
+    admin_api(
+        "POST",
+        f"slots/{slot.pk}/release",
+        {"reason": "no socket", "expected_version": slot.version},
+    )
+
+    # The next poll (every 5 s) brings it.
+    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-idle\b"), timeout=10_000)
+    assert page.evaluate("window.__notReloaded === true"), "the page reloaded"
+
+
+def dialog(page: Page) -> Locator:
+    return page.get_by_role("dialog")
+
+
+def test_an_admin_releases_598s_slot_in_the_dialog_from_the_keyboard_and_undoes_it(
+    page: Page, demo: DemoSeed
+) -> None:
+    login(page, "admin")
+    page.goto(POOL_URL)
+    expect(page.locator("[data-live-state]")).to_have_text("live")
+
+    # Open from the keyboard: focus lands on the reason, the impact is shown.
+    incident_cell(page).get_by_role("link", name="Release").focus()
+    page.keyboard.press("Enter")
+    expect(dialog(page)).to_be_visible()
+    expect(dialog(page)).to_contain_text(f"frees the reservation of task #{INCIDENT_TASK_ID}")
+    reason = dialog(page).get_by_label("Reason")
+    expect(reason).to_be_focused()
+
+    # Escape cancels, and focus goes back to the button that opened the dialog.
+    page.keyboard.press("Escape")
+    expect(dialog(page)).to_be_hidden()
+    expect(incident_cell(page).get_by_role("link", name="Release")).to_be_focused()
+    assert Slot.objects.get(task_id=INCIDENT_TASK_ID).state == "reserved"
+
+    # A blank reason is refused by the server inside the dialog, which stays open.
+    page.keyboard.press("Enter")
+    expect(reason).to_be_focused()
+    page.keyboard.type("   ")
+    page.keyboard.press("Tab")  # to "Release slot"
+    page.keyboard.press("Enter")
+    expect(dialog(page).get_by_role("alert")).to_contain_text("A reason is required")
+    expect(dialog(page).get_by_label("Reason")).to_be_focused()
+
+    # A reason, then confirm from the keyboard: the dialog closes, the message offers Undo
+    # and has the focus (the Release button is gone with the reservation), and the cell is
+    # idle without a reload.
+    page.evaluate("window.__notReloaded = true")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("agent pod is being replaced")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    expect(dialog(page)).to_be_hidden()
+    message = page.locator("#messages .message-success")
+    expect(message).to_contain_text(
+        f"Released slot {demo.incident_slot} (reservation of task #{INCIDENT_TASK_ID})"
+    )
+    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-idle\b"))
+    assert page.evaluate("window.__notReloaded === true"), "the page reloaded"
+    undo = message.get_by_role("button", name="Undo")
+    expect(undo).to_be_focused()
+
+    page.keyboard.press("Enter")
+    expect(page.locator("#messages")).to_contain_text(
+        f"Put back the reservation of task #{INCIDENT_TASK_ID} on {demo.incident_slot}"
+    )
+    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-reserved\b"))
+    expect(incident_cell(page)).to_contain_text(f"#{INCIDENT_TASK_ID}")
+
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Audit log").click()
+    released = page.locator("tbody tr").filter(has_text="slot.released")
+    expect(released).to_have_count(1)
+    expect(released).to_contain_text("agent pod is being replaced")
+    expect(page.locator("tbody tr").filter(has_text="slot.release_undone")).to_have_count(1)
+
+
+def test_a_dialog_opened_before_the_slot_changed_says_so_and_shows_the_fresh_state(
+    page: Page, demo: DemoSeed, admin_api: Api
+) -> None:
+    login(page, "admin")
+    page.goto(POOL_URL)
+    incident_cell(page).get_by_role("link", name="Release").click()
+    expect(dialog(page)).to_be_visible()
+    # Someone else releases and puts back the reservation meanwhile: same task, new version.
+    slot = Slot.objects.get(task_id=INCIDENT_TASK_ID)
+    done = admin_api(
+        "POST", f"slots/{slot.pk}/release", {"reason": "other", "expected_version": slot.version}
+    )
+    admin_api("POST", f"events/{done['event_id']}/undo-release", {})
+
+    dialog(page).get_by_label("Reason").fill("stale dialog")
+    dialog(page).get_by_role("button", name="Release slot").click()
+
+    expect(dialog(page).get_by_role("alert")).to_contain_text("This slot changed")
+    expect(dialog(page)).to_contain_text(f"task #{INCIDENT_TASK_ID}")
+    assert Slot.objects.get(task_id=INCIDENT_TASK_ID).state == "reserved"
 
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=lambda v: str(v["width"]))
