@@ -10,9 +10,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from django.db.models import Count, Min
+from django.db.models import Count, Min, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 
 from poolsadmin.agents.models import Agent
+from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, Slot
@@ -29,13 +31,18 @@ class PoolSummary:
     agents_online: int = 0
     slots: Counter[str] = field(default_factory=Counter)
     queue_length: int = 0
+    # When the longest-waiting queued task started to wait: its creation, or for a confirmed
+    # apply its confirmation (the plan and the wait for a person are not queueing).
     queue_oldest_at: datetime | None = None
+    # k8s pools: the pod count of the autoscaler's latest decision (None: no decision yet).
+    desired_pods: int | None = None
 
 
 def pools_overview(*, now: datetime | None = None) -> list[PoolSummary]:
     """Every pool with its counts. Five queries."""
     now = now or clock.now()
-    pools = list(AgentPool.objects.all())
+    latest = ScaleDecision.objects.filter(pool=OuterRef("pk")).order_by("-at", "-id")
+    pools = list(AgentPool.objects.annotate(desired=Subquery(latest.values("desired")[:1])))
     by_id = {pool.pool_id: pool for pool in pools}
 
     pods: Counter[str] = Counter()
@@ -62,7 +69,7 @@ def pools_overview(*, now: datetime | None = None) -> list[PoolSummary]:
         row["pool_id"]: (row["n"], row["oldest"])
         for row in WorkspaceTask.objects.filter(QUEUED)
         .values("pool_id")
-        .annotate(n=Count("id"), oldest=Min("created_at"))
+        .annotate(n=Count("id"), oldest=Min(Coalesce("apply_confirmed_at", "created_at")))
     }
     return [
         PoolSummary(
@@ -74,6 +81,7 @@ def pools_overview(*, now: datetime | None = None) -> list[PoolSummary]:
             slots=slots[pool.pool_id],
             queue_length=queue.get(pool.pool_id, (0, None))[0],
             queue_oldest_at=queue.get(pool.pool_id, (0, None))[1],
+            desired_pods=getattr(pool, "desired", None),
         )
         for pool in pools
     ]

@@ -349,4 +349,4 @@ def test_metrics_run_the_same_number_of_queries_for_1_and_5_pools(
 
     assert len(family(text, "poolsadmin_queue_length")) == 5
     # Token and permissions (3), then the metrics themselves (9).
-    assert len(one_pool) == 12
+    assert len(one_pool) == 11

@@ -235,7 +235,7 @@ def test_htmx_polling_the_task_page_gets_only_its_live_region(
     assert response.status_code == 200
     html = response.content.decode()
     assert "<html" not in html
-    assert html.count('id="task-live" hx-swap-oob="true"') == 1
+    assert html.count('id="task-live" class="stack" hx-swap-oob="true"') == 1
     assert "awaiting_confirmation" in html
     # The messages of an action stay outside the region a refresh replaces.
     assert 'id="messages"' not in html
