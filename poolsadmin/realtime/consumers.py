@@ -30,6 +30,10 @@ CLOSE_NO_POOL = 4404
 
 # A scheduler pass publishes dozens of events within a few ms: render at most once per window.
 RENDER_WINDOW_SECONDS = 0.15
+# Without any event the page still re-renders now and then: its ages and countdowns move on,
+# and the consumer joins its group again, because channels_redis forgets group members after
+# `group_expiry` (a day by default) and a page may stay open longer than that.
+REFRESH_SECONDS = 30.0
 
 
 def _pool_exists(pool_id: str) -> bool:
@@ -41,6 +45,7 @@ class PoolConsumer(AsyncWebsocketConsumer):
     group: str | None = None
     stale: bool = False
     render_task: asyncio.Task[None] | None = None
+    refresh_task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         self.pool_id = self.scope["url_route"]["kwargs"]["pool_id"]
@@ -59,6 +64,14 @@ class PoolConsumer(AsyncWebsocketConsumer):
         # Render once at (re)connect: changes made between the page load (or a dropped
         # socket) and joining the group published to nobody.
         self._mark_stale()
+        self.refresh_task = asyncio.create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            if self.group is not None:
+                await self.channel_layer.group_add(self.group, self.channel_name)
+            self._mark_stale()
 
     async def _refusal(self) -> int | None:
         user = self.scope.get("user")
@@ -71,8 +84,9 @@ class PoolConsumer(AsyncWebsocketConsumer):
         return None
 
     async def disconnect(self, code: int) -> None:
-        if self.render_task is not None:
-            self.render_task.cancel()
+        for task in (self.render_task, self.refresh_task):
+            if task is not None:
+                task.cancel()
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 

@@ -34,7 +34,7 @@ from poolsadmin.dashboard import live
 from poolsadmin.pools.actions import slot_release
 from poolsadmin.pools.models import AgentPool, Pod, Slot
 from poolsadmin.realtime import consumers
-from poolsadmin.realtime.broadcast import broadcast_pool_changed
+from poolsadmin.realtime.broadcast import broadcast_pool_changed, pool_group
 from poolsadmin.realtime.consumers import CLOSE_FORBIDDEN, CLOSE_NO_POOL, CLOSE_NOT_LOGGED_IN
 from poolsadmin.realtime.routing import websocket_urlpatterns
 from poolsadmin.tasks.models import WorkspaceTask
@@ -205,6 +205,34 @@ def test_a_burst_of_twenty_events_yields_one_or_two_renders_and_the_last_is_fina
     assert received == counted_renders
     assert f"#{last_task.pk}" in received[-1]
     assert latency < 1.0
+
+
+def test_without_events_the_page_is_rendered_again_and_its_group_joined_again(
+    world: World, viewer: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumers, "REFRESH_SECONDS", 0.2)
+    joins: list[str] = []
+
+    async def scenario() -> None:
+        page = socket(world.pool.pool_id, viewer)
+        layer = get_channel_layer()
+        group_add = layer.group_add
+
+        async def counting_add(group: str, channel: str) -> None:
+            joins.append(group)
+            await group_add(group, channel)
+
+        monkeypatch.setattr(layer, "group_add", counting_add)
+        try:
+            await open_page(page)
+            # Nothing changes, yet the ages move on: two more renders in about 0.4 s.
+            assert 'id="slot-grid"' in await page.receive_from(timeout=TIMEOUT)
+            assert 'id="slot-grid"' in await page.receive_from(timeout=TIMEOUT)
+        finally:
+            await page.disconnect()
+
+    async_to_sync(scenario)()
+    assert joins.count(pool_group(world.pool.pool_id)) >= 3
 
 
 def test_a_change_published_during_a_render_gets_a_render_after_it(
