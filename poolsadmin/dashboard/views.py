@@ -29,7 +29,8 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 @permission_required(PERM_VIEW, raise_exception=True)
 def pools_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "dashboard/pools.html", {"rows": dashboard_pools()})
+    template = "dashboard/pools.html#pool-list" if is_htmx(request) else "dashboard/pools.html"
+    return render(request, template, {"rows": dashboard_pools()})
 
 
 @require_safe

@@ -19,6 +19,12 @@ from poolsadmin.dashboard.browse_selectors import (
     dashboard_workspace,
 )
 from poolsadmin.lib.errors import NotFound
+from poolsadmin.lib.htmx import is_htmx
+
+
+def _fragment(request: HttpRequest, template: str, partial: str) -> str:
+    """The page, or for htmx (a poll, a filter) only its swappable partial."""
+    return f"{template}#{partial}" if is_htmx(request) else template
 
 
 @require_safe
@@ -29,7 +35,9 @@ def workspaces_detail(request: HttpRequest, workspace_id: str) -> HttpResponse:
         page = dashboard_workspace(workspace_id=workspace_id)
     except NotFound as exc:
         raise Http404(exc.message) from None
-    return render(request, "dashboard/workspace.html", {"page": page})
+    return render(
+        request, _fragment(request, "dashboard/workspace.html", "workspace-live"), {"page": page}
+    )
 
 
 @require_safe
@@ -39,7 +47,9 @@ def agents_list(request: HttpRequest) -> HttpResponse:
     page = dashboard_agents(
         pool_id=request.GET.get("pool", "").strip(), agent=request.GET.get("agent", "").strip()
     )
-    return render(request, "dashboard/agents.html", {"page": page})
+    return render(
+        request, _fragment(request, "dashboard/agents.html", "agents-results"), {"page": page}
+    )
 
 
 @require_safe
@@ -50,7 +60,8 @@ def audit_list(request: HttpRequest) -> HttpResponse:
         **{name: request.GET.get(name, "").strip() for name in AuditFilters.__dataclass_fields__}
     )
     page = dashboard_audit(filters=filters, page=request.GET.get("page"))
-    return render(request, "dashboard/audit.html", {"page": page, "filters": filters})
+    template = _fragment(request, "dashboard/audit.html", "audit-results")
+    return render(request, template, {"page": page, "filters": filters})
 
 
 @require_safe

@@ -295,3 +295,54 @@ def test_search_shows_nothing_found_with_the_query(viewer_client: Client) -> Non
     assert "Nothing found" in content
     assert "no-such-thing" in content
     assert viewer_client.get(reverse("search"), {"q": "99999"}).status_code == 200
+
+
+# --- htmx fragments: polls and filters swap only their region ------------------------------------
+
+FRAGMENTS = [
+    (lambda: reverse("pools-list"), "pool-list"),
+    (lambda: reverse("workspaces-detail", args=[INCIDENT_WORKSPACE_ID]), "workspace-live"),
+    (lambda: reverse("agents-list") + f"?pool={DEMO_POOL_ID}", "agents-results"),
+    (lambda: reverse("audit-list") + "?kind=slot.", "audit-results"),
+]
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize(("url", "region"), FRAGMENTS, ids=[r for _, r in FRAGMENTS])
+def test_htmx_gets_only_the_pages_swappable_region(
+    viewer_client: Client, url: Any, region: str
+) -> None:
+    response = viewer_client.get(url(), headers={"HX-Request": "true"})
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "<html" not in html
+    assert html.strip().startswith(f'<div id="{region}"')
+    assert html.count(f'id="{region}"') == 1
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize(("url", "region"), FRAGMENTS, ids=[r for _, r in FRAGMENTS])
+def test_the_full_page_holds_the_region_once(viewer_client: Client, url: Any, region: str) -> None:
+    html = viewer_client.get(url()).content.decode()
+    assert "<html" in html
+    assert html.count(f'id="{region}"') == 1
+
+
+@pytest.mark.usefixtures("seeded")
+def test_a_history_restore_gets_the_whole_page(viewer_client: Client) -> None:
+    """Back to a URL a filter pushed: htmx asks for the page to replace the body with."""
+    response = viewer_client.get(
+        reverse("audit-list") + "?kind=slot.",
+        headers={"HX-Request": "true", "HX-History-Restore-Request": "true"},
+    )
+    assert "<html" in response.content.decode()
+
+
+@pytest.mark.usefixtures("seeded")
+def test_the_audit_filter_fragment_holds_only_matching_events(viewer_client: Client) -> None:
+    html = viewer_client.get(
+        reverse("audit-list") + "?kind=slot.", headers={"HX-Request": "true"}
+    ).content.decode()
+    assert "slot.reserved" in html
+    assert "task.submitted" not in html
+    assert "match this filter" in html
