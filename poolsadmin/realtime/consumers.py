@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from importlib import import_module
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.contrib.auth import get_user_model
 
 from poolsadmin.api.roles import PERM_VIEW
 from poolsadmin.dashboard.live import pool_live_html
@@ -40,12 +43,34 @@ def _pool_exists(pool_id: str) -> bool:
     return AgentPool.objects.filter(pk=pool_id).exists()
 
 
+def _render_for_whoever_is_still_there(
+    *, pool_id: str, user_pk: Any, session_key: str | None
+) -> tuple[int | None, str]:
+    """(close code, "") when the person behind the socket may no longer see the page, else
+    (None, html). A socket lives for hours: the session may have ended (logout), the user
+    been deactivated or lost the viewer role since connect, so each render reads them again,
+    and renders with a fresh user object (Django caches permissions on the instance, so
+    buttons follow a changed role too)."""
+    if session_key is not None:
+        store = import_module(settings.SESSION_ENGINE).SessionStore()
+        if not store.exists(session_key):
+            return CLOSE_NOT_LOGGED_IN, ""
+    user = get_user_model().objects.filter(pk=user_pk, is_active=True).first()
+    if user is None:
+        return CLOSE_NOT_LOGGED_IN, ""
+    if not user.has_perm(PERM_VIEW):
+        return CLOSE_FORBIDDEN, ""
+    return None, pool_live_html(pool_id=pool_id, user=user)
+
+
 class PoolConsumer(AsyncWebsocketConsumer):
     pool_id: str
     group: str | None = None
     stale: bool = False
     render_task: asyncio.Task[None] | None = None
     refresh_task: asyncio.Task[None] | None = None
+    user_pk: Any = None
+    session_key: str | None = None
 
     async def connect(self) -> None:
         self.pool_id = self.scope["url_route"]["kwargs"]["pool_id"]
@@ -58,6 +83,9 @@ class PoolConsumer(AsyncWebsocketConsumer):
             await self.accept()
             await self.close(code=refusal)
             return
+        self.user_pk = self.scope["user"].pk
+        session = self.scope.get("session")
+        self.session_key = session.session_key if session is not None else None
         self.group = pool_group(self.pool_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
@@ -69,8 +97,13 @@ class PoolConsumer(AsyncWebsocketConsumer):
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_SECONDS)
-            if self.group is not None:
-                await self.channel_layer.group_add(self.group, self.channel_name)
+            try:
+                if self.group is not None:
+                    await self.channel_layer.group_add(self.group, self.channel_name)
+            except Exception:
+                # A channel layer blip (Redis restarting): log it and try again next time;
+                # the render below still runs, and the page still says what it knows.
+                logger.exception("re-joining %s failed", self.group)
             self._mark_stale()
 
     async def _refusal(self) -> int | None:
@@ -114,9 +147,12 @@ class PoolConsumer(AsyncWebsocketConsumer):
         """Return False when the socket was closed. Errors are logged here: this runs in a
         task of its own, whose exception nobody would ever read."""
         try:
-            html = await database_sync_to_async(pool_live_html)(
-                pool_id=self.pool_id, user=self.scope["user"]
+            refusal, html = await database_sync_to_async(_render_for_whoever_is_still_there)(
+                pool_id=self.pool_id, user_pk=self.user_pk, session_key=self.session_key
             )
+            if refusal is not None:
+                await self.close(code=refusal)
+                return False
             await self.send(text_data=html)
         except NotFound:
             await self.close(code=CLOSE_NO_POOL)

@@ -26,6 +26,7 @@ from channels.testing import WebsocketCommunicator
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser, User
+from django.contrib.sessions.models import Session
 from django.db import transaction
 from django.test import Client
 
@@ -377,6 +378,74 @@ def test_a_foreign_origin_is_refused_by_the_asgi_application(world: World, viewe
             await page.disconnect()
 
     assert not async_to_sync(scenario)()
+
+
+def closed_after_a_change(world: World, page: WebsocketCommunicator, change: Any) -> Any:
+    """Open the page, make `change` (sync, in a thread), publish a change of the pool, and
+    return what the socket sends next."""
+
+    async def scenario() -> Any:
+        try:
+            await open_page(page)
+            await database_sync_to_async(change)()
+            await database_sync_to_async(make_agent)(world.pool, "after")
+            return await page.receive_output(timeout=TIMEOUT)
+        finally:
+            await page.disconnect()
+
+    return async_to_sync(scenario)()
+
+
+def test_after_logout_the_open_socket_is_closed_at_the_next_render(
+    world: World, viewer: User
+) -> None:
+    page = browser_socket(world.pool.pool_id, user=viewer, origin="http://testserver")
+    message = closed_after_a_change(world, page, lambda: Session.objects.all().delete())
+    assert message == {"type": "websocket.close", "code": CLOSE_NOT_LOGGED_IN}
+
+
+def test_a_user_who_lost_the_viewer_role_is_closed_at_the_next_render(
+    world: World, viewer: User
+) -> None:
+    page = browser_socket(world.pool.pool_id, user=viewer, origin="http://testserver")
+    message = closed_after_a_change(world, page, lambda: viewer.groups.clear())
+    assert message == {"type": "websocket.close", "code": CLOSE_FORBIDDEN}
+
+
+def test_a_deactivated_user_is_closed_at_the_next_render(world: World, viewer: User) -> None:
+    page = socket(world.pool.pool_id, viewer)
+
+    def deactivate() -> None:
+        User.objects.filter(pk=viewer.pk).update(is_active=False)
+
+    message = closed_after_a_change(world, page, deactivate)
+    assert message == {"type": "websocket.close", "code": CLOSE_NOT_LOGGED_IN}
+
+
+def test_each_socket_renders_the_buttons_its_own_user_may_use(
+    world: World, admin: User, viewer: User
+) -> None:
+    release_url = f'hx-get="/slots/{world.reserved.pk}/release/"'
+
+    async def scenario() -> tuple[str, str]:
+        as_admin, as_viewer = socket(world.pool.pool_id, admin), socket(world.pool.pool_id, viewer)
+        try:
+            await open_page(as_admin)
+            await open_page(as_viewer)
+            await database_sync_to_async(make_agent)(world.pool, "pushed")
+            return (
+                await as_admin.receive_from(timeout=TIMEOUT),
+                await as_viewer.receive_from(timeout=TIMEOUT),
+            )
+        finally:
+            await as_admin.disconnect()
+            await as_viewer.disconnect()
+
+    admin_html, viewer_html = async_to_sync(scenario)()
+    assert "pushed" in admin_html and "pushed" in viewer_html
+    assert release_url in admin_html
+    assert release_url not in viewer_html
+    assert 'disabled title="needs pools.release_slot"' in viewer_html
 
 
 # --- the production channel layer --------------------------------------------------------------
