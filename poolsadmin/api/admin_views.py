@@ -31,7 +31,7 @@ from poolsadmin.api.serializers import (
     workspace_json,
 )
 from poolsadmin.api.services import request_actor
-from poolsadmin.api.user_auth import api_user
+from poolsadmin.api.user_auth import api_user, permission_denied
 from poolsadmin.autoscaler.models import PoolHold, ScaleDecision
 from poolsadmin.autoscaler.services import HOLD_MAX, pool_hold, pool_scale
 from poolsadmin.lib import clock
@@ -424,17 +424,21 @@ def _hold_until(data: dict[str, Any]) -> datetime:
     return now + timedelta(minutes=minutes)
 
 
-@api_user(roles.PERM_MANAGE_POOL)
+@api_user(roles.PERM_VIEW)
 @json_errors
 def pools_reconcile(request: HttpRequest, pool_id: str) -> JsonResponse:
+    """A dry run is a read (viewers see it on the dashboard's confirm dialog too); a pass
+    needs `manage_pool` and a reason: it may fail tasks, drop reservations, delete pods."""
     data = _body(request, "dry_run", "reason")
     if "dry_run" not in data:
         # No default: a forgotten flag must neither run a pass nor pretend to.
         raise InvalidInput("dry_run is required (true: what a pass would change)", field="dry_run")
-    reason = field_str(data, "reason", required=False)
     if field_bool(data, "dry_run"):
         report = pool_reconcile_preview(pool=pool_get(pool_id=pool_id))
     else:
+        if not request.user.has_perm(roles.PERM_MANAGE_POOL):
+            return permission_denied(request, roles.PERM_MANAGE_POOL)
+        reason = field_str(data, "reason")
         report = pool_reconcile_now(pool_id=pool_id, actor=request_actor(request), reason=reason)
     return JsonResponse(
         {

@@ -75,6 +75,18 @@ def _authenticate(request: HttpRequest) -> HttpResponse | None:
     return None
 
 
+def permission_denied(request: HttpRequest, perm: str) -> JsonResponse:
+    """403 naming the permission the user lacks (also for a check inside a view)."""
+    return JsonResponse(
+        {
+            "error": "forbidden",
+            "detail": f"{request.user.get_username()} lacks the permission {perm}",
+            "permission": perm,
+        },
+        status=403,
+    )
+
+
 def api_user(perm: str | None) -> Callable[[View], View]:
     """Require a session user or a bearer token, and `perm` if given (403 naming it)."""
 
@@ -85,14 +97,7 @@ def api_user(perm: str | None) -> Callable[[View], View]:
             if refused is not None:
                 return refused
             if perm is not None and not request.user.has_perm(perm):
-                return JsonResponse(
-                    {
-                        "error": "forbidden",
-                        "detail": f"{request.user.get_username()} lacks the permission {perm}",
-                        "permission": perm,
-                    },
-                    status=403,
-                )
+                return permission_denied(request, perm)
             return view(request, *args, **kwargs)
 
         setattr(wrapper, _CHECKED, True)

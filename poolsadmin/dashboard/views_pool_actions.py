@@ -89,9 +89,9 @@ def pool_reconcile_view(request: HttpRequest, pool_id: str) -> HttpResponse:
         impact=impact,
         button="Reconcile now",
         back=_back(request, _pool_url(pool.pk)),
-        reason_required=False,
+        # A pass may fail tasks, drop reservations and delete pods: destructive (SPEC 8).
+        reason_required=True,
         perform=perform,
-        reason_label="Note (optional)",
     )
 
 

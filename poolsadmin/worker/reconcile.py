@@ -17,7 +17,7 @@ from poolsadmin.agents.services import agents_mark_offline
 from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi
 from poolsadmin.lib import clock
-from poolsadmin.lib.errors import NotFound
+from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.pools.models import AgentPool, PoolType, Slot, SlotState
 from poolsadmin.pools.services import slot_free_for_task, slot_label
@@ -26,7 +26,13 @@ from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 from poolsadmin.tasks.services import task_fail_lost, task_reservation_drop
 from poolsadmin.worker.cluster import RECONCILER, Change, ClusterUnavailable, cluster_sync
 from poolsadmin.worker.cluster_access import kube_for_pool
-from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew, lease_record_pass
+from poolsadmin.worker.lease import (
+    RECONCILER_LEASE,
+    lease_acquire_or_renew,
+    lease_holder_id,
+    lease_record_pass,
+    lease_release,
+)
 
 logger = logging.getLogger("poolsadmin.worker.reconcile")
 
@@ -350,6 +356,15 @@ def _first_per_task(changes: list[Change]) -> list[Change]:
     return kept
 
 
+# One pass over a pool at a time, whoever runs it (the leader, or a person's "Reconcile now"
+# from any web process): a lease row per pool. Longer than any pass; released at its end.
+POOL_LEASE_TTL_SECONDS = 120.0
+
+
+def pool_lease(pool_id: str) -> str:
+    return f"reconcile:{pool_id}"
+
+
 def reconcile_pass_leader(
     *,
     holder: str,
@@ -365,12 +380,20 @@ def reconcile_pass_leader(
     started = time.monotonic()
     reports = []
     for pool in AgentPool.objects.all():
+        # A person's "Reconcile now" of this pool runs right now: skip it this pass, rather
+        # than adopt or remove the same pods twice at once.
+        if not lease_acquire_or_renew(
+            name=pool_lease(pool.pool_id), holder=holder, ttl_seconds=POOL_LEASE_TTL_SECONDS
+        ):
+            continue
         try:
             kube = kube_factory(pool) if pool.pool_type == PoolType.K8S else None
             reports.append(reconcile_pool(pool=pool, kube=kube, actor=RECONCILER))
         except Exception:
             # One broken pool must not stop the others; the next pass tries it again.
             logger.exception("reconcile of %s failed", pool.pool_id)
+        finally:
+            lease_release(name=pool_lease(pool.pool_id), holder=holder)
     lease_record_pass(
         name=RECONCILER_LEASE,
         holder=holder,
@@ -403,7 +426,7 @@ def pool_reconcile_preview(*, pool: AgentPool) -> ReconcileReport:
     return report
 
 
-def pool_reconcile_now(*, pool_id: str, actor: str, reason: str = "") -> ReconcileReport:
+def pool_reconcile_now(*, pool_id: str, actor: str, reason: str) -> ReconcileReport:
     """The dashboard's "Reconcile now" (SPEC 5, 8): one pass for one pool, run by a person,
     with the worker's cluster client, then one `pool.reconciled` audit event naming who ran
     it, why and what it changed.
@@ -413,12 +436,43 @@ def pool_reconcile_now(*, pool_id: str, actor: str, reason: str = "") -> Reconci
     after the pass, not around it: the pass commits each repair on its own and talks to the
     API server between them, so one transaction around it would hold row locks across HTTP
     calls."""
+    if not reason.strip():
+        # It may fail tasks, drop reservations and delete pods: destructive (SPEC 8).
+        raise InvalidInput("a reason is required to reconcile a pool now", field="reason")
     pool = AgentPool.objects.filter(pk=pool_id).first()
     if pool is None:
         raise NotFound(f"pool {pool_id} does not exist")
+    holder = f"{actor} {lease_holder_id()}"
+    if not lease_acquire_or_renew(
+        name=pool_lease(pool.pk), holder=holder, ttl_seconds=POOL_LEASE_TTL_SECONDS
+    ):
+        raise Conflict(
+            f"a reconcile pass of pool {pool.pk} is running right now; try again in a few seconds"
+        )
     kube, missing = _pool_kube(pool)
-    report = reconcile_pool(pool=pool, kube=kube, actor=actor)
+    try:
+        report = reconcile_pool(pool=pool, kube=kube, actor=actor)
+    except Exception as exc:
+        # The repairs made before the failure are committed, each with its event; the audit
+        # log still shows who ran the pass and that it failed.
+        _record_reconcile(pool=pool, actor=actor, reason=reason, changes=[], error=repr(exc))
+        raise
+    finally:
+        lease_release(name=pool_lease(pool.pk), holder=holder)
     report.cluster_error = report.cluster_error or missing
+    _record_reconcile(
+        pool=pool,
+        actor=actor,
+        reason=reason,
+        changes=[str(change) for change in report.changes],
+        error=report.cluster_error,
+    )
+    return report
+
+
+def _record_reconcile(
+    *, pool: AgentPool, actor: str, reason: str, changes: list[str], error: str
+) -> None:
     with transaction.atomic():
         event_record(
             actor=actor,
@@ -426,11 +480,8 @@ def pool_reconcile_now(*, pool_id: str, actor: str, reason: str = "") -> Reconci
             target_type="pool",
             target_id=pool.pk,
             pool_id=pool.pk,
-            after={"changes": len(report.changes), "cluster_error": report.cluster_error},
+            after={"changes": len(changes), "cluster_error": error},
             reason=reason,
-            data={"changes": [str(change) for change in report.changes]},
+            data={"changes": changes},
         )
-        broadcast_pool_changed(
-            pool_id=pool.pk, kind="pool", payload={"reconciled": len(report.changes)}
-        )
-    return report
+        broadcast_pool_changed(pool_id=pool.pk, kind="pool", payload={"reconciled": len(changes)})

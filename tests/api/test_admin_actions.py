@@ -98,7 +98,7 @@ ACTIONS: list[tuple[str, dict[str, Any], str]] = [
     ("/api/v1/pools/{pool}/pause", {"reason": "incident"}, roles.PERM_MANAGE_POOL),
     ("/api/v1/pools/{pool}/resume", {}, roles.PERM_MANAGE_POOL),
     ("/api/v1/pools/{pool}/unfreeze", {"reason": "hotfix"}, roles.PERM_MANAGE_POOL),
-    ("/api/v1/pools/{pool}/reconcile", {"dry_run": False}, roles.PERM_MANAGE_POOL),
+    ("/api/v1/pools/{pool}/reconcile", {"dry_run": False, "reason": "x"}, roles.PERM_MANAGE_POOL),
     (
         "/api/v1/pools/{pool}/scale",
         {"min_replicas": 1, "max_replicas": 2, "reason": "load test"},
@@ -270,7 +270,7 @@ def test_unknown_slots_pods_pools_and_events_are_404(
         ("/api/v1/pools/pool-doesnotexist0000/resume", {}),
         ("/api/v1/pools/pool-doesnotexist0000/unfreeze", {"reason": "x"}),
         ("/api/v1/pools/pool-doesnotexist0000/reconcile", {"dry_run": True}),
-        ("/api/v1/pools/pool-doesnotexist0000/reconcile", {"dry_run": False}),
+        ("/api/v1/pools/pool-doesnotexist0000/reconcile", {"dry_run": False, "reason": "x"}),
         (
             "/api/v1/pools/pool-doesnotexist0000/scale",
             {"min_replicas": 1, "max_replicas": 2, "reason": "x"},
@@ -490,7 +490,7 @@ def test_the_dry_run_of_a_k8s_pool_lists_the_cluster_and_writes_nowhere(
     assert writes() == before
     assert [r.method for r in cluster.requests_log if r.method != "GET"] == []
 
-    response = reconcile(admin_client, k8s_pool, {"dry_run": False})
+    response = reconcile(admin_client, k8s_pool, {"dry_run": False, "reason": "adopt"})
     assert response.status_code == 200
     assert Pod.objects.filter(pool=k8s_pool, name="agent-a").exists()
 
@@ -499,12 +499,23 @@ def test_reconcile_now_answers_the_cluster_error(
     admin_client: Client, k8s_pool: AgentPool, cluster: FakeKubeServer
 ) -> None:
     cluster.fail_next(1, 500)
-    response = reconcile(admin_client, k8s_pool, {"dry_run": False})
+    response = reconcile(admin_client, k8s_pool, {"dry_run": False, "reason": "check"})
     assert response.status_code == 200
     body = response.json()
     assert "500" in body["cluster_error"]
     assert body["changes"] == []
     assert Event.objects.filter(kind="pool.reconciled").count() == 1
+
+
+def test_a_viewer_may_see_the_dry_run_but_not_run_the_pass(
+    viewer_client: Client, stale_pool: AgentPool
+) -> None:
+    before = writes()
+    assert reconcile(viewer_client, stale_pool, {"dry_run": True}).status_code == 200
+    response = reconcile(viewer_client, stale_pool, {"dry_run": False, "reason": "x"})
+    assert response.status_code == 403
+    assert roles.PERM_MANAGE_POOL in response.json()["detail"]
+    assert writes() == before
 
 
 @pytest.mark.parametrize(
@@ -514,6 +525,8 @@ def test_reconcile_now_answers_the_cluster_error(
         ({"reason": "x"}, "dry_run"),
         ({"dry_run": "false"}, "dry_run"),
         ({"dry_run": False, "reason": 5}, "reason"),
+        ({"dry_run": False}, "reason"),
+        ({"dry_run": False, "reason": "  "}, "reason"),
         ({"dry_run": False, "force": True}, "force"),
         (["dry_run"], "body"),
     ],

@@ -86,7 +86,7 @@ ACTIONS = [
     Action(
         "reconcile",
         lambda p: reverse("pools-reconcile", args=[p.pk]),
-        {},
+        {"reason": "after the incident"},
         lambda p: Event.objects.filter(kind="pool.reconciled").exists(),
     ),
     Action(
@@ -196,6 +196,16 @@ def test_htmx_gets_only_the_form_for_the_dialog(
 # --- reconcile now -------------------------------------------------------------------------------
 
 
+def test_reconcile_now_without_a_reason_changes_nothing(
+    admin_client: Client, stale_pool: AgentPool
+) -> None:
+    before = Event.objects.count()
+    response = admin_client.post(reverse("pools-reconcile", args=[stale_pool.pk]), {"reason": ""})
+    assert response.status_code == 400
+    assert "A reason is required" in response.content.decode()
+    assert Event.objects.count() == before
+
+
 def test_the_reconcile_page_lists_the_dry_run_and_changes_nothing(
     admin_client: Client, stale_pool: AgentPool
 ) -> None:
@@ -240,7 +250,9 @@ def test_the_reconcile_page_shows_a_cluster_error(
 def test_reconcile_now_makes_the_changes_and_counts_them(
     admin_client: Client, stale_pool: AgentPool
 ) -> None:
-    response = admin_client.post(reverse("pools-reconcile", args=[stale_pool.pk]))
+    response = admin_client.post(
+        reverse("pools-reconcile", args=[stale_pool.pk]), {"reason": "check"}
+    )
     assert response.status_code == 302
     assert Agent.objects.get(pool=stale_pool).status == AgentStatus.OFFLINE
     assert _message(response) == "Reconciled pool p1: 1 change made."
@@ -275,7 +287,9 @@ def test_reconcile_now_adopts_a_new_cluster_pod(
     admin_client: Client, k8s_pool: AgentPool, cluster: FakeKubeServer
 ) -> None:
     cluster_pod(cluster, k8s_pool, "agent-a")
-    response = admin_client.post(reverse("pools-reconcile", args=[k8s_pool.pk]))
+    response = admin_client.post(
+        reverse("pools-reconcile", args=[k8s_pool.pk]), {"reason": "check"}
+    )
     assert response.status_code == 302
     assert Pod.objects.filter(pool=k8s_pool, name="agent-a").exists()
     assert _message(response) == "Reconciled pool p1: 1 change made."
@@ -285,7 +299,9 @@ def test_reconcile_now_without_a_cluster_says_cluster_sync_was_skipped(
     admin_client: Client, k8s_pool: AgentPool, cluster: FakeKubeServer
 ) -> None:
     cluster.fail_next(1, 500)
-    response = admin_client.post(reverse("pools-reconcile", args=[k8s_pool.pk]))
+    response = admin_client.post(
+        reverse("pools-reconcile", args=[k8s_pool.pk]), {"reason": "check"}
+    )
     assert response.status_code == 302
     assert "Cluster sync was skipped" in _message(response)
     after = Event.objects.get(kind="pool.reconciled").after
