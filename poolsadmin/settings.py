@@ -95,6 +95,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "poolsadmin.lib.htmx.VaryOnHtmxMiddleware",
 ]
 
 ROOT_URLCONF = "poolsadmin.urls"

@@ -470,10 +470,13 @@ def pools_scale(request: HttpRequest, pool_id: str) -> JsonResponse:
 def pools_hold(request: HttpRequest, pool_id: str) -> JsonResponse:
     pool = pool_get(pool_id=pool_id)
     data = _body(request, "pods", "minutes", "until", "reason")
+    until = _hold_until(data)
+    # Ending a hold ("minutes": 0) needs no pod count.
+    ends = until <= clock.now() and data.get("pods") is None
     hold = pool_hold(
         pool=pool,
-        pods=field_int(data, "pods"),
-        until=_hold_until(data),
+        pods=0 if ends else field_int(data, "pods"),
+        until=until,
         actor=request_actor(request),
         reason=field_str(data, "reason"),
     )

@@ -113,13 +113,17 @@ def pool_hold(*, pool: AgentPool, pods: int, until: datetime, actor: str, reason
         hold = PoolHold.objects.create(
             pool=pool, pods=pods, until=until, by=actor, reason=reason, created_at=now
         )
+        # Ending a hold is recorded as that, not as a hold "at N pods until now".
+        ends = until <= now
         event_record(
             actor=actor,
-            kind="pool.held",
+            kind="pool.hold_ended" if ends else "pool.held",
             target_type="pool",
             target_id=pool.pk,
             pool_id=pool.pk,
-            after={"pods": pods, "until": until.isoformat()},
+            after={"until": until.isoformat()}
+            if ends
+            else {"pods": pods, "until": until.isoformat()},
             reason=reason,
         )
         broadcast_pool_changed(pool_id=pool.pk, kind="pool", payload={"held": pods})

@@ -139,7 +139,8 @@ def _pool_families(summaries: list[PoolSummary], now: datetime) -> list[Family]:
     oldest = Family(
         "poolsadmin_queue_oldest_wait_seconds",
         "gauge",
-        "Age of the oldest task waiting for a slot, from its creation, as on the pools page; "
+        "Age of the oldest task waiting for a slot, from its creation (a confirmed apply: its "
+        "confirmation), as on the pools page; "
         "0 when none waits.",
     )
     for s in summaries:

@@ -20,7 +20,7 @@ from poolsadmin.autoscaler.services import GONE_PHASES, pool_active_hold
 from poolsadmin.events.models import Event
 from poolsadmin.pools.models import AgentPool, Pod, PoolType
 from poolsadmin.pools.selectors import FreezeState, pool_freeze_state
-from poolsadmin.worker.lease import RECONCILER_LEASE, lease_current
+from poolsadmin.worker.lease import RECONCILER_LEASE
 from poolsadmin.worker.models import Lease
 from poolsadmin.worker.reconcile import RECONCILED, RECONCILER
 
@@ -77,6 +77,9 @@ class ReconcilerPanel:
     # The `reconciler` lease if a worker holds it now (SPEC 5: "the dashboard shows who holds
     # it"), else None: no worker reconciles.
     lease: Lease | None
+    # The lease row whether or not anyone holds it now: it keeps the last recorded pass,
+    # which matters most when the leader is stuck or gone (the pass then grows old).
+    record: Lease | None
     # Repairs (`drift.*`) and whatever the reconciler did in this pool, newest first.
     changes: list[Event]
     # The latest "Reconcile now" of this pool (who, when, how many changes), if any.
@@ -89,17 +92,17 @@ class ReconcilerPanel:
     @property
     def last_pass_at(self) -> datetime | None:
         """When the leader's latest pass over every pool ended (recorded on its lease)."""
-        return self.lease.last_pass_at if self.lease is not None else None
+        return self.record.last_pass_at if self.record is not None else None
 
 
 def pool_reconciler_panel(*, pool: AgentPool, now: datetime) -> ReconcilerPanel:
-    # `now` is taken for symmetry with the other panels: the lease compares against the
-    # clock itself, the one source of now.
     events = Event.objects.filter(pool_id=pool.pk)
     changes = events.filter(Q(kind__startswith="drift.") | Q(actor=RECONCILER)).order_by("-id")
+    record = Lease.objects.filter(name=RECONCILER_LEASE).first()
     return ReconcilerPanel(
         pool=pool,
-        lease=lease_current(RECONCILER_LEASE),
+        lease=record if record is not None and record.expires_at >= now else None,
+        record=record,
         changes=list(changes[:RECONCILER_CHANGES_LIMIT]),
         last_manual=events.filter(kind=RECONCILED).order_by("-id").first(),
     )

@@ -45,7 +45,7 @@ from poolsadmin.worker.reconcile import pool_reconcile_now, pool_reconcile_previ
 PREVIEW_TEMPLATE = "dashboard/actions/_reconcile_preview.html"
 FIELDS_TEMPLATE = "dashboard/actions/_scale_fields.html"
 STATIC_POOL = "only k8s pools have replicas"
-HOLD_MINUTES = (1, int(HOLD_MAX.total_seconds() // 60))
+HOLD_MINUTES = (0, int(HOLD_MAX.total_seconds() // 60))  # 0 ends the current hold
 MAX_PODS = MAX_REPLICAS
 
 
@@ -242,6 +242,8 @@ def pool_hold_view(request: HttpRequest, pool_id: str) -> HttpResponse:
         hold = pool_hold(
             pool=pool, pods=values["pods"], until=until, actor=request_actor(request), reason=reason
         )
+        if values["minutes"] == 0:
+            return f"Pool {pool.name} is no longer held; the autoscaler follows demand again."
         return f"Pool {pool.name} is held at {hold.pods} pods until {stamp(hold.until)}."
 
     low, high = HOLD_MINUTES
@@ -260,7 +262,14 @@ def pool_hold_view(request: HttpRequest, pool_id: str) -> HttpResponse:
                 pool.max_replicas,
                 help=f"0 to the pool's max ({pool.max_replicas}).",
             ),
-            NumberField("minutes", "For (minutes)", "60", low, high, help="1 to 1440 (24 hours)."),
+            NumberField(
+                "minutes",
+                "For (minutes)",
+                "60",
+                low,
+                high,
+                help=f"1 to {high} ({high // 60} hours); 0 ends the current hold.",
+            ),
         ],
         perform=perform,
     )

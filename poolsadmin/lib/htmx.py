@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+from django.utils.cache import patch_vary_headers
 
 
 def is_htmx(request: HttpRequest) -> bool:
@@ -13,3 +17,17 @@ def is_htmx(request: HttpRequest) -> bool:
     if details is None or not details:
         return False
     return not details.history_restore_request
+
+
+class VaryOnHtmxMiddleware:
+    """`Vary: HX-Request` on every answer. Pages answer htmx with a fragment at their own URL
+    (a poll, a filter, a dialog): without it a browser's HTTP cache could hand the fragment
+    back for a normal load of that URL (Back, restore), a page without its layout."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response = self.get_response(request)
+        patch_vary_headers(response, ("HX-Request",))
+        return response

@@ -7,7 +7,13 @@
   var live = { connected: false };
   window.poolsadmin = {
     // The poller of a live page polls only while the WebSocket is down.
-    liveConnected: function () { return live.connected; }
+    liveConnected: function () { return live.connected; },
+    // A polled region is not replaced while the keyboard focus is inside it (a link being
+    // read or about to be followed); it refreshes once the focus leaves.
+    idle: function (id) {
+      var region = document.getElementById(id);
+      return !(region && region.contains(document.activeElement) && document.activeElement !== document.body);
+    }
   };
 
   function showLiveState() {
@@ -52,8 +58,12 @@
     var target = event.detail.target;
     var d = dialog();
     if (target && target.id === "action-dialog-body" && d && !d.contains(elt)) {
-      opener = elt;
-      openerId = elt.id || null;
+      // A form (the Undo in a message) cannot take focus: its submit button can.
+      var trigger = event.detail.requestConfig && event.detail.requestConfig.triggeringEvent;
+      var from = (trigger && trigger.submitter) || elt;
+      if (from.tagName === "FORM") { from = from.querySelector("button") || from; }
+      opener = from;
+      openerId = from.id || null;
     }
   });
 
@@ -99,10 +109,10 @@
   var focusOutcome = false;
   document.addEventListener("htmx:afterSettle", function () {
     if (!focusOutcome) { return; }
+    focusOutcome = false;
     var region = document.getElementById("messages");
     var target = region && (region.querySelector("button") || region.querySelector(".message"));
     if (!target) { return; }
-    focusOutcome = false;
     if (!target.matches("button")) { target.setAttribute("tabindex", "-1"); }
     target.focus();
   });

@@ -21,6 +21,7 @@ from poolsadmin.dashboard.management.commands.seed_demo import (
 from poolsadmin.lib import clock
 from poolsadmin.pools.models import AgentPool
 from tests.ledger import (
+    finish,
     make_agent,
     make_pool,
     make_workspace,
@@ -252,3 +253,27 @@ def test_the_live_html_pushed_over_the_socket_is_what_a_poll_gets(
         ).content.decode()
         pushed = pool_live_html(pool_id=seeded.pool_id, user=user)
     assert pushed == polled
+
+
+@pytest.mark.usefixtures("seeded")
+@pytest.mark.parametrize("index", range(3))
+def test_pages_vary_on_hx_request_so_no_cache_serves_a_fragment_as_a_page(
+    viewer_client: Client, index: int
+) -> None:
+    for headers in ({}, {"HX-Request": "true"}):
+        response = viewer_client.get(page_urls()[index], headers=headers)
+        assert "HX-Request" in response["Vary"]
+
+
+def test_a_finished_tasks_page_stops_polling(viewer_client: Client) -> None:
+    pool = make_pool()
+    make_agent(pool, "pod-0")
+    running = run(submit(make_workspace(pool), "plan"))
+    url = reverse("tasks-detail", args=[running.pk])
+    assert 'hx-trigger="every 10s' in viewer_client.get(url).content.decode()
+
+    finish(running)
+    html = viewer_client.get(url, headers={"HX-Request": "true"}).content.decode()
+
+    assert '<div id="live-poller" hidden hx-swap-oob="true"></div>' in html
+    assert "every 10s" not in html

@@ -181,6 +181,18 @@ def test_an_expired_lease_has_no_leader() -> None:
     assert pool_reconciler_panel(pool=make_pool(), now=clock.now()).lease is None
 
 
+def test_a_stuck_leaders_last_pass_stays_shown_and_grows_old() -> None:
+    pool = make_pool()
+    assert reconcile_pass_leader(holder="worker-1", kube_factory=lambda p: None) is not None
+    passed_at = clock.now()
+    clock.advance(600)
+
+    panel = pool_reconciler_panel(pool=pool, now=clock.now())
+
+    assert panel.lease is None
+    assert panel.last_pass_at == passed_at
+
+
 def test_the_recent_changes_are_drift_and_the_reconcilers_own_in_this_pool() -> None:
     pool, other = make_pool(), make_pool(name="p2")
     drift = _event(pool, "drift.slot_mismatch")

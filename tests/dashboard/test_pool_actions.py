@@ -16,6 +16,7 @@ from django.urls import reverse
 
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.autoscaler.models import PoolHold
+from poolsadmin.autoscaler.services import pool_active_hold
 from poolsadmin.dashboard.views_actions import ACTION_DONE
 from poolsadmin.events.models import Event
 from poolsadmin.kube.adapter import KubeClient
@@ -363,6 +364,21 @@ def test_a_static_pool_has_no_replicas_to_scale_or_hold(admin_client: Client, na
 # --- hold ----------------------------------------------------------------------------------------
 
 
+def test_a_hold_of_zero_minutes_ends_the_current_hold(
+    admin_client: Client, k8s_pool: AgentPool
+) -> None:
+    url = reverse("pools-hold", args=[k8s_pool.pk])
+    admin_client.post(url, {"pods": "2", "minutes": "90", "reason": "migration"})
+    assert pool_active_hold(pool=k8s_pool, now=clock.now()) is not None
+
+    response = admin_client.post(url, {"pods": "2", "minutes": "0", "reason": "migration done"})
+
+    assert response.status_code == 302
+    assert pool_active_hold(pool=k8s_pool, now=clock.now()) is None
+    assert Event.objects.filter(kind="pool.hold_ended", actor="user:alice").count() == 1
+    assert "no longer held" in str(list(get_messages(response.wsgi_request))[-1])
+
+
 def test_holding_keeps_the_pool_at_n_pods_for_the_minutes_given(
     admin_client: Client, k8s_pool: AgentPool
 ) -> None:
@@ -411,8 +427,8 @@ BAD_INPUT = [
     ("pools-hold", {"pods": "4", "minutes": "30"}, "Pods must be between 0 and 3"),
     ("pools-hold", {"pods": "-1", "minutes": "30"}, "Pods must be between 0 and 3"),
     ("pools-hold", {"pods": "x", "minutes": "30"}, "Pods must be a whole number"),
-    ("pools-hold", {"pods": "1", "minutes": "0"}, "For (minutes) must be between 1 and 1440"),
-    ("pools-hold", {"pods": "1", "minutes": "1441"}, "For (minutes) must be between 1 and 1440"),
+    ("pools-hold", {"pods": "1", "minutes": "-1"}, "For (minutes) must be between 0 and 1440"),
+    ("pools-hold", {"pods": "1", "minutes": "1441"}, "For (minutes) must be between 0 and 1440"),
     ("pools-hold", {"pods": "1", "minutes": "1.5"}, "For (minutes) must be a whole number"),
     ("pools-hold", {"pods": "1", "minutes": "5", "reason": " "}, "A reason is required"),
 ]
