@@ -123,3 +123,14 @@ def running_cluster(fake_kube: Any, kube_client: Any) -> tuple[Any, Any]:  # noq
     """The fake cluster with pods that run as soon as they are created, and a client."""
     fake_kube.auto_run = True
     return fake_kube, kube_client
+
+
+@pytest.fixture
+def worker_cluster(fake_kube: Any, kube_client: Any) -> Iterator[Any]:  # noqa: F811
+    """The fake cluster, reached the way the worker and "Reconcile now" reach a cluster
+    (`kube_for_pool`), as `kube_override` sets it."""
+    from poolsadmin.worker.cluster_access import kube_override
+
+    kube_override(kube_client)
+    yield fake_kube
+    kube_override(None)

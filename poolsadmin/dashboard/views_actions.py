@@ -61,12 +61,39 @@ REASON_REQUIRED = "A reason is required for this action."
 
 
 def _render_form(
-    request: HttpRequest, context: dict[str, Any], status: int, template: str = TEMPLATE
+    request: HttpRequest,
+    *,
+    status: int,
+    title: str,
+    impact: str,
+    button: str,
+    back: str,
+    perm: str,
+    reason: str,
+    error: str,
+    reason_required: bool = True,
+    reason_label: str = "Reason",
+    **extra: Any,
 ) -> HttpResponse:
-    """The confirm page, or only its form for the dialog when htmx asks."""
+    """The confirm page, or only its form for the dialog when htmx asks. `extra`: what a
+    particular form adds (hidden fields, a force box, number fields, the fresh slot)."""
     in_dialog = is_htmx(request)
-    context = {**context, "in_dialog": in_dialog, "action_url": request.get_full_path()}
-    name = f"{template}#confirm-form" if in_dialog else template
+    context = {
+        "title": title,
+        "impact": impact,
+        "button": button,
+        "back": back,
+        "perm": perm,
+        "allowed": request.user.has_perm(perm),
+        "reason_required": reason_required,
+        "reason_label": reason_label,
+        "reason": reason,
+        "error": error,
+        "in_dialog": in_dialog,
+        "action_url": request.get_full_path(),
+        **extra,
+    }
+    name = f"{TEMPLATE}#confirm-form" if in_dialog else TEMPLATE
     return render(request, name, context, status=status)
 
 
@@ -124,22 +151,22 @@ def _confirm(
             else:
                 messages.success(request, text)
                 return _done(request, back)
-    context = {
-        "title": title,
-        "impact": impact,
-        "button": button,
-        "back": back,
-        "perm": perm,
-        "allowed": request.user.has_perm(perm),
-        "reason_required": reason_required,
-        "reason_label": reason_label,
-        "reason": reason,
-        "error": error,
-        "hidden": hidden or {},
-        "force_field": force_field,
-        "force": request.POST.get("force") == "on",
-    }
-    return _render_form(request, context, status)
+    return _render_form(
+        request,
+        status=status,
+        title=title,
+        impact=impact,
+        button=button,
+        back=back,
+        perm=perm,
+        reason=reason,
+        error=error,
+        reason_required=reason_required,
+        reason_label=reason_label,
+        hidden=hidden or {},
+        force_field=force_field,
+        force=request.POST.get("force") == "on",
+    )
 
 
 def _get(model: type[Any], pk: Any, what: str, **related: Any) -> Any:
@@ -201,23 +228,20 @@ def slot_release_view(request: HttpRequest, slot_id: int) -> HttpResponse:
                 _release_message(request, result.event.pk, label, result.task_failed, result.task)
                 return _done(request, back)
     impact = slot_release_impact(slot_id=slot.pk)
-    context = {
-        "title": f"Release slot {label}",
-        "impact": impact.text,
-        "button": "Release slot",
-        "back": back,
-        "perm": perm,
-        "allowed": request.user.has_perm(perm),
-        "reason_required": True,
-        "reason_label": "Reason",
-        "reason": reason,
-        "error": error,
-        "changed": changed,
-        "current": impact,
-        "hidden": {"expected_version": impact.version},
-        "force_field": False,
-    }
-    return _render_form(request, context, status)
+    return _render_form(
+        request,
+        status=status,
+        title=f"Release slot {label}",
+        impact=impact.text,
+        button="Release slot",
+        back=back,
+        perm=perm,
+        reason=reason,
+        error=error,
+        changed=changed,
+        current=impact,
+        hidden={"expected_version": impact.version},
+    )
 
 
 def _release_message(

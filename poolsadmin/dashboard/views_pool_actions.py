@@ -156,22 +156,20 @@ def _numbers_confirm(
             return _done(request, back)
     elif static:
         error, status = STATIC_POOL, 400
-    context = {
-        "title": title,
-        "impact": impact,
-        "button": button,
-        "back": back,
-        "perm": PERM_MANAGE_POOL,
-        "allowed": request.user.has_perm(PERM_MANAGE_POOL),
-        "reason_required": True,
-        "reason_label": "Reason",
-        "reason": reason,
-        "error": error,
-        "fields_template": FIELDS_TEMPLATE,
-        "fields": [] if static else fields,
-        "error_field": error_field,
-    }
-    return _render_form(request, context, status)
+    return _render_form(
+        request,
+        status=status,
+        title=title,
+        impact=impact,
+        button=button,
+        back=back,
+        perm=PERM_MANAGE_POOL,
+        reason=reason,
+        error=error,
+        fields_template=FIELDS_TEMPLATE,
+        fields=[] if static else fields,
+        error_field=error_field,
+    )
 
 
 @require_http_methods(["GET", "POST"])

@@ -6,7 +6,6 @@ anonymous caller, to a wrong method, and its 404, 409 and 400 answers."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -20,13 +19,11 @@ from poolsadmin.api import roles
 from poolsadmin.autoscaler.models import PoolHold
 from poolsadmin.autoscaler.services import pool_active_hold, pool_hold
 from poolsadmin.events.models import Event
-from poolsadmin.kube.adapter import KubeClient
 from poolsadmin.lib import clock
 from poolsadmin.pools.actions import slot_release
 from poolsadmin.pools.models import AgentPool, Pod, PoolStatus, Slot, SlotState
 from poolsadmin.pools.services import pool_pause
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
-from poolsadmin.worker.cluster_access import kube_override
 from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_agent, make_pool, make_workspace, plan_with_changes, pod_of, submit
 from tests.worker.kube_scenarios import cluster_pod, make_k8s_pool
@@ -419,11 +416,8 @@ NOON = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def cluster(fake_kube: FakeKubeServer, kube_client: KubeClient) -> Iterator[FakeKubeServer]:
-    """The fake cluster, reached the way the worker reaches a cluster (kube_for_pool)."""
-    kube_override(kube_client)
-    yield fake_kube
-    kube_override(None)
+def cluster(worker_cluster: FakeKubeServer) -> FakeKubeServer:
+    return worker_cluster
 
 
 @pytest.fixture

@@ -77,6 +77,23 @@ def test_a_viewer_sees_the_release_button_disabled_with_the_permission_it_needs(
     expect(incident_cell(page).get_by_role("link", name="Release")).to_have_count(0)
 
 
+def expect_undone_and_audited(page: Page, demo: DemoSeed) -> None:
+    """After Undo: the message says so, 598's reservation is back, and the audit log holds
+    the release (by the admin, with the reason given) and its undo."""
+    expect(page.locator("#messages")).to_contain_text(
+        f"Put back the reservation of task #{INCIDENT_TASK_ID} on {demo.incident_slot}"
+    )
+    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-reserved\b"))
+    expect(incident_cell(page)).to_contain_text(f"#{INCIDENT_TASK_ID}")
+
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Audit log").click()
+    released = page.locator("tbody tr").filter(has_text="slot.released")
+    expect(released).to_have_count(1)
+    expect(released).to_contain_text("user:admin")
+    expect(released).to_contain_text("agent pod is being replaced")
+    expect(page.locator("tbody tr").filter(has_text="slot.release_undone")).to_have_count(1)
+
+
 def test_without_javascript_an_admin_releases_598s_slot_with_a_reason_and_undoes_it(
     page_without_js: Page, demo: DemoSeed
 ) -> None:
@@ -115,18 +132,7 @@ def test_without_javascript_an_admin_releases_598s_slot_with_a_reason_and_undoes
     message.get_by_role("button", name="Undo").click()
 
     expect(page).to_have_url(re.compile(re.escape(POOL_URL) + "$"))
-    expect(page.locator(".messages")).to_contain_text(
-        f"Put back the reservation of task #{INCIDENT_TASK_ID} on {demo.incident_slot}"
-    )
-    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-reserved\b"))
-    expect(incident_cell(page)).to_contain_text(f"#{INCIDENT_TASK_ID}")
-
-    page.get_by_role("navigation", name="Main").get_by_role("link", name="Audit log").click()
-    released = page.locator("tbody tr").filter(has_text="slot.released")
-    expect(released).to_have_count(1)
-    expect(released).to_contain_text("user:admin")
-    expect(released).to_contain_text("agent pod is being replaced")
-    expect(page.locator("tbody tr").filter(has_text="slot.release_undone")).to_have_count(1)
+    expect_undone_and_audited(page, demo)
 
 
 def test_the_open_pool_page_shows_a_slot_released_through_the_api_without_reload(
@@ -242,17 +248,7 @@ def test_an_admin_releases_598s_slot_in_the_dialog_from_the_keyboard_and_undoes_
     expect(undo).to_be_focused()
 
     page.keyboard.press("Enter")
-    expect(page.locator("#messages")).to_contain_text(
-        f"Put back the reservation of task #{INCIDENT_TASK_ID} on {demo.incident_slot}"
-    )
-    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-reserved\b"))
-    expect(incident_cell(page)).to_contain_text(f"#{INCIDENT_TASK_ID}")
-
-    page.get_by_role("navigation", name="Main").get_by_role("link", name="Audit log").click()
-    released = page.locator("tbody tr").filter(has_text="slot.released")
-    expect(released).to_have_count(1)
-    expect(released).to_contain_text("agent pod is being replaced")
-    expect(page.locator("tbody tr").filter(has_text="slot.release_undone")).to_have_count(1)
+    expect_undone_and_audited(page, demo)
 
 
 def test_a_dialog_opened_before_the_slot_changed_says_so_and_shows_the_fresh_state(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -19,10 +19,8 @@ from poolsadmin.autoscaler.models import PoolHold
 from poolsadmin.autoscaler.services import pool_active_hold
 from poolsadmin.dashboard.views_actions import ACTION_DONE
 from poolsadmin.events.models import Event
-from poolsadmin.kube.adapter import KubeClient
 from poolsadmin.lib import clock
 from poolsadmin.pools.models import AgentPool, Pod
-from poolsadmin.worker.cluster_access import kube_override
 from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_agent, make_pool
 from tests.worker.kube_scenarios import cluster_pod, make_k8s_pool
@@ -46,11 +44,8 @@ def _message(response: Response) -> str:
 
 
 @pytest.fixture
-def cluster(fake_kube: FakeKubeServer, kube_client: KubeClient) -> Iterator[FakeKubeServer]:
-    """The fake cluster, reached the way the worker reaches a cluster (kube_for_pool)."""
-    kube_override(kube_client)
-    yield fake_kube
-    kube_override(None)
+def cluster(worker_cluster: FakeKubeServer) -> FakeKubeServer:
+    return worker_cluster
 
 
 @pytest.fixture
