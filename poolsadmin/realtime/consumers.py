@@ -43,8 +43,14 @@ def _pool_exists(pool_id: str) -> bool:
     return AgentPool.objects.filter(pk=pool_id).exists()
 
 
+# What a socket opened with `?notify=1` gets instead of the pool page's regions: pages of
+# the pool that are not the pool page (a task's) only need to know that it changed, and then
+# refresh their own region over HTTP.
+CHANGED = "changed"
+
+
 def _render_for_whoever_is_still_there(
-    *, pool_id: str, user_pk: Any, session_key: str | None
+    *, pool_id: str, user_pk: Any, session_key: str | None, notify_only: bool = False
 ) -> tuple[int | None, str]:
     """(close code, "") when the person behind the socket may no longer see the page, else
     (None, html). A socket lives for hours: the session may have ended (logout), the user
@@ -60,6 +66,8 @@ def _render_for_whoever_is_still_there(
         return CLOSE_NOT_LOGGED_IN, ""
     if not user.has_perm(PERM_VIEW):
         return CLOSE_FORBIDDEN, ""
+    if notify_only:
+        return (None, CHANGED) if _pool_exists(pool_id) else (CLOSE_NO_POOL, "")
     return None, pool_live_html(pool_id=pool_id, user=user)
 
 
@@ -71,6 +79,7 @@ class PoolConsumer(AsyncWebsocketConsumer):
     refresh_task: asyncio.Task[None] | None = None
     user_pk: Any = None
     session_key: str | None = None
+    notify_only: bool = False
 
     async def connect(self) -> None:
         self.pool_id = self.scope["url_route"]["kwargs"]["pool_id"]
@@ -84,6 +93,7 @@ class PoolConsumer(AsyncWebsocketConsumer):
             await self.close(code=refusal)
             return
         self.user_pk = self.scope["user"].pk
+        self.notify_only = b"notify=1" in self.scope.get("query_string", b"").split(b"&")
         session = self.scope.get("session")
         self.session_key = session.session_key if session is not None else None
         self.group = pool_group(self.pool_id)
@@ -148,7 +158,10 @@ class PoolConsumer(AsyncWebsocketConsumer):
         task of its own, whose exception nobody would ever read."""
         try:
             refusal, html = await database_sync_to_async(_render_for_whoever_is_still_there)(
-                pool_id=self.pool_id, user_pk=self.user_pk, session_key=self.session_key
+                pool_id=self.pool_id,
+                user_pk=self.user_pk,
+                session_key=self.session_key,
+                notify_only=self.notify_only,
             )
             if refusal is not None:
                 await self.close(code=refusal)

@@ -23,6 +23,14 @@
     });
   }
   document.addEventListener("htmx:wsOpen", function () { live.connected = true; showLiveState(); });
+  // A page of the pool that is not the pool page (a task's) holds a socket opened with
+  // ?notify=1: it hears only "changed", and refreshes its own region over HTTP.
+  document.addEventListener("htmx:wsBeforeMessage", function (event) {
+    if (!event.target.hasAttribute("data-ws-notify")) { return; }
+    event.preventDefault();
+    var poller = document.getElementById("live-poller");
+    if (poller && window.htmx) { window.htmx.trigger(poller, "poolsadmin:refresh"); }
+  });
   document.addEventListener("htmx:wsClose", function () { live.connected = false; showLiveState(); });
   // Swapped-in regions carry the server's text: put the current state back.
   document.addEventListener("htmx:oobAfterSwap", showLiveState);
@@ -32,9 +40,30 @@
   // A live region swapped in replaces the elements in it, and the keyboard focus with them:
   // put the focus back on the element with the same id (buttons have stable ids).
   var focusedId = null;
+  function signature(el) {
+    // What a region looks like, minus what htmx itself adds (hx-swap-oob, htmx-* classes).
+    var names = [];
+    for (var i = 0; i < el.attributes.length; i++) {
+      var a = el.attributes[i];
+      if (a.name === "hx-swap-oob" || a.name === "data-hx-swap-oob") { continue; }
+      var value = a.name === "class" ?
+        a.value.split(/\s+/).filter(function (c) { return c && c.indexOf("htmx-") !== 0; }).join(" ") :
+        a.value;
+      names.push(a.name + "=" + value);
+    }
+    return names.sort().join(" ") + "|" + el.innerHTML;
+  }
   document.addEventListener("htmx:oobBeforeSwap", function (event) {
+    var target = event.detail.target;
+    var fragment = event.detail.fragment;
+    var incoming = fragment && (fragment.firstElementChild || fragment);
+    // A region that did not change is left alone: no flicker, focus and selection stay.
+    if (incoming && incoming.id === target.id && signature(incoming) === signature(target)) {
+      event.detail.shouldSwap = false;
+      return;
+    }
     var active = document.activeElement;
-    if (active && active.id && event.detail.target.contains(active)) { focusedId = active.id; }
+    if (active && active.id && target.contains(active)) { focusedId = active.id; }
   });
   document.addEventListener("htmx:oobAfterSwap", function () {
     if (!focusedId) { return; }

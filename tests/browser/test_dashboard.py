@@ -195,6 +195,44 @@ def test_without_a_websocket_the_pool_page_polls_and_still_updates_without_reloa
     assert page.evaluate("window.__notReloaded === true"), "the page reloaded"
 
 
+def test_the_open_task_page_follows_its_task_without_reload(
+    page: Page, demo: DemoSeed, admin_api: Api
+) -> None:
+    login(page, "admin")
+    page.goto(f"/tasks/{INCIDENT_TASK_ID}/")
+    facts = page.locator("#task-live")
+    expect(facts).to_contain_text("not yet")
+    page.wait_for_function("window.poolsadmin && window.poolsadmin.liveConnected()")
+    page.evaluate("window.__notReloaded = true")
+
+    admin_api("POST", f"tasks/{INCIDENT_TASK_ID}/confirm-apply", {"description": "go"})
+
+    # Pushed as "the pool changed", then fetched: the acceptance's 2 s holds here too.
+    expect(facts).to_contain_text("by user:admin", timeout=2_000)
+    assert page.evaluate("window.__notReloaded === true"), "the page reloaded"
+
+
+def test_a_push_leaves_unchanged_regions_and_the_focus_in_them_alone(
+    page: Page, demo: DemoSeed, admin_api: Api
+) -> None:
+    login(page, "admin")
+    page.goto(POOL_URL)
+    expect(page.locator("[data-live-state]")).to_have_text("live")
+    pause = page.locator("#pool-actions").get_by_role("link", name="Pause")
+    pause.focus()
+    page.evaluate("document.getElementById('pool-actions').__before = true")
+    slot = Slot.objects.get(task_id=INCIDENT_TASK_ID)
+
+    admin_api(
+        "POST", f"slots/{slot.pk}/release", {"reason": "focus", "expected_version": slot.version}
+    )
+
+    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-idle\b"), timeout=2_000)
+    # The action bar did not change: the very same element, still focused.
+    assert page.evaluate("document.getElementById('pool-actions').__before === true")
+    expect(pause).to_be_focused()
+
+
 def dialog(page: Page) -> Locator:
     return page.get_by_role("dialog")
 

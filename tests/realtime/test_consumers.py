@@ -141,6 +141,24 @@ def test_an_admin_receives_the_pool_regions_after_a_slot_release_in_that_pool(
     admin_sees_the_release(world, admin)
 
 
+def test_a_notify_socket_hears_only_that_the_pool_changed(world: World, viewer: User) -> None:
+    """A task page of the pool: it refreshes its own region over HTTP on "changed"."""
+
+    async def scenario() -> tuple[str, str]:
+        communicator = WebsocketCommunicator(
+            URLRouter(websocket_urlpatterns), ws_path(world.pool.pool_id) + "?notify=1"
+        )
+        communicator.scope["user"] = viewer
+        try:
+            first = await open_page(communicator)
+            await database_sync_to_async(release)(world.reserved)
+            return first, await communicator.receive_from(timeout=TIMEOUT)
+        finally:
+            await communicator.disconnect()
+
+    assert async_to_sync(scenario)() == (consumers.CHANGED, consumers.CHANGED)
+
+
 def test_a_change_in_another_pool_sends_nothing(world: World, viewer: User) -> None:
     other = make_pool(name="green")
 
