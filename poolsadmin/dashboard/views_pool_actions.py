@@ -21,6 +21,7 @@ from django.views.decorators.http import require_http_methods
 from poolsadmin.api.roles import PERM_MANAGE_POOL, PERM_VIEW
 from poolsadmin.api.services import request_actor
 from poolsadmin.autoscaler.services import (
+    GONE_PHASES,
     HOLD_MAX,
     MAX_REPLICAS,
     pool_active_hold,
@@ -39,7 +40,7 @@ from poolsadmin.dashboard.views_actions import (
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import DomainError, InvalidInput
 from poolsadmin.lib.humanize import stamp
-from poolsadmin.pools.models import AgentPool, PoolType
+from poolsadmin.pools.models import AgentPool, Pod, PoolType
 from poolsadmin.worker.reconcile import pool_reconcile_now, pool_reconcile_preview
 
 PREVIEW_TEMPLATE = "dashboard/actions/_reconcile_preview.html"
@@ -217,6 +218,12 @@ def pool_scale_view(request: HttpRequest, pool_id: str) -> HttpResponse:
     )
 
 
+def _pods_now(pool: AgentPool) -> int:
+    """The pool's live pods, within what a hold may ask for."""
+    live = Pod.objects.filter(pool=pool).exclude(phase__in=GONE_PHASES).count()
+    return min(live, pool.max_replicas)
+
+
 @require_http_methods(["GET", "POST"])
 @login_required
 @permission_required(PERM_VIEW, raise_exception=True)
@@ -255,7 +262,11 @@ def pool_hold_view(request: HttpRequest, pool_id: str) -> HttpResponse:
             NumberField(
                 "pods",
                 "Pods",
-                str(current.pods if current is not None else pool.min_replicas),
+                # The hold in force, else the pods the pool has now: confirming the form as it
+                # opens must not shrink the pool.
+                str(
+                    current.pods if current is not None else min(_pods_now(pool), pool.max_replicas)
+                ),
                 0,
                 pool.max_replicas,
                 help=f"0 to the pool's max ({pool.max_replicas}).",

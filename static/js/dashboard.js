@@ -39,7 +39,7 @@
 
   // A live region swapped in replaces the elements in it, and the keyboard focus with them:
   // put the focus back on the element with the same id (buttons have stable ids).
-  var focusedId = null;
+  var focusedIds = null;
   function signature(el) {
     // What a region looks like, minus what htmx itself adds (hx-swap-oob, htmx-* classes).
     var names = [];
@@ -62,14 +62,29 @@
       event.detail.shouldSwap = false;
       return;
     }
+    // Remember the focused element's id and its ancestors' ids inside the region: if the
+    // element is gone after the swap (a finished task's Release), the nearest ancestor that
+    // is still there (its slot cell, its pod card) takes the focus, not the page's body.
     var active = document.activeElement;
-    if (active && active.id && target.contains(active)) { focusedId = active.id; }
+    if (active && active !== document.body && target.contains(active)) {
+      focusedIds = [];
+      for (var el = active; el && el !== target.parentNode; el = el.parentNode) {
+        if (el.id) { focusedIds.push(el.id); }
+      }
+    }
   });
   document.addEventListener("htmx:oobAfterSwap", function () {
-    if (!focusedId) { return; }
-    var again = document.getElementById(focusedId);
-    if (again && again !== document.activeElement) { again.focus({ preventScroll: true }); }
-    focusedId = null;
+    if (!focusedIds) { return; }
+    for (var i = 0; i < focusedIds.length; i++) {
+      var again = document.getElementById(focusedIds[i]);
+      if (!again) { continue; }
+      if (again !== document.activeElement) {
+        if (again.tabIndex < 0 && !again.hasAttribute("tabindex")) { again.setAttribute("tabindex", "-1"); }
+        again.focus({ preventScroll: true });
+      }
+      break;
+    }
+    focusedIds = null;
   });
 
   // --- action dialog ------------------------------------------------------------------------
@@ -98,7 +113,8 @@
 
   document.addEventListener("htmx:afterSwap", function (event) {
     var d = dialog();
-    if (!d || event.detail.target.id !== "action-dialog-body") { return; }
+    var target = event.detail.target;  // none on a history restore
+    if (!d || !target || target.id !== "action-dialog-body") { return; }
     if (!d.open) { d.showModal(); }
     var field = d.querySelector("[aria-invalid=true]") ||
       d.querySelector("textarea, input:not([type=hidden]), select") ||

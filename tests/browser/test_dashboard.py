@@ -233,6 +233,23 @@ def test_a_push_leaves_unchanged_regions_and_the_focus_in_them_alone(
     expect(pause).to_be_focused()
 
 
+def test_when_the_focused_button_goes_away_its_slot_cell_keeps_the_focus(
+    page: Page, demo: DemoSeed, admin_api: Api
+) -> None:
+    login(page, "admin")
+    page.goto(POOL_URL)
+    expect(page.locator("[data-live-state]")).to_have_text("live")
+    incident_cell(page).get_by_role("link", name="Release").focus()
+    slot = Slot.objects.get(task_id=INCIDENT_TASK_ID)
+
+    admin_api(
+        "POST", f"slots/{slot.pk}/release", {"reason": "focus", "expected_version": slot.version}
+    )
+
+    expect(incident_cell(page)).to_have_class(re.compile(r"\bslot-idle\b"), timeout=2_000)
+    expect(incident_cell(page)).to_be_focused()
+
+
 def dialog(page: Page) -> Locator:
     return page.get_by_role("dialog")
 

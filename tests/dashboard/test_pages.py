@@ -111,7 +111,7 @@ def test_the_login_page_renders(client: Client) -> None:
 
 
 def _reserved_cells(html: str) -> list[str]:
-    return re.findall(r'<li class="slot slot-reserved">(.*?)</li>', html, flags=re.S)
+    return re.findall(r'<li class="slot slot-reserved"[^>]*>(.*?)</li>', html, flags=re.S)
 
 
 def test_the_pool_page_shows_task_598_reserved_with_its_owner(

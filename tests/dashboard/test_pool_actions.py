@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from poolsadmin.dashboard.views_actions import ACTION_DONE
 from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
 from poolsadmin.pools.models import AgentPool, Pod
+from poolsadmin.pools.services import pod_create
 from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_agent, make_pool
 from tests.worker.kube_scenarios import cluster_pod, make_k8s_pool
@@ -447,3 +449,12 @@ def test_bad_input_shows_the_form_again_and_changes_nothing(
     assert (pool.min_replicas, pool.max_replicas) == (0, 3)
     assert not PoolHold.objects.exists()
     assert Event.objects.count() == before
+
+
+def test_the_hold_form_opens_at_the_pods_the_pool_has_now(
+    admin_client: Client, k8s_pool: AgentPool
+) -> None:
+    for name in ("a", "b", "c"):
+        pod_create(pool=k8s_pool, name=name, phase="Running", actor="user:alice")
+    html = admin_client.get(reverse("pools-hold", args=[k8s_pool.pk])).content.decode()
+    assert re.search(r'name="pods"[^>]*value="3"', html)

@@ -102,7 +102,7 @@ async def refusal(communicator: WebsocketCommunicator) -> int:
 
 
 def reserved_cells(html: str) -> list[str]:
-    return re.findall(r'<li class="slot slot-reserved">(.*?)</li>', html, flags=re.S)
+    return re.findall(r'<li class="slot slot-reserved"[^>]*>(.*?)</li>', html, flags=re.S)
 
 
 def release(slot: Slot) -> None:
