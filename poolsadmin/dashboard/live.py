@@ -24,7 +24,8 @@ from poolsadmin.dashboard.panels import (
 from poolsadmin.dashboard.selectors import PoolPage, dashboard_pool
 
 POOL_TEMPLATE = "dashboard/pool.html"
-LIVE_FRAGMENTS = f"{POOL_TEMPLATE}#live-fragments"
+LIVE_PARTIAL = "live-fragments"
+LIVE_FRAGMENTS = f"{POOL_TEMPLATE}#{LIVE_PARTIAL}"
 
 
 def pool_page_context(*, page: PoolPage) -> dict[str, Any]:

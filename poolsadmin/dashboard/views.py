@@ -14,10 +14,10 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_safe
 
 from poolsadmin.api.roles import PERM_VIEW
-from poolsadmin.dashboard.live import LIVE_FRAGMENTS, POOL_TEMPLATE, pool_page_context
+from poolsadmin.dashboard.live import LIVE_PARTIAL, POOL_TEMPLATE, pool_page_context
 from poolsadmin.dashboard.selectors import dashboard_pool, dashboard_pools, dashboard_task
 from poolsadmin.lib.errors import NotFound
-from poolsadmin.lib.htmx import is_htmx
+from poolsadmin.lib.htmx import page_or_partial
 
 
 @require_safe
@@ -29,7 +29,7 @@ def home(request: HttpRequest) -> HttpResponse:
 @login_required
 @permission_required(PERM_VIEW, raise_exception=True)
 def pools_list(request: HttpRequest) -> HttpResponse:
-    template = "dashboard/pools.html#pool-list" if is_htmx(request) else "dashboard/pools.html"
+    template = page_or_partial(request, "dashboard/pools.html", "pool-list")
     return render(request, template, {"rows": dashboard_pools()})
 
 
@@ -41,7 +41,7 @@ def pools_detail(request: HttpRequest, pool_id: str) -> HttpResponse:
         page = dashboard_pool(pool_id=pool_id)
     except NotFound as exc:
         raise Http404(exc.message) from None
-    template = LIVE_FRAGMENTS if is_htmx(request) else POOL_TEMPLATE
+    template = page_or_partial(request, POOL_TEMPLATE, LIVE_PARTIAL)
     return render(request, template, pool_page_context(page=page))
 
 
@@ -53,5 +53,5 @@ def tasks_detail(request: HttpRequest, task_id: int) -> HttpResponse:
         page = dashboard_task(task_id=task_id)
     except NotFound as exc:
         raise Http404(exc.message) from None
-    template = "dashboard/task.html#task-live" if is_htmx(request) else "dashboard/task.html"
+    template = page_or_partial(request, "dashboard/task.html", "task-live")
     return render(request, template, {"page": page})

@@ -19,12 +19,7 @@ from poolsadmin.dashboard.browse_selectors import (
     dashboard_workspace,
 )
 from poolsadmin.lib.errors import NotFound
-from poolsadmin.lib.htmx import is_htmx
-
-
-def _fragment(request: HttpRequest, template: str, partial: str) -> str:
-    """The page, or for htmx (a poll, a filter) only its swappable partial."""
-    return f"{template}#{partial}" if is_htmx(request) else template
+from poolsadmin.lib.htmx import page_or_partial
 
 
 @require_safe
@@ -36,7 +31,9 @@ def workspaces_detail(request: HttpRequest, workspace_id: str) -> HttpResponse:
     except NotFound as exc:
         raise Http404(exc.message) from None
     return render(
-        request, _fragment(request, "dashboard/workspace.html", "workspace-live"), {"page": page}
+        request,
+        page_or_partial(request, "dashboard/workspace.html", "workspace-live"),
+        {"page": page},
     )
 
 
@@ -48,7 +45,7 @@ def agents_list(request: HttpRequest) -> HttpResponse:
         pool_id=request.GET.get("pool", "").strip(), agent=request.GET.get("agent", "").strip()
     )
     return render(
-        request, _fragment(request, "dashboard/agents.html", "agents-results"), {"page": page}
+        request, page_or_partial(request, "dashboard/agents.html", "agents-results"), {"page": page}
     )
 
 
@@ -60,7 +57,7 @@ def audit_list(request: HttpRequest) -> HttpResponse:
         **{name: request.GET.get(name, "").strip() for name in AuditFilters.__dataclass_fields__}
     )
     page = dashboard_audit(filters=filters, page=request.GET.get("page"))
-    template = _fragment(request, "dashboard/audit.html", "audit-results")
+    template = page_or_partial(request, "dashboard/audit.html", "audit-results")
     return render(request, template, {"page": page, "filters": filters})
 
 

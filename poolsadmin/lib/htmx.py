@@ -19,6 +19,12 @@ def is_htmx(request: HttpRequest) -> bool:
     return not details.history_restore_request
 
 
+def page_or_partial(request: HttpRequest, template: str, partial: str) -> str:
+    """The page's template, or for htmx (a poll, a filter, a refresh) its swappable partial
+    (`template#partial`, django-template-partials)."""
+    return f"{template}#{partial}" if is_htmx(request) else template
+
+
 class VaryOnHtmxMiddleware:
     """`Vary: HX-Request` on every answer. Pages answer htmx with a fragment at their own URL
     (a poll, a filter, a dialog): without it a browser's HTTP cache could hand the fragment
