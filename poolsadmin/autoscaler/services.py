@@ -34,7 +34,14 @@ from poolsadmin.kube.adapter import TEMPLATE_HASH_LABEL, KubeApi, KubeError, Pod
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.lib.humanize import duration, stamp
-from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot, SlotState
+from poolsadmin.pools.models import (
+    FINISHED_PHASES,
+    AgentPool,
+    Pod,
+    PoolType,
+    Slot,
+    SlotState,
+)
 from poolsadmin.pools.selectors import pool_freeze_state
 from poolsadmin.pools.services import pod_retire
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
@@ -42,7 +49,6 @@ from poolsadmin.realtime.broadcast import broadcast_pool_changed
 logger = logging.getLogger(__name__)
 
 AUTOSCALER = "system:autoscaler"
-GONE_PHASES = (PodPhase.FAILED, PodPhase.SUCCEEDED)
 
 
 # --- admin actions -------------------------------------------------------------------------------
@@ -130,6 +136,12 @@ def pool_hold(*, pool: AgentPool, pods: int, until: datetime, actor: str, reason
     return hold
 
 
+def pool_pods_alive(*, pool: AgentPool) -> int:
+    """The pool's pods in the ledger that have not finished (any other phase), as the
+    autoscaler counts them: the "actual" of the dashboard's autoscaler panel."""
+    return Pod.objects.filter(pool=pool).exclude(phase__in=FINISHED_PHASES).count()
+
+
 def pool_active_hold(*, pool: AgentPool, now: datetime) -> PoolHold | None:
     """The most recent hold, if it still lasts."""
     hold = PoolHold.objects.filter(pool=pool).order_by("-created_at", "-id").first()
@@ -140,7 +152,7 @@ def pool_active_hold(*, pool: AgentPool, now: datetime) -> PoolHold | None:
 
 
 def _live_cluster_pods(pods: list[PodInfo]) -> dict[str, PodInfo]:
-    return {p.name: p for p in pods if not p.deletion_requested and p.phase not in GONE_PHASES}
+    return {p.name: p for p in pods if not p.deletion_requested and p.phase not in FINISHED_PHASES}
 
 
 def _outdated(info: PodInfo, current: str) -> bool:
@@ -218,7 +230,9 @@ def autoscale_pool(
         return _store(actor, decide(ScaleAction.BLOCKED, 0, 0, _kube_words("list pods", exc)))
     cluster = _live_cluster_pods(listed)
     ledger = [
-        p for p in Pod.objects.filter(pool=pool).exclude(phase__in=GONE_PHASES) if p.name in cluster
+        p
+        for p in Pod.objects.filter(pool=pool).exclude(phase__in=FINISHED_PHASES)
+        if p.name in cluster
     ]
     adopted = {p.name for p in ledger}
     unadopted = sorted(name for name in cluster if name not in adopted)

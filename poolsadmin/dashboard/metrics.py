@@ -13,8 +13,9 @@ Choices:
   the task's latest earlier queue entry in the event log: submitted, apply confirmed, or put
   back after an unacknowledged dispatch. Windowed quantiles go up and down, so they are
   gauges, not a summary whose `_count` Prometheus would take for a counter.
-* The actual pod count is the ledger's (every phase); the autoscaler also counts pods the
-  cluster has and the reconciler has not adopted yet, which only the worker can see.
+* The actual pod count is the ledger's pods that have not finished, as on the pool page; the
+  autoscaler also counts pods the cluster has and the reconciler has not adopted yet, which
+  only the worker can see.
 * Reconcile duration is the leader's latest pass over every pool, as it recorded it on its
   lease row (`lease_record_pass`), with the time that pass ended: a stuck leader shows as a
   last pass that grows old.
@@ -188,7 +189,8 @@ def _autoscaler_families(summaries: list[PoolSummary]) -> list[Family]:
     actual = Family(
         "poolsadmin_autoscaler_actual_pods",
         "gauge",
-        "Pods of the pool in the ledger, in any phase (k8s pools).",
+        "Pods of the pool in the ledger that have not finished (k8s pools), as the autoscaler "
+        "and the pool page count them.",
     )
     for s in summaries:
         if s.pool.pool_type != PoolType.K8S:
@@ -196,7 +198,7 @@ def _autoscaler_families(summaries: list[PoolSummary]) -> list[Family]:
         pool_id = s.pool.pool_id
         if s.desired_pods is not None:
             desired.add(s.desired_pods, pool=pool_id)
-        actual.add(s.pods, pool=pool_id)
+        actual.add(s.pods_alive, pool=pool_id)
     return [desired, actual]
 
 

@@ -16,9 +16,9 @@ from datetime import datetime
 from django.db.models import Q
 
 from poolsadmin.autoscaler.models import PoolHold, ScaleDecision
-from poolsadmin.autoscaler.services import GONE_PHASES, pool_active_hold
+from poolsadmin.autoscaler.services import pool_active_hold, pool_pods_alive
 from poolsadmin.events.models import Event
-from poolsadmin.pools.models import AgentPool, Pod, PoolType
+from poolsadmin.pools.models import AgentPool, PoolType
 from poolsadmin.pools.selectors import FreezeState, pool_freeze_state
 from poolsadmin.worker.lease import RECONCILER_LEASE
 from poolsadmin.worker.models import Lease
@@ -64,7 +64,7 @@ def pool_autoscaler_panel(*, pool: AgentPool, now: datetime) -> AutoscalerPanel:
     return AutoscalerPanel(
         pool=pool,
         static=False,
-        actual=Pod.objects.filter(pool=pool).exclude(phase__in=GONE_PHASES).count(),
+        actual=pool_pods_alive(pool=pool),
         decision=decision,
         hold=pool_active_hold(pool=pool, now=now),
         freeze=pool_freeze_state(pool=pool, now=now),

@@ -13,7 +13,8 @@ the page's live regions. Without JavaScript every action still works as a page.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.contrib import messages
@@ -37,7 +38,7 @@ from poolsadmin.api.roles import (
 )
 from poolsadmin.api.services import request_actor
 from poolsadmin.events.models import Event
-from poolsadmin.lib.errors import DomainError
+from poolsadmin.lib.errors import DomainError, InvalidInput
 from poolsadmin.lib.htmx import is_htmx
 from poolsadmin.pools.actions import (
     RELEASE_UNDO_SECONDS,
@@ -55,6 +56,7 @@ from poolsadmin.tasks.models import Workspace, WorkspaceTask
 from poolsadmin.tasks.services import task_cancel, task_confirm_apply, workspace_unlock
 
 TEMPLATE = "dashboard/actions/confirm.html"
+FIELDS_TEMPLATE = "dashboard/actions/_number_fields.html"
 MESSAGES_TEMPLATE = "dashboard/actions/_messages.html"
 ACTION_DONE = "poolsadmin:action-done"
 REASON_REQUIRED = "A reason is required for this action."
@@ -119,6 +121,29 @@ def _back(request: HttpRequest, default: str) -> str:
     return default
 
 
+@dataclass(frozen=True)
+class NumberField:
+    """One whole-number input of a confirm form (`_number_fields.html`)."""
+
+    name: str
+    label: str
+    value: str  # as sent, so a refused form shows what was typed
+    low: int
+    high: int
+    help: str = ""
+
+    def parse(self) -> int:
+        try:
+            number = int(self.value)
+        except ValueError:
+            raise InvalidInput(f"{self.label} must be a whole number", field=self.name) from None
+        if not self.low <= number <= self.high:
+            raise InvalidInput(
+                f"{self.label} must be between {self.low} and {self.high}", field=self.name
+            )
+        return number
+
+
 def _confirm(
     request: HttpRequest,
     *,
@@ -128,29 +153,38 @@ def _confirm(
     button: str,
     back: str,
     reason_required: bool,
-    perform: Callable[[str], str],
+    perform: Callable[..., str],
     hidden: dict[str, Any] | None = None,
     force_field: bool = False,
     reason_label: str = "Reason",
+    fields: Sequence[NumberField] = (),
+    refused: str = "",
 ) -> HttpResponse:
-    """The shared confirm-then-act flow: GET renders, POST acts or renders the error."""
-    error = ""
-    status = 200
-    reason = ""
+    """The shared confirm-then-act flow: GET renders, POST acts or renders the error.
+
+    `perform(reason, **numbers)` calls the service and returns the success message; `fields`
+    are number inputs, parsed (and refused with 400, naming the field) before it runs.
+    `refused`: why this action cannot apply here at all (400 on GET and POST)."""
+    error, error_field, status, reason = "", "", 200, ""
     if request.method == "POST":
         if not request.user.has_perm(perm):
             raise PermissionDenied(f"needs {perm}")
         reason = request.POST.get("reason", "").strip()
-        if reason_required and not reason:
-            error, status = REASON_REQUIRED, 400
+        fields = [replace(f, value=request.POST.get(f.name, "").strip()) for f in fields]
+        try:
+            if refused:
+                raise InvalidInput(refused)
+            numbers = {f.name: f.parse() for f in fields}
+            if reason_required and not reason:
+                raise InvalidInput(REASON_REQUIRED, field="reason")
+            text = perform(reason, **numbers)
+        except DomainError as exc:
+            error, error_field, status = exc.message, exc.field or "", exc.http_status
         else:
-            try:
-                text = perform(reason)
-            except DomainError as exc:
-                error, status = exc.message, exc.http_status
-            else:
-                messages.success(request, text)
-                return _done(request, back)
+            messages.success(request, text)
+            return _done(request, back)
+    elif refused:
+        error, status = refused, 400
     return _render_form(
         request,
         status=status,
@@ -166,6 +200,9 @@ def _confirm(
         hidden=hidden or {},
         force_field=force_field,
         force=request.POST.get("force") == "on",
+        fields_template=FIELDS_TEMPLATE if fields and not refused else "",
+        fields=[] if refused else fields,
+        error_field=error_field,
     )
 
 

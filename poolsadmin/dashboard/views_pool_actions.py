@@ -1,18 +1,15 @@
 """The pool actions of SPEC 8 that need more than a reason: "Reconcile now", whose confirm page
 shows a dry run of the pass, and "Scale" and "Hold" (k8s pools), whose confirm pages take
-numbers. Same flow as views_actions.py: GET confirms, POST acts and redirects (or closes the
-dialog), a refused POST shows the form again with the error and changes nothing.
+numbers (`NumberField`s of `_confirm`). Same flow as views_actions.py: GET confirms, POST
+acts and redirects (or closes the dialog), a refused POST shows the form again with the error
+and changes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from datetime import timedelta
 
-from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
-from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
 from django.utils.safestring import SafeString, mark_safe
@@ -21,33 +18,29 @@ from django.views.decorators.http import require_http_methods
 from poolsadmin.api.roles import PERM_MANAGE_POOL, PERM_VIEW
 from poolsadmin.api.services import request_actor
 from poolsadmin.autoscaler.services import (
-    GONE_PHASES,
     HOLD_MAX,
     MAX_REPLICAS,
     pool_active_hold,
     pool_hold,
+    pool_pods_alive,
     pool_scale,
 )
 from poolsadmin.dashboard.views_actions import (
-    REASON_REQUIRED,
+    NumberField,
     _back,
     _confirm,
-    _done,
     _get,
     _pool_url,
-    _render_form,
 )
 from poolsadmin.lib import clock
-from poolsadmin.lib.errors import DomainError, InvalidInput
+from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.lib.humanize import stamp
-from poolsadmin.pools.models import AgentPool, Pod, PoolType
+from poolsadmin.pools.models import AgentPool, PoolType
 from poolsadmin.worker.reconcile import pool_reconcile_now, pool_reconcile_preview
 
 PREVIEW_TEMPLATE = "dashboard/actions/_reconcile_preview.html"
-FIELDS_TEMPLATE = "dashboard/actions/_scale_fields.html"
 STATIC_POOL = "only k8s pools have replicas"
 HOLD_MINUTES = (0, int(HOLD_MAX.total_seconds() // 60))  # 0 ends the current hold
-MAX_PODS = MAX_REPLICAS
 
 
 # --- reconcile now -------------------------------------------------------------------------------
@@ -99,103 +92,37 @@ def pool_reconcile_view(request: HttpRequest, pool_id: str) -> HttpResponse:
 # --- scale and hold ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class NumberField:
-    """One whole-number input of a form (`_scale_fields.html`)."""
-
-    name: str
-    label: str
-    value: str  # as sent, so a refused form shows what was typed
-    low: int
-    high: int
-    help: str = ""
-
-    def parse(self) -> int:
-        try:
-            number = int(self.value)
-        except ValueError:
-            raise InvalidInput(f"{self.label} must be a whole number", field=self.name) from None
-        if not self.low <= number <= self.high:
-            raise InvalidInput(
-                f"{self.label} must be between {self.low} and {self.high}", field=self.name
-            )
-        return number
-
-
-def _numbers_confirm(
-    request: HttpRequest,
-    *,
-    pool: AgentPool,
-    title: str,
-    impact: str,
-    button: str,
-    fields: list[NumberField],
-    perform: Callable[[dict[str, int], str], str],
-) -> HttpResponse:
-    """views_actions._confirm with numbers: the confirm form (confirm.html) gets the number
-    inputs through its `fields_template`. A reason is required; bad numbers are refused (400)
-    before any service runs."""
-    back = _back(request, _pool_url(pool.pk))
-    error, error_field, status, reason = "", "", 200, ""
-    static = pool.pool_type != PoolType.K8S
-    if request.method == "POST":
-        if not request.user.has_perm(PERM_MANAGE_POOL):
-            raise PermissionDenied(f"needs {PERM_MANAGE_POOL}")
-        reason = request.POST.get("reason", "").strip()
-        fields = [replace(f, value=request.POST.get(f.name, "").strip()) for f in fields]
-        try:
-            if static:
-                raise InvalidInput(STATIC_POOL, field="pool_type")
-            values = {f.name: f.parse() for f in fields}
-            if not reason:
-                raise InvalidInput(REASON_REQUIRED, field="reason")
-            text = perform(values, reason)
-        except DomainError as exc:
-            error, error_field, status = exc.message, exc.field or "", exc.http_status
-        else:
-            messages.success(request, text)
-            return _done(request, back)
-    elif static:
-        error, status = STATIC_POOL, 400
-    return _render_form(
-        request,
-        status=status,
-        title=title,
-        impact=impact,
-        button=button,
-        back=back,
-        perm=PERM_MANAGE_POOL,
-        reason=reason,
-        error=error,
-        fields_template=FIELDS_TEMPLATE,
-        fields=[] if static else fields,
-        error_field=error_field,
-    )
-
-
 @require_http_methods(["GET", "POST"])
 @login_required
 @permission_required(PERM_VIEW, raise_exception=True)
 def pool_scale_view(request: HttpRequest, pool_id: str) -> HttpResponse:
     pool: AgentPool = _get(AgentPool, pool_id, "pool")
 
-    def perform(values: dict[str, int], reason: str) -> str:
-        if values["min_replicas"] > values["max_replicas"]:
+    def perform(reason: str, *, min_replicas: int, max_replicas: int) -> str:
+        if min_replicas > max_replicas:
             # pool_scale refuses it too, in the API's words; the form names its own fields.
             raise InvalidInput(
-                f"Min pods ({values['min_replicas']}) must not be more than max pods "
-                f"({values['max_replicas']})",
+                f"Min pods ({min_replicas}) must not be more than max pods ({max_replicas})",
                 field="min_replicas",
             )
-        done = pool_scale(pool=pool, actor=request_actor(request), reason=reason, **values)
+        done = pool_scale(
+            pool=pool,
+            actor=request_actor(request),
+            reason=reason,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+        )
         return (
             f"Pool {pool.name} scales between {done.min_replicas} and {done.max_replicas} "
             "pods from the autoscaler's next pass."
         )
 
-    return _numbers_confirm(
+    return _confirm(
         request,
-        pool=pool,
+        perm=PERM_MANAGE_POOL,
+        back=_back(request, _pool_url(pool.pk)),
+        reason_required=True,
+        refused=_refusal(pool),
         title=f"Scale pool {pool.name}",
         impact=(
             f"sets the pod bounds of pool {pool.name} (now min {pool.min_replicas}, "
@@ -204,13 +131,13 @@ def pool_scale_view(request: HttpRequest, pool_id: str) -> HttpResponse:
         ),
         button="Scale pool",
         fields=[
-            NumberField("min_replicas", "Min pods", str(pool.min_replicas), 0, MAX_PODS),
+            NumberField("min_replicas", "Min pods", str(pool.min_replicas), 0, MAX_REPLICAS),
             NumberField(
                 "max_replicas",
                 "Max pods",
                 str(pool.max_replicas),
                 1,
-                MAX_PODS,
+                MAX_REPLICAS,
                 help="At least 1, and not below min.",
             ),
         ],
@@ -218,10 +145,8 @@ def pool_scale_view(request: HttpRequest, pool_id: str) -> HttpResponse:
     )
 
 
-def _pods_now(pool: AgentPool) -> int:
-    """The pool's live pods, within what a hold may ask for."""
-    live = Pod.objects.filter(pool=pool).exclude(phase__in=GONE_PHASES).count()
-    return min(live, pool.max_replicas)
+def _refusal(pool: AgentPool) -> str:
+    return "" if pool.pool_type == PoolType.K8S else STATIC_POOL
 
 
 @require_http_methods(["GET", "POST"])
@@ -242,19 +167,22 @@ def pool_hold_view(request: HttpRequest, pool_id: str) -> HttpResponse:
             f"until {stamp(current.until)}"
         )
 
-    def perform(values: dict[str, int], reason: str) -> str:
-        until = clock.now() + timedelta(minutes=values["minutes"])
+    def perform(reason: str, *, pods: int, minutes: int) -> str:
+        until = clock.now() + timedelta(minutes=minutes)
         hold = pool_hold(
-            pool=pool, pods=values["pods"], until=until, actor=request_actor(request), reason=reason
+            pool=pool, pods=pods, until=until, actor=request_actor(request), reason=reason
         )
-        if values["minutes"] == 0:
+        if minutes == 0:
             return f"Pool {pool.name} is no longer held; the autoscaler follows demand again."
         return f"Pool {pool.name} is held at {hold.pods} pods until {stamp(hold.until)}."
 
     low, high = HOLD_MINUTES
-    return _numbers_confirm(
+    return _confirm(
         request,
-        pool=pool,
+        perm=PERM_MANAGE_POOL,
+        back=_back(request, _pool_url(pool.pk)),
+        reason_required=True,
+        refused=_refusal(pool),
         title=f"Hold pool {pool.name}",
         impact=impact,
         button="Hold pool",
@@ -265,7 +193,9 @@ def pool_hold_view(request: HttpRequest, pool_id: str) -> HttpResponse:
                 # The hold in force, else the pods the pool has now: confirming the form as it
                 # opens must not shrink the pool.
                 str(
-                    current.pods if current is not None else min(_pods_now(pool), pool.max_replicas)
+                    current.pods
+                    if current is not None
+                    else min(pool_pods_alive(pool=pool), pool.max_replicas)
                 ),
                 0,
                 pool.max_replicas,

@@ -17,7 +17,7 @@ from poolsadmin.agents.models import Agent
 from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import NotFound
-from poolsadmin.pools.models import AgentPool, Pod, PodPhase, Slot
+from poolsadmin.pools.models import FINISHED_PHASES, AgentPool, Pod, PodPhase, Slot
 from poolsadmin.pools.selectors import agent_is_online, pool_capacity
 from poolsadmin.tasks.models import QUEUED, WorkspaceTask
 
@@ -27,6 +27,7 @@ class PoolSummary:
     pool: AgentPool
     pods: int = 0
     pods_running: int = 0
+    pods_alive: int = 0  # not finished (any phase but Failed/Succeeded), as the autoscaler counts
     agents: int = 0
     agents_online: int = 0
     slots: Counter[str] = field(default_factory=Counter)
@@ -47,10 +48,13 @@ def pools_overview(*, now: datetime | None = None) -> list[PoolSummary]:
 
     pods: Counter[str] = Counter()
     pods_running: Counter[str] = Counter()
+    pods_alive: Counter[str] = Counter()
     for row in Pod.objects.values("pool_id", "phase").annotate(n=Count("id")):
         pods[row["pool_id"]] += row["n"]
         if row["phase"] == PodPhase.RUNNING:
             pods_running[row["pool_id"]] += row["n"]
+        if row["phase"] not in FINISHED_PHASES:
+            pods_alive[row["pool_id"]] += row["n"]
 
     # Online is judged from the heartbeat, not the stored word, as the scheduler does.
     agents: Counter[str] = Counter()
@@ -76,6 +80,7 @@ def pools_overview(*, now: datetime | None = None) -> list[PoolSummary]:
             pool=pool,
             pods=pods[pool.pool_id],
             pods_running=pods_running[pool.pool_id],
+            pods_alive=pods_alive[pool.pool_id],
             agents=agents[pool.pool_id],
             agents_online=online[pool.pool_id],
             slots=slots[pool.pool_id],

@@ -141,6 +141,11 @@ class PodPhase(models.TextChoices):
     UNKNOWN = "Unknown"
 
 
+# A pod in these phases has ended: it runs nothing, counts for no capacity, and the reconciler
+# deletes it from the cluster.
+FINISHED_PHASES = frozenset({PodPhase.FAILED, PodPhase.SUCCEEDED})
+
+
 class Pod(models.Model):
     """An execution host. In k8s pools one pod of the cluster; in static pools one per agent,
     with no cluster behind it. A pod and its agent are matched by name, within the pool: two

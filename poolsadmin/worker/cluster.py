@@ -22,7 +22,14 @@ from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi, KubeError, PodInfo
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import stamp
-from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot, SlotState
+from poolsadmin.pools.models import (
+    FINISHED_PHASES,
+    AgentPool,
+    Pod,
+    PoolType,
+    Slot,
+    SlotState,
+)
 from poolsadmin.pools.services import pod_create, pod_retire, slot_free_for_task
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
@@ -31,7 +38,6 @@ from poolsadmin.tasks.services import task_fail_lost, task_reservation_drop
 logger = logging.getLogger("poolsadmin.worker.cluster")
 
 RECONCILER = "system:reconciler"
-FINISHED_PHASES = frozenset({PodPhase.FAILED, PodPhase.SUCCEEDED})
 
 
 @dataclass(frozen=True)

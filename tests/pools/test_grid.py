@@ -7,8 +7,10 @@ from datetime import timedelta
 import pytest
 
 from poolsadmin.autoscaler.models import ScaleDecision
+from poolsadmin.autoscaler.services import pool_pods_alive
 from poolsadmin.lib import clock
 from poolsadmin.pools.grid import pools_overview
+from poolsadmin.pools.services import pod_create
 from poolsadmin.tasks.services import task_confirm_apply
 from tests.ledger import ADMIN, make_agent, make_pool, make_workspace, plan_with_changes, submit
 
@@ -47,3 +49,14 @@ def test_the_overview_carries_the_autoscalers_latest_desired_pod_count() -> None
         clock.advance(1)
 
     assert pools_overview()[0].desired_pods == 5
+
+
+def test_finished_pods_are_pods_but_not_alive() -> None:
+    pool = make_pool()
+    for name, phase in (("a", "Running"), ("b", "Pending"), ("c", "Failed"), ("d", "Succeeded")):
+        pod_create(pool=pool, name=name, phase=phase, actor=ADMIN)
+
+    [summary] = pools_overview()
+
+    assert (summary.pods, summary.pods_running, summary.pods_alive) == (4, 1, 2)
+    assert pool_pods_alive(pool=pool) == 2

@@ -60,7 +60,7 @@ from poolsadmin.kube.adapter import (
 from poolsadmin.kube.fake_api import FakeKubeServer, start_fake_kube
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import DomainError
-from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType
+from poolsadmin.pools.models import FINISHED_PHASES, AgentPool, Pod, PoolType
 from poolsadmin.tasks.models import TaskStatus, TaskType, Workspace, WorkspaceTask
 from poolsadmin.tasks.services import task_confirm_apply, task_submit
 from poolsadmin.worker.cluster_access import kube_override
@@ -143,9 +143,7 @@ def fake_cluster_restore(server: FakeKubeServer) -> list[str]:
     names: list[str] = []
     pools = AgentPool.objects.filter(pool_type=PoolType.K8S).exclude(namespace="")
     for pool in pools:
-        pods = Pod.objects.filter(pool=pool).exclude(
-            phase__in=[PodPhase.FAILED, PodPhase.SUCCEEDED]
-        )
+        pods = Pod.objects.filter(pool=pool).exclude(phase__in=FINISHED_PHASES)
         for name in pods.order_by("name").values_list("name", flat=True):
             if server.pod(name, pool.namespace) is None:
                 server.add_pod(
