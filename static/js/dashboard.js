@@ -111,7 +111,9 @@
     }
   });
 
-  document.addEventListener("htmx:afterSwap", function (event) {
+  // After settle, not after swap: htmx processes the swapped-in form (hx-post) only when it
+  // settles (20 ms later); a quick Enter before that would post it as a plain form.
+  document.addEventListener("htmx:afterSettle", function (event) {
     var d = dialog();
     var target = event.detail.target;  // none on a history restore
     if (!d || !target || target.id !== "action-dialog-body") { return; }
