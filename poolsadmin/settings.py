@@ -228,3 +228,7 @@ POOLSADMIN_AGENT_TOKEN_SECRET = os.environ.get(
 )
 if "{pool_id}" not in POOLSADMIN_AGENT_TOKEN_SECRET:
     raise ImproperlyConfigured("POOLSADMIN_AGENT_TOKEN_SECRET must contain {pool_id}.")
+# Every web process records, every few seconds, that the agent API is listening
+# (agents/liveness.py): an agent's silence during an outage of poolsadmin is not held against
+# it. Off only for test servers that share a database with tests moving the clock.
+POOLSADMIN_HEARING_KEEPER = env_bool("POOLSADMIN_HEARING_KEEPER", default=True)

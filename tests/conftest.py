@@ -19,6 +19,14 @@ from poolsadmin.lib import clock
 
 IS_POSTGRES = settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 
+# No process of the test run records that the agent API is listening (agents/liveness.py): the
+# browser tests' server and any test importing poolsadmin.asgi would write real times into the
+# database of tests that move the ledger clock, which would read as an outage. The environment
+# reaches spawned children; tests of the keeper start it themselves, and the outage test's
+# web processes turn it back on.
+os.environ["POOLSADMIN_HEARING_KEEPER"] = "false"
+settings.POOLSADMIN_HEARING_KEEPER = False
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked for the other database are deselected, not skipped: CI runs the suite

@@ -42,3 +42,25 @@ class Agent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.agent_name} ({self.agent_id})"
+
+
+class Hearing(models.Model):
+    """Whether poolsadmin could hear its agents, durably (SPEC 5: an outage of poolsadmin is
+    not an outage of its agents).
+
+    One row, `agent-api`, touched every few seconds by every web process while it runs and
+    can write the ledger (agents/liveness.py). `heard_at` is the latest touch; `since` starts
+    the current stretch without a gap: a touch that finds `heard_at` older than the gap limit
+    (web down, database down) starts a new stretch, and the gap is kept in `deaf_from` ..
+    `since`. Agent silence is counted only from `since`."""
+
+    name = models.CharField(max_length=32, primary_key=True)
+    heard_at = models.DateTimeField()
+    since = models.DateTimeField()
+    deaf_from = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "agent_hearing"
+
+    def __str__(self) -> str:
+        return f"{self.name}: hearing since {self.since:%H:%M:%S}, last {self.heard_at:%H:%M:%S}"

@@ -9,6 +9,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
+from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
@@ -247,15 +248,27 @@ def agent_heartbeat(
     return answer
 
 
-def agents_mark_offline(*, now: datetime, actor: str, only: AgentPool | None = None) -> list[str]:
+def agents_mark_offline(
+    *,
+    now: datetime,
+    actor: str,
+    only: AgentPool | None = None,
+    liveness: Liveness | None = None,
+) -> list[str]:
     """Online or draining agents without a heartbeat for their pool's timeout -> offline;
-    of one pool (`only`), or of every pool."""
+    of one pool (`only`), or of every pool. Silence counts only from when poolsadmin could
+    hear agents again (`liveness`, read now if not given): nobody goes offline for a
+    heartbeat that nobody could receive."""
+    liveness = liveness or liveness_read(now=now)
     changed: list[str] = []
     for pool in [only] if only is not None else AgentPool.objects.all():
+        cutoff = now - pool.heartbeat_timeout
+        if not liveness.judges(cutoff):
+            continue
         stale = Agent.objects.filter(
             pool=pool,
             status__in=[AgentStatus.ONLINE, AgentStatus.DRAINING],
-            last_ping_at__lt=now - pool.heartbeat_timeout,
+            last_ping_at__lt=cutoff,
         )
         for agent in stale:
             with transaction.atomic():

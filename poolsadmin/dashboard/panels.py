@@ -5,16 +5,17 @@ changes) and the pool's recent events.
 The pool page refreshes every few seconds, so each panel costs a fixed number of queries,
 whatever the number of decisions, events or pods: autoscaler 3 (plus 1 for the freeze windows
 unless the pool was read with `prefetch_related("freeze_windows")`, as `dashboard_pool`
-does; none for a static pool), reconciler 3, events 1.
+does; none for a static pool), reconciler 4, events 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db.models import Q
 
+from poolsadmin.agents.liveness import liveness_read
 from poolsadmin.autoscaler.models import PoolHold, ScaleDecision
 from poolsadmin.autoscaler.services import pool_active_hold, pool_pods_alive
 from poolsadmin.events.models import Event
@@ -84,6 +85,8 @@ class ReconcilerPanel:
     changes: list[Event]
     # The latest "Reconcile now" of this pool (who, when, how many changes), if any.
     last_manual: Event | None
+    # Why agents' silence is not judged right now (an outage of poolsadmin), or "".
+    liveness: str = ""
 
     @property
     def leader(self) -> str:
@@ -105,7 +108,14 @@ def pool_reconciler_panel(*, pool: AgentPool, now: datetime) -> ReconcilerPanel:
         record=record,
         changes=list(changes[:RECONCILER_CHANGES_LIMIT]),
         last_manual=events.filter(kind=RECONCILED).order_by("-id").first(),
+        liveness=liveness_read(now=now).words(allowance=liveness_allowance(pool), now=now),
     )
+
+
+def liveness_allowance(pool: AgentPool) -> timedelta:
+    """How long after an outage silence is not held against this pool's agents: until a task
+    could be failed or a pod deleted (heartbeat timeout + task grace)."""
+    return pool.heartbeat_timeout + timedelta(seconds=pool.task_grace_seconds)
 
 
 @dataclass(frozen=True)

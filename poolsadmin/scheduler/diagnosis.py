@@ -7,10 +7,11 @@ one row per change of (code, blocker).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
 
+from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.autoscaler.models import ScaleAction, ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import duration, stamp
@@ -93,12 +94,21 @@ def autoscaler_words(
     return text + _scale_up_in_progress(decision, views)
 
 
+def _liveness_words(*, now: datetime, liveness: Liveness | None, allowance: timedelta) -> str:
+    """ " Liveness checks are waiting out ..." while an outage of poolsadmin keeps agents'
+    silence from being judged (agents/liveness.py), else ""."""
+    liveness = liveness or liveness_read(now=now)
+    words = liveness.words(allowance=allowance, now=now)
+    return f" {words}" if words else ""
+
+
 def task_diagnose(
     *,
     task: WorkspaceTask,
     now: datetime | None = None,
     cache: CapacityCache | None = None,
     decisions: DecisionCache | None = None,
+    liveness: Liveness | None = None,
 ) -> Diagnosis:
     now = now or clock.now()
     if task.status in TERMINAL_STATUSES:
@@ -107,11 +117,12 @@ def task_diagnose(
         where = f"{task.pod_name}[{task.slot_index}]"
         if task.acked_at is None:
             assert task.dispatched_at is not None
+            outage = _liveness_words(now=now, liveness=liveness, allowance=ack_timeout())
             return Diagnosis(
                 "dispatched",
                 f"Sent to agent {task.agent_id} ({where}) at {stamp(task.dispatched_at)}, "
                 "waiting for its acknowledgement (rolled back at "
-                f"{stamp(task.dispatched_at + ack_timeout())} if none comes).",
+                f"{stamp(task.dispatched_at + ack_timeout())} if none comes).{outage}",
                 blocker=f"agent:{task.agent_id}",
             )
         return Diagnosis(
@@ -171,6 +182,13 @@ def task_diagnose(
                 pool=task.pool, views=views, decision=_latest_decision(task.pool, decisions)
             )
             blocked = Diagnosis(blocked.code, blocked.text + words, blocker=blocked.blocker)
+        if blocked is not None and blocked.code == "no_online_agents":
+            # Agents offline because nobody could hear them: say so, and that nothing is
+            # failed for it (their heartbeats are what is missing, not the agents).
+            outage = _liveness_words(
+                now=now, liveness=liveness, allowance=task.pool.heartbeat_timeout
+            )
+            blocked = Diagnosis(blocked.code, blocked.text + outage, blocker=blocked.blocker)
         if blocked is None:
             view, reserved = candidates[0]
             if reserved is not None:
@@ -228,6 +246,7 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
     now = clock.now()
     cache: CapacityCache = {}
     decisions: DecisionCache = {}
+    liveness = liveness_read(now=now)
     changed = 0
     waiting = (
         WorkspaceTask.objects.filter(tasks_waiting_filter())
@@ -237,7 +256,9 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
     for task in waiting:
         if diagnosis_record(
             task=task,
-            diagnosis=task_diagnose(task=task, now=now, cache=cache, decisions=decisions),
+            diagnosis=task_diagnose(
+                task=task, now=now, cache=cache, decisions=decisions, liveness=liveness
+            ),
             now=now,
         ):
             changed += 1

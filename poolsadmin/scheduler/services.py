@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 
+from poolsadmin.agents.liveness import liveness_read
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, NotFound
@@ -350,6 +351,10 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
         acked_at__isnull=True,
         dispatched_at__lt=now - ack_timeout(),
     ).values_list("id", flat=True)
+    # An agent cannot acknowledge while poolsadmin cannot hear it: after an outage the ack
+    # timeout counts from when it could again (agents/liveness.py).
+    if not liveness_read(now=now).judges(now - ack_timeout()):
+        expired = expired.none()
     for task_id in list(expired):
         if task_dispatch_rollback(task_id=task_id, actor=actor):
             result.rolled_back.append(task_id)

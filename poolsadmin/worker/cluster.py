@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from django.db import transaction
 
+from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi, KubeError, PodInfo
@@ -165,11 +166,14 @@ def _release_pod(*, pod: Pod, why: str, actor: str, dry_run: bool) -> list[Chang
     return changes
 
 
-def _lost_agent_pods(*, pool: AgentPool, dry_run: bool) -> list[Pod]:
+def _lost_agent_pods(*, pool: AgentPool, liveness: Liveness, dry_run: bool) -> list[Pod]:
     """Pods whose agent is lost: offline with no heartbeat for heartbeat timeout + task grace,
-    the same cutoff as the reconciler's ledger-side step (reconcile._lost_agents). A dry run
-    also counts agents the pass would mark offline first."""
+    the same cutoff as the reconciler's ledger-side step (reconcile._lost_agents), and never
+    for silence poolsadmin could not hear (`liveness`): deleting a pod kills its terraform. A
+    dry run also counts agents the pass would mark offline first."""
     cutoff = clock.now() - pool.heartbeat_timeout - timedelta(seconds=pool.task_grace_seconds)
+    if not liveness.judges(cutoff):
+        return []
     statuses = [AgentStatus.OFFLINE]
     if dry_run:
         statuses += [AgentStatus.ONLINE, AgentStatus.DRAINING]
@@ -210,7 +214,12 @@ def _pod_delete_for_lost_agent(*, pool: AgentPool, pod: Pod, kube: KubeApi, acto
 
 
 def cluster_sync(
-    *, pool: AgentPool, kube: KubeApi, dry_run: bool = False, actor: str = RECONCILER
+    *,
+    pool: AgentPool,
+    kube: KubeApi,
+    dry_run: bool = False,
+    actor: str = RECONCILER,
+    liveness: Liveness | None = None,
 ) -> list[Change]:
     """1. list the pool's pods by label (a retryable error: ClusterUnavailable, nothing
           changed);
@@ -247,7 +256,8 @@ def cluster_sync(
 
     # Pods whose agent is lost: deleted here, released below in the same pass.
     lost: dict[str, str] = {}
-    for pod in _lost_agent_pods(pool=pool, dry_run=dry_run):
+    liveness = liveness or liveness_read(now=clock.now())
+    for pod in _lost_agent_pods(pool=pool, liveness=liveness, dry_run=dry_run):
         seen = listed.get(pod.name)
         if seen is None or seen.deletion_requested or pod.name in finished_names:
             continue  # going anyway

@@ -12,6 +12,8 @@ from datetime import datetime, timedelta
 
 from django.db import transaction
 
+from poolsadmin.agents.liveness import RECONCILER as RECONCILER_HEARING
+from poolsadmin.agents.liveness import Liveness, hearing_touch, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.agents.services import agents_mark_offline
 from poolsadmin.events.services import event_record
@@ -88,11 +90,21 @@ class ReconcileReport:
         return bool(self.changes) and not self.dry_run
 
 
-def _lost_agents(pool: AgentPool, now: datetime, *, dry_run: bool = False) -> list[Agent]:
-    """Offline agents whose last heartbeat is older than timeout + grace. A dry run also counts
-    the agents this pass would mark offline first (older than the cutoff is older than the
+def lost_cutoff(pool: AgentPool, now: datetime) -> datetime:
+    """An agent silent since before this is lost: heartbeat timeout + the task grace."""
+    return now - pool.heartbeat_timeout - timedelta(seconds=pool.task_grace_seconds)
+
+
+def _lost_agents(
+    pool: AgentPool, now: datetime, *, liveness: Liveness, dry_run: bool = False
+) -> list[Agent]:
+    """Offline agents whose last heartbeat is older than timeout + grace, unless poolsadmin
+    itself could not hear them for part of that time (`liveness`). A dry run also counts the
+    agents this pass would mark offline first (older than the cutoff is older than the
     timeout)."""
-    cutoff = now - pool.heartbeat_timeout - timedelta(seconds=pool.task_grace_seconds)
+    cutoff = lost_cutoff(pool, now)
+    if not liveness.judges(cutoff):
+        return []
     statuses = [AgentStatus.OFFLINE]
     if dry_run:
         statuses += [AgentStatus.ONLINE, AgentStatus.DRAINING]
@@ -100,12 +112,18 @@ def _lost_agents(pool: AgentPool, now: datetime, *, dry_run: bool = False) -> li
 
 
 def _ledger_steps(
-    *, pool: AgentPool, now: datetime, actor: str, result: ReconcileResult, dry_run: bool = False
+    *,
+    pool: AgentPool,
+    now: datetime,
+    actor: str,
+    result: ReconcileResult,
+    liveness: Liveness,
+    dry_run: bool = False,
 ) -> list[Change]:
     """Steps 2-5 of reconcile_pass for one pool."""
     changes: list[Change] = []
     grace = timedelta(seconds=pool.task_grace_seconds)
-    for agent in _lost_agents(pool, now, dry_run=dry_run):
+    for agent in _lost_agents(pool, now, liveness=liveness, dry_run=dry_run):
         where = f" (pod {agent.agent_name})"
         # Unacknowledged dispatches are not lost work: the scheduler rolls them back.
         for task_id in WorkspaceTask.objects.filter(
@@ -126,9 +144,13 @@ def _ledger_steps(
             if dry_run or task_reservation_drop(task_id=task_id, actor=actor, reason=reason):
                 result.reservations_dropped.append(task_id)
                 changes.append(Change("reservation.drop", f"task #{task_id}", reason))
+    # A task the agent stopped reporting before an outage of poolsadmin gets its grace again
+    # from when poolsadmin could hear the agent's next heartbeat.
     unreported = WorkspaceTask.objects.filter(
         pool=pool, status=TaskStatus.RUNNING, unreported_since__lt=now - grace
     ).values_list("id", "agent_id", "unreported_since")
+    if not liveness.judges(now - grace):
+        unreported = unreported.none()
     for task_id, agent_id, since in unreported:
         message = (
             f"Agent {agent_id} stopped reporting task #{task_id} in its heartbeats "
@@ -163,9 +185,12 @@ def reconcile_pass(*, actor: str = RECONCILER) -> ReconcileResult:
        apply_pending; its apply will take a fresh slot and re-init);
     5. expired reservations are freed."""
     now = clock.now()
-    result = ReconcileResult(agents_offline=agents_mark_offline(now=now, actor=actor))
+    liveness = liveness_read(now=now)
+    result = ReconcileResult(
+        agents_offline=agents_mark_offline(now=now, actor=actor, liveness=liveness)
+    )
     for pool in AgentPool.objects.all():
-        _ledger_steps(pool=pool, now=now, actor=actor, result=result)
+        _ledger_steps(pool=pool, now=now, actor=actor, result=result, liveness=liveness)
     return result
 
 
@@ -300,7 +325,12 @@ def ledger_check(
 
 
 def reconcile_pool(
-    *, pool: AgentPool, kube: KubeApi | None, dry_run: bool = False, actor: str = RECONCILER
+    *,
+    pool: AgentPool,
+    kube: KubeApi | None,
+    dry_run: bool = False,
+    actor: str = RECONCILER,
+    liveness: Liveness | None = None,
 ) -> ReconcileReport:
     """One pass for one pool: the dashboard's "Reconcile now" (SPEC 5), and each pool of the
     leader's pass:
@@ -309,8 +339,12 @@ def reconcile_pool(
     3. the ledger-side steps (lost agents' tasks and reservations, unreported tasks, expired
        reservations);
     4. the ledger check.
-    A dry run returns the changes it would make and writes nothing."""
+    A dry run returns the changes it would make and writes nothing.
+    Silence is judged only as far as poolsadmin could hear (`liveness`, read now if not
+    given): after an outage of poolsadmin nobody is taken offline, failed or deleted until
+    agents have had their timeout and grace to be heard again (SPEC 5)."""
     now = clock.now()
+    liveness = liveness or liveness_read(now=now)
     report = ReconcileReport(pool_id=pool.pool_id, dry_run=dry_run)
     if dry_run:
         stale = Agent.objects.filter(
@@ -318,15 +352,19 @@ def reconcile_pool(
             status__in=[AgentStatus.ONLINE, AgentStatus.DRAINING],
             last_ping_at__lt=now - pool.heartbeat_timeout,
         ).values_list("agent_name", "agent_id")
+        if not liveness.judges(now - pool.heartbeat_timeout):
+            stale = stale.none()
     else:
-        offline = agents_mark_offline(now=now, actor=actor, only=pool)
+        offline = agents_mark_offline(now=now, actor=actor, only=pool, liveness=liveness)
         stale = Agent.objects.filter(agent_id__in=offline).values_list("agent_name", "agent_id")
     report.changes += [
         Change("agent.offline", f"{n} ({i})") for n, i in stale.order_by("agent_name")
     ]
     if pool.pool_type == PoolType.K8S and kube is not None:
         try:
-            report.changes += cluster_sync(pool=pool, kube=kube, dry_run=dry_run, actor=actor)
+            report.changes += cluster_sync(
+                pool=pool, kube=kube, dry_run=dry_run, actor=actor, liveness=liveness
+            )
         except ClusterUnavailable as exc:
             # Retryable or not, nothing was changed for this pool's pods: the next pass
             # starts again from the list. Non-retryable errors are worth a human's look.
@@ -334,7 +372,9 @@ def reconcile_pool(
             log("cluster sync of %s skipped: %s", pool.pool_id, exc.error.message)
             report.cluster_error = exc.error.message
     result = ReconcileResult()
-    report.changes += _ledger_steps(pool=pool, now=now, actor=actor, result=result, dry_run=dry_run)
+    report.changes += _ledger_steps(
+        pool=pool, now=now, actor=actor, result=result, liveness=liveness, dry_run=dry_run
+    )
     removed = frozenset(c.target for c in report.changes if c.kind == "pod.remove")
     report.changes += ledger_check(pool=pool, dry_run=dry_run, actor=actor, skip_pods=removed)
     if dry_run:
@@ -380,6 +420,11 @@ def reconcile_pass_leader(
     started = time.monotonic()
     reports = []
     for pool in AgentPool.objects.all():
+        # The reconciler is judging silence now; after a gap (all workers down) agents get
+        # their timeout and grace again before anything is failed or deleted. Read per pool:
+        # a gap can end (the web back) in the middle of a pass.
+        hearing_touch(name=RECONCILER_HEARING, actor=RECONCILER)
+        liveness = liveness_read(now=clock.now())
         # A person's "Reconcile now" of this pool runs right now: skip it this pass, rather
         # than adopt or remove the same pods twice at once.
         if not lease_acquire_or_renew(
@@ -388,7 +433,9 @@ def reconcile_pass_leader(
             continue
         try:
             kube = kube_factory(pool) if pool.pool_type == PoolType.K8S else None
-            reports.append(reconcile_pool(pool=pool, kube=kube, actor=RECONCILER))
+            reports.append(
+                reconcile_pool(pool=pool, kube=kube, actor=RECONCILER, liveness=liveness)
+            )
         except Exception:
             # One broken pool must not stop the others; the next pass tries it again.
             logger.exception("reconcile of %s failed", pool.pool_id)

@@ -12,6 +12,7 @@ from django.contrib.auth.models import User
 from django.template.loader import render_to_string
 from django.urls import reverse
 
+from poolsadmin.agents.liveness import AGENT_API, hearing_touch
 from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.autoscaler.services import pool_hold
 from poolsadmin.dashboard.panels import (
@@ -230,7 +231,7 @@ def test_the_reconciler_panel_reads_a_fixed_number_of_queries(
     for _ in range(n):
         _event(pool, "drift.slot_mismatch")
         _event(pool, "pool.reconciled", actor="user:alice", after={"changes": 0})
-    with django_assert_num_queries(3):  # lease, changes, last reconcile now
+    with django_assert_num_queries(4):  # lease, changes, last reconcile now, hearing
         pool_reconciler_panel(pool=pool, now=NOON)
 
 
@@ -333,3 +334,24 @@ def test_the_events_panel_lists_events_and_links_the_audit_log(viewer: User) -> 
     assert "slot.released" in html and "stuck apply" in html
     assert f'href="{reverse("tasks-detail", args=[7])}"' in html
     assert f'href="{reverse("audit-list")}?pool={pool.pk}"' in html
+
+
+def test_the_reconciler_panel_says_liveness_checks_wait_out_an_outage_of_poolsadmin(
+    admin_client: Any,
+) -> None:
+    pool = make_pool(heartbeat_timeout_seconds=120, task_grace_seconds=60)
+    hearing_touch(name=AGENT_API, actor="system:web")
+    clock.advance(300)  # the web was down for five minutes
+    assert (
+        "Liveness checks are paused" in pool_reconciler_panel(pool=pool, now=clock.now()).liveness
+    )
+    hearing_touch(name=AGENT_API, actor="system:web")
+
+    page = admin_client.get(f"/pools/{pool.pool_id}/").content.decode()
+
+    assert "Liveness checks are waiting out a control-plane outage" in page
+    assert "the agent API was down from" in page
+    for _ in range(37):  # the web hears agents again for three minutes
+        clock.advance(5)
+        hearing_touch(name=AGENT_API, actor="system:web")
+    assert pool_reconciler_panel(pool=pool, now=clock.now()).liveness == ""

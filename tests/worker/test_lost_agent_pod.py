@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from poolsadmin.agents.liveness import AGENT_API, hearing_touch
 from poolsadmin.agents.models import AgentStatus
 from poolsadmin.agents.services import agent_register
 from poolsadmin.events.models import Event
@@ -134,3 +135,22 @@ def test_a_failed_delete_lifts_the_cordon_and_a_later_pass_deletes(
     reconcile_pool(pool=pod.pool, kube=kube_client)
     assert cluster_pods(fake_kube) == []
     assert not Pod.objects.filter(pk=pod.pk).exists()
+
+
+def test_no_pod_is_deleted_for_silence_during_an_outage_of_poolsadmin(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    """The pod of an idle agent that nobody could hear for longer than timeout + grace (web
+    down) is kept, and so is the pod of a busy one: deleting a pod kills its terraform."""
+    pod = _pool_with_one_pod(fake_kube, kube_client)
+    pool = pod.pool
+    hearing_touch(name=AGENT_API, actor="system:web")
+    _past_the_cutoff(pod)
+    _past_the_cutoff(pod)
+    assert hearing_touch(name=AGENT_API, actor="system:web")  # the web is back
+
+    for _ in range(3):
+        report = reconcile_pool(pool=pool, kube=kube_client)
+        assert report.changes == []
+    assert cluster_pods(fake_kube) == [pod.name]
+    assert Pod.objects.filter(pool=pool, name=pod.name, cordoned=False).exists()
