@@ -7,6 +7,7 @@ in-memory channel layer, DEBUG on).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,19 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
         raise ImproperlyConfigured(f"{name}={raw!r} is not an integer.") from None
     if value < minimum:
         raise ImproperlyConfigured(f"{name}={value} must be >= {minimum}.")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ImproperlyConfigured(f"{name}={raw} must be a number >= {minimum}.")
     return value
 
 
@@ -232,3 +246,6 @@ if "{pool_id}" not in POOLSADMIN_AGENT_TOKEN_SECRET:
 # (agents/liveness.py): an agent's silence during an outage of poolsadmin is not held against
 # it. Off only for test servers that share a database with tests moving the clock.
 POOLSADMIN_HEARING_KEEPER = env_bool("POOLSADMIN_HEARING_KEEPER", default=True)
+# How often (seconds); four missed touches are a gap. A pool's heartbeat timeout must be longer
+# than a gap (20 s by default) for a shorter outage to be waited out too.
+POOLSADMIN_HEARING_TICK_SECONDS = env_float("POOLSADMIN_HEARING_TICK_SECONDS", 5.0, minimum=0.1)

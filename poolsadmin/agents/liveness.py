@@ -12,7 +12,7 @@ when that was (table `agent_hearing`, one row each):
   (a grace after start-up, as Kubernetes' node lifecycle controller does after its own
   restart).
 
-A touch that finds the previous one older than its gap (`HEARING_GAPS`) starts a new stretch
+A touch that finds the previous one older than its gap (`hearing_gap`) starts a new stretch
 (`since`) and keeps the gap (`deaf_from` .. `since`). Every liveness check counts an agent's silence
 from `max(last heartbeat, since)` of both records, and judges nobody while the web's record
 is stale (nobody can hear agents right now). A restart shorter than the gap changes nothing.
@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 
 from poolsadmin.agents.models import Hearing
@@ -39,15 +40,23 @@ logger = logging.getLogger(__name__)
 
 AGENT_API = "agent-api"
 RECONCILER = "reconciler"
-# Each web process touches `agent-api` this often; the reconciler passes every few seconds.
-HEARING_TICK_SECONDS = 5.0
-# A record older than this is a gap. The agent API's: four missed ticks. The reconciler's:
-# a minute, since one pass over many pools with a slow cluster takes a while, and a worker
-# that is down while the web hears agents loses nothing anyway. An 8-second crash-restart of
-# the web or the worker is not an outage.
-HEARING_GAPS = {AGENT_API: timedelta(seconds=20), RECONCILER: timedelta(seconds=60)}
+# A record older than this many ticks (`POOLSADMIN_HEARING_TICK_SECONDS`, 5 s: each web
+# process touches `agent-api` that often) is a gap. The agent API's: four missed ticks (20 s).
+# The reconciler's: a minute, since one pass over many pools with a slow cluster takes a
+# while, and a worker that is down while the web hears agents loses nothing anyway. An
+# 8-second crash-restart of the web or the worker is not an outage.
+GAP_TICKS = {AGENT_API: 4, RECONCILER: 12}
 
 WHO = {AGENT_API: "the agent API", RECONCILER: "the reconciler"}
+
+
+def hearing_tick() -> float:
+    return float(settings.POOLSADMIN_HEARING_TICK_SECONDS)
+
+
+def hearing_gap(name: str) -> timedelta:
+    """A record of `name` older than this means nobody was listening (a gap)."""
+    return timedelta(seconds=GAP_TICKS[name] * hearing_tick())
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,7 @@ def liveness_read(*, now: datetime) -> Liveness:
     """The liveness allowance at `now`, from both hearing records (one query)."""
     rows = {row.name: row for row in Hearing.objects.filter(name__in=[AGENT_API, RECONCILER])}
     api = rows.get(AGENT_API)
-    listening = api is None or api.heard_at >= now - HEARING_GAPS[AGENT_API]
+    listening = api is None or api.heard_at >= now - hearing_gap(AGENT_API)
     latest = max(rows.values(), key=lambda row: row.since, default=None)
     if latest is None:
         return Liveness(listening=listening)
@@ -136,7 +145,7 @@ def hearing_touch(*, name: str, actor: str, now: datetime | None = None) -> bool
     record only moves `heard_at`; a stale one also starts a new stretch, and of two processes
     finding it stale only the first changes it (the second sees it fresh)."""
     now = now or clock.now()
-    fresh = now - HEARING_GAPS[name]
+    fresh = now - hearing_gap(name)
     if Hearing.objects.filter(name=name, heard_at__gte=fresh).update(heard_at=now):
         return False
     with transaction.atomic():
@@ -188,11 +197,12 @@ def _keep(stop: threading.Event, interval: float) -> None:
         stop.wait(interval)
 
 
-def hearing_keeper_start(*, interval: float = HEARING_TICK_SECONDS) -> threading.Event | None:
+def hearing_keeper_start(*, interval: float | None = None) -> threading.Event | None:
     """Start this process's keeper thread (once): it touches `agent-api` every `interval`
-    seconds while the process runs. Returns the event that stops it, or None if a keeper
-    already runs."""
+    seconds (default: one tick) while the process runs. Returns the event that stops it, or
+    None if a keeper already runs."""
     global _keeper
+    interval = interval or hearing_tick()
     with _keeper_lock:
         if _keeper is not None and _keeper.is_alive():
             return None

@@ -100,8 +100,13 @@ class ReferenceAgent:
         heartbeat_interval: float = 2.0,
         command: str | None = None,
         simulation: Simulation | None = None,
+        max_backoff: float = MAX_BACKOFF_SECONDS,
     ) -> None:
         self.url = url.rstrip("/")
+        # Longest wait between two attempts while the server cannot be used. Keep it well
+        # under the pool's heartbeat timeout: after an outage of poolsadmin, an agent has its
+        # timeout to be heard again.
+        self.max_backoff = max_backoff
         self.name = name
         self.version = version
         self.heartbeat_interval = heartbeat_interval
@@ -176,9 +181,7 @@ class ReferenceAgent:
                     self.step()
                 except Exception as error:
                     failures += 1
-                    delay = min(
-                        self.heartbeat_interval * 2 ** min(failures, 10), MAX_BACKOFF_SECONDS
-                    )
+                    delay = min(self.heartbeat_interval * 2 ** min(failures, 10), self.max_backoff)
                     expected = isinstance(error, AgentTransportError | AgentApiError)
                     logger.log(
                         logging.WARNING if expected else logging.ERROR,
