@@ -15,6 +15,8 @@ from typing import Any
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from poolsadmin.kube.config import kube_config_from_env
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("POOLSADMIN_VAR_DIR", BASE_DIR / "var"))
 
@@ -235,6 +237,9 @@ LOGGING = {
 POOLSADMIN_ACK_TIMEOUT_SECONDS = env_int("POOLSADMIN_ACK_TIMEOUT_SECONDS", 30, minimum=1)
 # Back-off between dispatch attempts after unacknowledged dispatches (SPEC 4).
 POOLSADMIN_RETRY_BACKOFF_SECONDS = (5, 10, 20, 40, 60)
+# Kubernetes (KUBE_*): read here so that a bad value stops start-up, naming the variable, rather
+# than surfacing when the first k8s pool is reconciled (kube/config.py).
+KUBE_CONFIG = kube_config_from_env()
 # The URL agent pods use to reach poolsadmin, and the Secret (per pool) holding their token.
 POOLSADMIN_PUBLIC_URL = os.environ.get("POOLSADMIN_PUBLIC_URL", "http://127.0.0.1:8000")
 POOLSADMIN_AGENT_TOKEN_SECRET = os.environ.get(

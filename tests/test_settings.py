@@ -33,6 +33,12 @@ def _start(**env: str) -> subprocess.CompletedProcess[str]:
         ({"CHANNEL_LAYER_URL": "amqp://x"}, "CHANNEL_LAYER_URL='amqp://x'"),
         ({"POOLSADMIN_ACK_TIMEOUT_SECONDS": "soon"}, "is not an integer"),
         ({"POOLSADMIN_ACK_TIMEOUT_SECONDS": "0"}, "must be >= 1"),
+        # Kubernetes settings stop every process at start-up too, not at the first k8s pool.
+        ({"KUBE_MODE": "incluster"}, "KUBE_MODE='incluster' is not one of"),
+        ({"KUBE_TIMEOUT_SECONDS": "0"}, "KUBE_TIMEOUT_SECONDS=0 must be > 0"),
+        ({"KUBE_MODE": "url", "KUBE_API_URL": "cluster:6443"}, "KUBE_API_URL='cluster:6443'"),
+        ({"KUBE_VERIFY_SSL": "false"}, "KUBE_VERIFY_SSL is only used with KUBE_MODE=url"),
+        ({"POOLSADMIN_HEARING_TICK_SECONDS": "nan"}, "POOLSADMIN_HEARING_TICK_SECONDS=nan"),
     ],
 )
 def test_a_bad_value_stops_start_up_with_a_message_naming_it(

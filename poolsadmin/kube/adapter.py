@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, cast, get_args
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import urllib3
 from django.core.exceptions import ImproperlyConfigured
@@ -24,13 +23,13 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from poolsadmin.kube.config import KubeConfig
+
 if TYPE_CHECKING:
     from poolsadmin.pools.models import AgentPool
 
 _T = TypeVar("_T")
 
-KubeMode = Literal["in_cluster", "kubeconfig", "url"]
-KUBE_MODES: tuple[str, ...] = get_args(KubeMode)
 
 # The reconciler finds a pool's pods by this label only, so a pod keeps belonging to its pool
 # whatever its name, and pods created by hand with the label are adopted (SPEC 5).
@@ -97,18 +96,6 @@ class KubeError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class KubeConfig:
-    mode: KubeMode
-    url: str = ""
-    # repr=False: a config is logged and shown in tracebacks; the token must not be.
-    token: str = field(default="", repr=False)
-    verify_ssl: bool = True
-    kubeconfig_path: str = ""
-    context: str = ""
-    timeout_seconds: float = 10.0
-
-
 class KubeApi(Protocol):
     """What the reconciler and the autoscaler may ask of a cluster."""
 
@@ -121,74 +108,6 @@ class KubeApi(Protocol):
     def get_pod(self, *, namespace: str, name: str) -> PodInfo | None: ...
 
     def delete_pod(self, *, namespace: str, name: str) -> None: ...
-
-
-# --- configuration from the environment -----------------------------------------------------
-
-
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ImproperlyConfigured(f"{name}={env[name]!r} is not a boolean (use true/false, 1/0).")
-
-
-def kube_config_from_env(environ: Mapping[str, str] | None = None) -> KubeConfig:
-    """Read KUBE_* (see .env.example). Bad values fail loudly, naming the variable.
-
-    KUBE_MODE defaults to `in_cluster`, the production deployment; it is never guessed from a
-    developer's ~/.kube/config, which could point at a real cluster. Variables that only mean
-    something in another mode are refused rather than silently ignored.
-    """
-    env = os.environ if environ is None else environ
-    mode = env.get("KUBE_MODE", "").strip() or "in_cluster"
-    if mode not in KUBE_MODES:
-        raise ImproperlyConfigured(f"KUBE_MODE={mode!r} is not one of {', '.join(KUBE_MODES)}.")
-    url = env.get("KUBE_API_URL", "").strip()
-    token = env.get("KUBE_TOKEN", "").strip()
-    context = env.get("KUBE_CONTEXT", "").strip()
-    if mode == "url":
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ImproperlyConfigured(
-                f"KUBE_API_URL={url!r} must be an http:// or https:// URL when KUBE_MODE=url."
-            )
-    else:
-        for name in ("KUBE_API_URL", "KUBE_TOKEN", "KUBE_VERIFY_SSL"):
-            if env.get(name, "").strip():
-                raise ImproperlyConfigured(f"{name} is only used with KUBE_MODE=url.")
-    if mode != "kubeconfig" and context:
-        raise ImproperlyConfigured("KUBE_CONTEXT is only used with KUBE_MODE=kubeconfig.")
-
-    raw_timeout = env.get("KUBE_TIMEOUT_SECONDS", "").strip()
-    timeout = 10.0
-    if raw_timeout:
-        try:
-            timeout = float(raw_timeout)
-        except ValueError:
-            raise ImproperlyConfigured(
-                f"KUBE_TIMEOUT_SECONDS={raw_timeout!r} is not a number."
-            ) from None
-        # A loop step must never hang on the cluster: no zero, negative or infinite timeout.
-        if not 0 < timeout <= 300:
-            raise ImproperlyConfigured(
-                f"KUBE_TIMEOUT_SECONDS={raw_timeout} must be > 0 and <= 300."
-            )
-
-    return KubeConfig(
-        mode=cast(KubeMode, mode),  # checked against KUBE_MODES above
-        url=url,
-        token=token,
-        verify_ssl=_env_bool(env, "KUBE_VERIFY_SSL", default=True),
-        # KUBECONFIG keeps its standard meaning (one path or several joined by os.pathsep);
-        # empty means ~/.kube/config.
-        kubeconfig_path=env.get("KUBECONFIG", "").strip(),
-        context=context,
-        timeout_seconds=timeout,
-    )
 
 
 def _configuration(config: KubeConfig) -> k8s.Configuration:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from poolsadmin.kube.adapter import KubeApi, KubeClient, KubeError, kube_config_from_env
+from poolsadmin.kube.adapter import KubeApi, KubeClient, KubeError
 from poolsadmin.pools.models import AgentPool, PoolType
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,28 @@ def kube_for_pool(pool: AgentPool) -> KubeApi | None:
     with _lock:
         if _client is None:
             try:
-                _client = KubeClient(kube_config_from_env())
+                _client = KubeClient(settings.KUBE_CONFIG)
             except (ImproperlyConfigured, KubeError) as exc:
                 logger.error("no Kubernetes client for pool %s: %s", pool.pool_id, exc)
                 return None
         return _client
+
+
+def kube_client_check() -> None:
+    """Build the client now, if a k8s pool exists: a configuration that can never work (no
+    service account in the pod, a kubeconfig that does not exist) stops the worker's start-up
+    with ImproperlyConfigured, instead of being logged at every pass while no k8s pool is ever
+    synced. A cluster that does not answer yet is no reason not to start: KubeError is left to
+    the passes, which retry."""
+    global _client
+    if _override is not None or not AgentPool.objects.filter(pool_type=PoolType.K8S).exists():
+        return
+    with _lock:
+        if _client is None:
+            try:
+                _client = KubeClient(settings.KUBE_CONFIG)
+            except KubeError as exc:
+                logger.warning("the Kubernetes API does not answer yet: %s", exc)
 
 
 def kube_override(client: KubeApi | None) -> None:

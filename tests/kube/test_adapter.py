@@ -19,9 +19,9 @@ from poolsadmin.kube.adapter import (
     KubeConfig,
     KubeError,
     PodInfo,
-    kube_config_from_env,
     template_hash,
 )
+from poolsadmin.kube.config import kube_config_from_env
 from poolsadmin.pools.models import AgentPool
 from tests.kube.fake_api import FakeKubeServer
 

@@ -8,13 +8,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
 
+from poolsadmin.kube.adapter import KubeConfig
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import TaskStatus
+from poolsadmin.worker import cluster_access
 from tests.ledger import make_agent, make_pool, make_workspace, refresh, submit
+from tests.worker.kube_scenarios import make_k8s_pool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,3 +68,17 @@ def test_sigterm_stops_the_worker_cleanly(tmp_path: Path) -> None:
         worker.kill()
     assert worker.returncode == 0, out
     assert "worker: stopped" in out
+
+
+@pytest.mark.django_db
+def test_a_cluster_configuration_that_cannot_work_stops_the_worker_at_start_up(
+    settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not logged at the first pass while the worker runs on without ever syncing k8s pools."""
+    monkeypatch.setattr(cluster_access, "_client", None)  # no client built by an earlier test
+    make_k8s_pool()
+    settings.KUBE_CONFIG = KubeConfig(
+        mode="kubeconfig", kubeconfig_path=str(tmp_path / "missing-kubeconfig")
+    )
+    with pytest.raises(CommandError, match="cannot build the Kubernetes client"):
+        call_command("worker", once=True)

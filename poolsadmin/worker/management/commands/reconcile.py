@@ -6,10 +6,11 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from poolsadmin.kube.adapter import KubeApi, KubeClient, KubeConfig, KubeError, kube_config_from_env
+from poolsadmin.kube.adapter import KubeApi, KubeClient, KubeConfig, KubeError
 from poolsadmin.pools.models import AgentPool, PoolType
 from poolsadmin.worker.reconcile import reconcile_pool
 
@@ -40,7 +41,7 @@ class Command(BaseCommand):
                     config = (
                         KubeConfig(mode="url", url=options["kube_url"])
                         if options["kube_url"]
-                        else kube_config_from_env()
+                        else settings.KUBE_CONFIG
                     )
                     kube = stack.enter_context(KubeClient(config))
                 except (ImproperlyConfigured, KubeError) as exc:

@@ -7,9 +7,11 @@ import time
 from types import FrameType
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import close_old_connections, connection
 
+from poolsadmin.worker.cluster_access import kube_client_check
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_release
 from poolsadmin.worker.loops import HOLDER, LOOPS, Loop
 
@@ -60,6 +62,10 @@ class Command(BaseCommand):
         if unknown:
             raise CommandError(f"unknown loop(s) {unknown}; choose from {list(LOOPS)}")
         loops = [LOOPS[n] for n in names]
+        try:
+            kube_client_check()
+        except ImproperlyConfigured as exc:
+            raise CommandError(f"cannot build the Kubernetes client (KUBE_*): {exc}") from exc
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
