@@ -36,8 +36,7 @@ from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
 from poolsadmin.pools.grid import PoolSummary, pools_overview
 from poolsadmin.pools.models import PoolType, SlotState
-from poolsadmin.worker.lease import RECONCILER_LEASE
-from poolsadmin.worker.models import Lease
+from poolsadmin.worker.lease import RECONCILER_LEASE, lease_record
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -219,7 +218,7 @@ def _drift_family() -> Family:
     return drift
 
 
-def _reconciler_families(now: datetime) -> list[Family]:
+def _reconciler_families() -> list[Family]:
     leader = Family(
         "poolsadmin_reconciler_leader_info",
         "gauge",
@@ -246,9 +245,9 @@ def _reconciler_families(now: datetime) -> list[Family]:
         "gauge",
         "Changes the leader's latest reconcile pass made, over every pool.",
     )
-    lease = Lease.objects.filter(name=RECONCILER_LEASE).first()
+    lease, held = lease_record(RECONCILER_LEASE)
     if lease is not None:
-        if lease.expires_at >= now:
+        if held:
             leader.add(1, holder=lease.holder)
         renewed.add(lease.renewed_at.timestamp())
         if lease.last_pass_at is not None and lease.last_pass_seconds is not None:
@@ -267,5 +266,5 @@ def metrics_collect(*, now: datetime | None = None) -> list[Family]:
         *_dispatch_families(summaries, now),
         *_autoscaler_families(summaries),
         _drift_family(),
-        *_reconciler_families(now),
+        *_reconciler_families(),
     ]

@@ -21,7 +21,7 @@ from poolsadmin.autoscaler.services import pool_active_hold, pool_pods_alive
 from poolsadmin.events.models import Event
 from poolsadmin.pools.models import AgentPool, PoolType
 from poolsadmin.pools.selectors import FreezeState, pool_freeze_state
-from poolsadmin.worker.lease import RECONCILER_LEASE
+from poolsadmin.worker.lease import RECONCILER_LEASE, lease_record
 from poolsadmin.worker.models import Lease
 from poolsadmin.worker.reconcile import RECONCILED, RECONCILER
 
@@ -101,10 +101,10 @@ class ReconcilerPanel:
 def pool_reconciler_panel(*, pool: AgentPool, now: datetime) -> ReconcilerPanel:
     events = Event.objects.filter(pool_id=pool.pk)
     changes = events.filter(Q(kind__startswith="drift.") | Q(actor=RECONCILER)).order_by("-id")
-    record = Lease.objects.filter(name=RECONCILER_LEASE).first()
+    record, held = lease_record(RECONCILER_LEASE)
     return ReconcilerPanel(
         pool=pool,
-        lease=record if record is not None and record.expires_at >= now else None,
+        lease=record if held else None,
         record=record,
         changes=list(changes[:RECONCILER_CHANGES_LIMIT]),
         last_manual=events.filter(kind=RECONCILED).order_by("-id").first(),

@@ -12,6 +12,7 @@ from the top.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -220,6 +221,7 @@ def cluster_sync(
     dry_run: bool = False,
     actor: str = RECONCILER,
     liveness: Liveness | None = None,
+    keep: Callable[[], None] = lambda: None,
 ) -> list[Change]:
     """1. list the pool's pods by label (a retryable error: ClusterUnavailable, nothing
           changed);
@@ -230,7 +232,9 @@ def cluster_sync(
        tasks naming the pod, drop their reservations, remove them and their slots;
     4. phase changes of the others are written with an event;
     5. new pods are adopted with idle slots, linked to an agent of the same name if one has
-       registered already."""
+       registered already.
+    `keep()` is called before every change to the cluster: it renews the caller's lease on
+    the pool and raises if it was lost, so two passes never delete or adopt the same pods."""
     if pool.pool_type != PoolType.K8S:
         return []
     try:
@@ -246,6 +250,7 @@ def cluster_sync(
     ]
     for info in finished:
         if not dry_run:
+            keep()
             try:
                 kube.delete_pod(namespace=pool.namespace, name=info.name)
             except KubeError as exc:
@@ -266,8 +271,10 @@ def cluster_sync(
         if dry_run:
             if Slot.objects.filter(pod=pod, state=SlotState.RUNNING).exists():
                 continue
-        elif not _pod_delete_for_lost_agent(pool=pool, pod=pod, kube=kube, actor=actor):
-            continue
+        else:
+            keep()
+            if not _pod_delete_for_lost_agent(pool=pool, pod=pod, kube=kube, actor=actor):
+                continue
         lost[pod.name] = f"was deleted from the cluster: {why}"
         changes.append(Change("pod.delete", pod.name, why))
 

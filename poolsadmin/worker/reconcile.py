@@ -4,12 +4,14 @@ check, per pool, with a dry run; and the leader-only pass over every pool."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import transaction
 
 from poolsadmin.agents.liveness import RECONCILER as RECONCILER_HEARING
@@ -32,6 +34,7 @@ from poolsadmin.worker.lease import (
     RECONCILER_LEASE,
     lease_acquire_or_renew,
     lease_holder_id,
+    lease_keep,
     lease_record_pass,
     lease_release,
 )
@@ -331,6 +334,7 @@ def reconcile_pool(
     dry_run: bool = False,
     actor: str = RECONCILER,
     liveness: Liveness | None = None,
+    keep: Callable[[], None] = lambda: None,
 ) -> ReconcileReport:
     """One pass for one pool: the dashboard's "Reconcile now" (SPEC 5), and each pool of the
     leader's pass:
@@ -342,7 +346,9 @@ def reconcile_pool(
     A dry run returns the changes it would make and writes nothing.
     Silence is judged only as far as poolsadmin could hear (`liveness`, read now if not
     given): after an outage of poolsadmin nobody is taken offline, failed or deleted until
-    agents have had their timeout and grace to be heard again (SPEC 5)."""
+    agents have had their timeout and grace to be heard again (SPEC 5).
+    `keep()` renews the caller's lease on the pool between steps (and before each change to
+    the cluster); it raises LeaseLost if the lease expired and someone else took it."""
     now = clock.now()
     liveness = liveness or liveness_read(now=now)
     report = ReconcileReport(pool_id=pool.pool_id, dry_run=dry_run)
@@ -361,9 +367,10 @@ def reconcile_pool(
         Change("agent.offline", f"{n} ({i})") for n, i in stale.order_by("agent_name")
     ]
     if pool.pool_type == PoolType.K8S and kube is not None:
+        keep()
         try:
             report.changes += cluster_sync(
-                pool=pool, kube=kube, dry_run=dry_run, actor=actor, liveness=liveness
+                pool=pool, kube=kube, dry_run=dry_run, actor=actor, liveness=liveness, keep=keep
             )
         except ClusterUnavailable as exc:
             # Retryable or not, nothing was changed for this pool's pods: the next pass
@@ -372,10 +379,12 @@ def reconcile_pool(
             log("cluster sync of %s skipped: %s", pool.pool_id, exc.error.message)
             report.cluster_error = exc.error.message
     result = ReconcileResult()
+    keep()
     report.changes += _ledger_steps(
         pool=pool, now=now, actor=actor, result=result, liveness=liveness, dry_run=dry_run
     )
     removed = frozenset(c.target for c in report.changes if c.kind == "pod.remove")
+    keep()
     report.changes += ledger_check(pool=pool, dry_run=dry_run, actor=actor, skip_pods=removed)
     if dry_run:
         report.changes = _first_per_task(report.changes)
@@ -397,12 +406,26 @@ def _first_per_task(changes: list[Change]) -> list[Change]:
 
 
 # One pass over a pool at a time, whoever runs it (the leader, or a person's "Reconcile now"
-# from any web process): a lease row per pool. Longer than any pass; released at its end.
-POOL_LEASE_TTL_SECONDS = 120.0
+# from any web process): a lease row per pool, renewed between the steps of the pass and before
+# each change to the cluster, and released at its end. Its term outlasts the longest wait
+# between two renewals (one Kubernetes call, at most KUBE_TIMEOUT_SECONDS), so a live pass
+# keeps it, and a pass that died (leader killed mid-pass) holds the pool up for that long at
+# most; less if it died on this host (worker/lease.py takes over a dead holder at once).
+POOL_LEASE_MIN_TTL_SECONDS = 30.0
 
 
 def pool_lease(pool_id: str) -> str:
     return f"reconcile:{pool_id}"
+
+
+def pool_lease_ttl() -> float:
+    return max(POOL_LEASE_MIN_TTL_SECONDS, 2 * settings.KUBE_CONFIG.timeout_seconds + 10)
+
+
+def _pool_keeper(pool_id: str, holder: str) -> Callable[[], None]:
+    return functools.partial(
+        lease_keep, name=pool_lease(pool_id), holder=holder, ttl_seconds=pool_lease_ttl()
+    )
 
 
 def reconcile_pass_leader(
@@ -428,13 +451,19 @@ def reconcile_pass_leader(
         # A person's "Reconcile now" of this pool runs right now: skip it this pass, rather
         # than adopt or remove the same pods twice at once.
         if not lease_acquire_or_renew(
-            name=pool_lease(pool.pool_id), holder=holder, ttl_seconds=POOL_LEASE_TTL_SECONDS
+            name=pool_lease(pool.pool_id), holder=holder, ttl_seconds=pool_lease_ttl()
         ):
             continue
         try:
             kube = kube_factory(pool) if pool.pool_type == PoolType.K8S else None
             reports.append(
-                reconcile_pool(pool=pool, kube=kube, actor=RECONCILER, liveness=liveness)
+                reconcile_pool(
+                    pool=pool,
+                    kube=kube,
+                    actor=RECONCILER,
+                    liveness=liveness,
+                    keep=_pool_keeper(pool.pool_id, holder),
+                )
             )
         except Exception:
             # One broken pool must not stop the others; the next pass tries it again.
@@ -491,14 +520,16 @@ def pool_reconcile_now(*, pool_id: str, actor: str, reason: str) -> ReconcileRep
         raise NotFound(f"pool {pool_id} does not exist")
     holder = f"{actor} {lease_holder_id()}"
     if not lease_acquire_or_renew(
-        name=pool_lease(pool.pk), holder=holder, ttl_seconds=POOL_LEASE_TTL_SECONDS
+        name=pool_lease(pool.pk), holder=holder, ttl_seconds=pool_lease_ttl()
     ):
         raise Conflict(
             f"a reconcile pass of pool {pool.pk} is running right now; try again in a few seconds"
         )
     kube, missing = _pool_kube(pool)
     try:
-        report = reconcile_pool(pool=pool, kube=kube, actor=actor)
+        report = reconcile_pool(
+            pool=pool, kube=kube, actor=actor, keep=_pool_keeper(pool.pk, holder)
+        )
     except Exception as exc:
         # The repairs made before the failure are committed, each with its event; the audit
         # log still shows who ran the pass and that it failed.

@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from poolsadmin.autoscaler.services import pool_scale
-from poolsadmin.dashboard.metrics import Family, exposition
+from poolsadmin.dashboard.metrics import Family, _number, exposition
 from poolsadmin.lib import clock
 from poolsadmin.pools.models import AgentPool
 from poolsadmin.scheduler.services import task_dispatch, task_dispatch_rollback
@@ -27,6 +27,7 @@ from poolsadmin.worker.reconcile import ledger_check, reconcile_pass_leader
 from tests.autoscaler.helpers import adopt_all, k8s_pool, scale
 from tests.ledger import ADMIN, make_agent, make_pool, make_workspace, plan_with_changes, run
 from tests.ledger import submit as submit_task
+from tests.worker.leases import expire_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -287,13 +288,13 @@ def test_drift_repairs_are_counted_per_pool_and_kind(viewer_client: Client) -> N
 
 def test_the_reconciler_leader_and_its_last_renewal_are_shown(viewer_client: Client) -> None:
     assert lease_acquire_or_renew(name=RECONCILER_LEASE, holder="w1:42:ab", ttl_seconds=30)
-    clock.advance(3)
+    at = Lease.objects.get(name=RECONCILER_LEASE).renewed_at.timestamp()
 
     text = scrape(viewer_client)
-    clock.advance(30)
+    expire_lease(RECONCILER_LEASE)
     expired = scrape(viewer_client)
 
-    renewed = f"poolsadmin_reconciler_lease_renewed_timestamp_seconds {int(T0.timestamp())}"
+    renewed = f"poolsadmin_reconciler_lease_renewed_timestamp_seconds {_number(at)}"
     assert family(text, "poolsadmin_reconciler_leader_info") == [
         'poolsadmin_reconciler_leader_info{holder="w1:42:ab"} 1'
     ]
@@ -312,8 +313,10 @@ def test_the_reconcile_duration_of_the_leaders_last_pass_is_shown(viewer_client:
 
     [line] = family(text, "poolsadmin_reconcile_duration_seconds")
     assert float(line.split()[1]) == lease.last_pass_seconds
+    assert lease.last_pass_at is not None
+    ended = _number(lease.last_pass_at.timestamp())
     assert family(text, "poolsadmin_reconcile_last_pass_timestamp_seconds") == [
-        f"poolsadmin_reconcile_last_pass_timestamp_seconds {int(T0.timestamp())}"
+        f"poolsadmin_reconcile_last_pass_timestamp_seconds {ended}"
     ]
     assert family(text, "poolsadmin_reconcile_last_pass_changes") == [
         "poolsadmin_reconcile_last_pass_changes 0"

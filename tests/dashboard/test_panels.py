@@ -30,9 +30,11 @@ from poolsadmin.pools.models import AgentPool
 from poolsadmin.pools.services import pod_create, pool_freeze_window_add
 from poolsadmin.worker.cluster import RECONCILER
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew
+from poolsadmin.worker.models import Lease
 from poolsadmin.worker.reconcile import reconcile_pass_leader
 from tests.ledger import ADMIN, make_pool
 from tests.worker.kube_scenarios import make_k8s_pool
+from tests.worker.leases import expire_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -163,30 +165,30 @@ def test_without_a_leader_the_reconciler_panel_says_so() -> None:
 def test_the_reconciler_panel_names_the_leader_and_its_last_pass() -> None:
     pool = make_pool()
     assert reconcile_pass_leader(holder="worker-1", kube_factory=lambda p: None) is not None
-    clock.advance(3)
+    passed = Lease.objects.get(name=RECONCILER_LEASE)
     assert lease_acquire_or_renew(name=RECONCILER_LEASE, holder="worker-1", ttl_seconds=30)
 
     panel = pool_reconciler_panel(pool=pool, now=clock.now())
 
     assert panel.leader == "worker-1"
-    assert panel.lease is not None and panel.lease.acquired_at == NOON
-    # The pass ended at NOON; the later renewal (an autoscaler pass, say) is not a pass.
-    assert panel.last_pass_at == NOON
+    assert panel.lease is not None and panel.lease.acquired_at == passed.acquired_at
+    # The later renewal (an autoscaler pass, say) is not a pass.
+    assert panel.last_pass_at == passed.last_pass_at is not None
     assert panel.lease.last_pass_seconds is not None and panel.lease.last_pass_seconds >= 0
     assert panel.lease.last_pass_changes == 0
 
 
 def test_an_expired_lease_has_no_leader() -> None:
     assert lease_acquire_or_renew(name=RECONCILER_LEASE, holder="worker-1", ttl_seconds=30)
-    clock.advance(31)
+    expire_lease(RECONCILER_LEASE)
     assert pool_reconciler_panel(pool=make_pool(), now=clock.now()).lease is None
 
 
 def test_a_stuck_leaders_last_pass_stays_shown_and_grows_old() -> None:
     pool = make_pool()
     assert reconcile_pass_leader(holder="worker-1", kube_factory=lambda p: None) is not None
-    passed_at = clock.now()
-    clock.advance(600)
+    passed_at = Lease.objects.get(name=RECONCILER_LEASE).last_pass_at
+    expire_lease(RECONCILER_LEASE)  # and nobody renews it
 
     panel = pool_reconciler_panel(pool=pool, now=clock.now())
 

@@ -6,8 +6,7 @@ SQLite file, or a scratch PostgreSQL database on the PostgreSQL run), a k8s pool
 the fake Kubernetes API server (in this process, reached over HTTP), and a reference agent per
 pod in threads of this process, running a shell command as their work.
 
-Three tasks are under way when web and worker go down (an upgrade: the worker is stopped,
-the web killed): a plan that runs on
+Three tasks are under way when web and worker are killed (SIGKILL): a plan that runs on
 through the outage, a confirmed apply that finishes during it (its `applied` arrives late),
 and an apply_pending plan_and_apply whose slot is reserved. Nobody listens for longer than
 heartbeat timeout + grace, while the agents keep working and keep trying. The worker comes back
@@ -171,12 +170,12 @@ class Stack:
         self.worker = self._spawn("worker", [*MANAGE, "worker"])
 
     def kill(self) -> None:
-        """An upgrade: the worker is stopped (and hands its lease over), the web dies."""
-        assert self.web is not None and self.worker is not None
-        self.worker.send_signal(signal.SIGTERM)
-        self.web.send_signal(signal.SIGKILL)
-        self.web.wait(timeout=10)
-        self.worker.wait(timeout=30)
+        """Both die at once (a node lost, a database failover taking both down). The killed
+        worker keeps its leases; the restarted one takes them over at once (same host)."""
+        for process in (self.web, self.worker):
+            assert process is not None
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
 
     def stop(self) -> None:
         self.stop_agents.set()

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
-from datetime import timedelta
 
 import pytest
 from django.db import connections
 
 from poolsadmin.lib import clock
 from poolsadmin.worker.lease import (
+    LeaseLost,
     lease_acquire_or_renew,
     lease_current,
+    lease_holder_dead,
     lease_holder_id,
+    lease_keep,
     lease_record_pass,
     lease_release,
 )
 from poolsadmin.worker.models import Lease
 from tests.conftest import IS_POSTGRES
+from tests.worker.leases import expire_lease
 
 ROUNDS = 10 if IS_POSTGRES else 3
 
@@ -48,15 +55,71 @@ def test_the_holder_renews_and_keeps_its_acquisition_time() -> None:
 def test_another_holder_takes_over_after_expiry() -> None:
     assert lease_acquire_or_renew(name="reconciler", holder="a", ttl_seconds=30)
     first = Lease.objects.get(pk="reconciler").acquired_at
-    clock.advance(29)
     assert not lease_acquire_or_renew(name="reconciler", holder="b", ttl_seconds=30)
-    clock.advance(2)
+    expire_lease("reconciler")
     assert lease_current("reconciler") is None
     assert lease_acquire_or_renew(name="reconciler", holder="b", ttl_seconds=30)
     lease = Lease.objects.get(pk="reconciler")
     assert lease.holder == "b"
-    assert lease.acquired_at >= first + timedelta(seconds=31)
+    assert lease.acquired_at >= first
     assert not lease_acquire_or_renew(name="reconciler", holder="a", ttl_seconds=30)
+
+
+@pytest.mark.django_db
+def test_leases_run_on_the_databases_clock_not_on_a_workers() -> None:
+    """A worker whose clock is an hour ahead must not think the leader's lease expired."""
+    assert lease_acquire_or_renew(name="reconciler", holder="a", ttl_seconds=30)
+    clock.advance(3600)
+    assert not lease_acquire_or_renew(name="reconciler", holder="b", ttl_seconds=30)
+    assert lease_current("reconciler") is not None
+
+
+def _exited_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.django_db
+def test_a_holder_whose_process_is_gone_from_this_host_is_taken_over_at_once() -> None:
+    dead = f"{socket.gethostname()}:{_exited_pid()}:0badf00d"
+    assert lease_holder_dead(dead)
+    assert lease_acquire_or_renew(name="reconcile:pool-x", holder=dead, ttl_seconds=120)
+    assert lease_acquire_or_renew(name="reconcile:pool-x", holder="w2", ttl_seconds=30)
+    assert Lease.objects.get(pk="reconcile:pool-x").holder == "w2"
+
+
+@pytest.mark.django_db
+def test_an_earlier_process_with_this_processs_pid_is_dead_but_this_process_is_not() -> None:
+    """A worker restarted in its container gets pid 1 again: the lease of the one before it,
+    `host:1:<other random>`, is a dead holder's."""
+    mine = lease_holder_id()
+    earlier = f"{socket.gethostname()}:{os.getpid()}:0badf00d"
+    assert lease_holder_dead(earlier)
+    assert not lease_holder_dead(mine)
+    assert not lease_holder_dead(f"user:alice {mine}")
+    assert lease_acquire_or_renew(name="reconciler", holder=mine, ttl_seconds=30)
+    assert not lease_acquire_or_renew(name="reconciler", holder=earlier, ttl_seconds=30)
+
+
+@pytest.mark.django_db
+def test_live_and_foreign_holders_are_never_taken_for_dead() -> None:
+    parent = f"{socket.gethostname()}:{os.getppid()}:0badf00d"
+    elsewhere = f"another-host:{_exited_pid()}:0badf00d"
+    for holder in (parent, elsewhere, "worker-1", "a"):
+        assert not lease_holder_dead(holder), holder
+    assert lease_acquire_or_renew(name="reconciler", holder=elsewhere, ttl_seconds=30)
+    assert not lease_acquire_or_renew(name="reconciler", holder="w2", ttl_seconds=30)
+
+
+@pytest.mark.django_db
+def test_keeping_a_lost_lease_stops_the_work_under_it() -> None:
+    assert lease_acquire_or_renew(name="reconcile:p", holder="w1", ttl_seconds=30)
+    lease_keep(name="reconcile:p", holder="w1", ttl_seconds=30)
+    expire_lease("reconcile:p")
+    assert lease_acquire_or_renew(name="reconcile:p", holder="user:alice h:1:a", ttl_seconds=30)
+    with pytest.raises(LeaseLost):
+        lease_keep(name="reconcile:p", holder="w1", ttl_seconds=30)
 
 
 @pytest.mark.django_db
@@ -83,7 +146,7 @@ def test_threads_racing_for_the_lease_leave_exactly_one_holder(expired: bool) ->
 def _race(name: str, *, expired: bool) -> None:
     if expired:
         assert lease_acquire_or_renew(name=name, holder="old", ttl_seconds=1)
-        clock.advance(5)
+        expire_lease(name)
     n = 6
     barrier = threading.Barrier(n)
     won: dict[str, bool] = {}

@@ -11,7 +11,6 @@ import pytest
 
 from poolsadmin.agents.services import agent_register
 from poolsadmin.kube.adapter import KubeClient
-from poolsadmin.lib import clock
 from poolsadmin.pools.models import Pod
 from poolsadmin.tasks.models import TaskStatus
 from poolsadmin.worker.cluster_access import kube_override
@@ -20,6 +19,7 @@ from poolsadmin.worker.loops import LOOPS
 from tests.autoscaler.helpers import k8s_pool
 from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_workspace, refresh, submit
+from tests.worker.leases import expire_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -67,7 +67,7 @@ def test_only_the_lease_holder_scales_and_a_dead_holder_is_taken_over(
     assert cluster.pods(pool.namespace or "default") == []
 
     # The other worker dies: its lease runs out and this worker takes over.
-    clock.advance(61)
+    expire_lease(RECONCILER_LEASE)
     _pass("autoscaler")
     assert len(cluster.pods(pool.namespace or "default")) == 2
 

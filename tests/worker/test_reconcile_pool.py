@@ -19,6 +19,7 @@ from poolsadmin.worker.reconcile import reconcile_pass_leader, reconcile_pool
 from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_agent, make_pool, make_workspace, plan_with_changes, run, submit
 from tests.worker.kube_scenarios import adopted_pod_with_agent, cluster_pod, make_k8s_pool
+from tests.worker.leases import expire_lease
 
 pytestmark = pytest.mark.django_db
 
@@ -95,7 +96,7 @@ def test_only_the_lease_holder_reconciles(
     assert reconcile_pass_leader(holder="me", kube_factory=factory) is None
     assert not Pod.objects.filter(pool=pool).exists()
 
-    clock.advance(31)
+    expire_lease("reconciler")
     reports = reconcile_pass_leader(holder="me", kube_factory=factory)
     assert reports is not None
     assert [c.kind for r in reports for c in r.changes] == ["pod.adopt"]
