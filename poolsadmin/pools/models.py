@@ -162,6 +162,9 @@ class Pod(models.Model):
     cordoned = models.BooleanField(default=False)
     cordoned_by = models.CharField(max_length=200, blank=True, default="")
     cordoned_reason = models.TextField(blank=True, default="")
+    # When poolsadmin last asked the cluster to delete the pod and could not tell whether it
+    # did (a timeout): the pod stays cordoned until a later listing shows it still there.
+    delete_unconfirmed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "pods"

@@ -15,6 +15,7 @@ from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi, KubeError
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
 from poolsadmin.pools.models import (
     AgentPool,
@@ -513,6 +514,48 @@ def pool_token_revoke(*, token_id: int, actor: str) -> PoolToken:
     return token
 
 
+def _pod_still_there(*, kube: KubeApi, pod: Pod) -> bool:
+    """True only if the cluster answers that the pod exists and no delete of it is under way."""
+    try:
+        info = kube.get_pod(namespace=pod.pool.namespace, name=pod.name)
+    except KubeError:
+        return False
+    return info is not None and not info.deletion_requested
+
+
+def pod_delete_not_done(*, pod: Pod, actor: str) -> bool:
+    """A delete whose outcome was unknown did not happen: the cluster has listed the pod, not
+    being deleted, longer after the request than the request could take (the caller checks).
+    Lift the cordon that pod_retire kept for it. True if the pod changed."""
+    asked = pod.delete_unconfirmed_at
+    if asked is None:
+        return False
+    with transaction.atomic():
+        changed = Pod.objects.filter(pk=pod.pk, delete_unconfirmed_at=asked).update(
+            delete_unconfirmed_at=None,
+            cordoned=False,
+            cordoned_by="",
+            cordoned_reason="",
+        )
+        if not changed:
+            return False
+        event_record(
+            actor=actor,
+            kind="pod.delete_not_done",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pod.pool_id,
+            before={"cordoned": pod.cordoned, "delete_unconfirmed_at": asked.isoformat()},
+            after={"cordoned": False},
+            reason=(
+                f"the delete of pod {pod.name} at {stamp(asked)} timed out and the cluster "
+                "still lists the pod: it was not deleted, and takes work again"
+            ),
+        )
+        broadcast_pool_changed(pool_id=pod.pool_id, kind="pod", payload={"pod": pod.name})
+    return True
+
+
 def pod_retire(
     *,
     pod: Pod,
@@ -531,8 +574,13 @@ def pod_retire(
     The scheduler locks a pod row before taking one of its slots and re-reads the slots, so
     checking the slots under the same row lock and cordoning in that transaction means no task
     can be placed on the pod once it is decided. The ledger row goes when the reconciler sees
-    the pod gone from the cluster. A failed delete lifts the cordon again and re-raises the
-    KubeError."""
+    the pod gone from the cluster.
+
+    A failed delete re-raises the KubeError. A delete the server refused lifts the cordon
+    again if the pod is still there. A delete whose outcome is unknown (timeout, lost
+    connection, 504) may well have been carried out, and a pod that takes work while it
+    terminates loses it ("vanished"): the cordon stays, marked `delete_unconfirmed_at`, until
+    cluster sync lists the pod again later and lifts it (pod_delete_not_done), or sees it gone."""
     with transaction.atomic():
         locked = Pod.objects.select_for_update(skip_locked=True).filter(pk=pod.pk).first()
         if locked is None:
@@ -556,8 +604,10 @@ def pod_retire(
         )
     try:
         kube.delete_pod(namespace=pod.pool.namespace, name=pod.name)
-    except KubeError:
-        if not was_cordoned:
+    except KubeError as exc:
+        if exc.status is None or exc.status == 504:
+            Pod.objects.filter(pk=pod.pk, cordoned=True).update(delete_unconfirmed_at=clock.now())
+        elif not was_cordoned and _pod_still_there(kube=kube, pod=pod):
             Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
                 cordoned=False, cordoned_by="", cordoned_reason=""
             )

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import transaction
 
 from poolsadmin.agents.liveness import Liveness, liveness_read
@@ -32,7 +33,12 @@ from poolsadmin.pools.models import (
     Slot,
     SlotState,
 )
-from poolsadmin.pools.services import pod_create, pod_retire, slot_free_for_task
+from poolsadmin.pools.services import (
+    pod_create,
+    pod_delete_not_done,
+    pod_retire,
+    slot_free_for_task,
+)
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 from poolsadmin.tasks.services import task_fail_lost, task_reservation_drop
@@ -117,6 +123,14 @@ def pod_remove(*, pod: Pod, actor: str, reason: str) -> bool:
 
 
 # --- the pass --------------------------------------------------------------------------------
+
+
+def _delete_not_done(pod: Pod, listed_at: datetime) -> bool:
+    """The pod's delete of unknown outcome did not happen: it is listed (not being deleted) by
+    a listing made longer after the request than the request could take."""
+    asked = pod.delete_unconfirmed_at
+    timeout = timedelta(seconds=settings.KUBE_CONFIG.timeout_seconds)
+    return asked is not None and listed_at - asked > timeout
 
 
 def _gone_reason(info: PodInfo | None) -> str:
@@ -237,6 +251,7 @@ def cluster_sync(
     the pool and raises if it was lost, so two passes never delete or adopt the same pods."""
     if pool.pool_type != PoolType.K8S:
         return []
+    listed_at = clock.now()
     try:
         listed = {
             info.name: info
@@ -284,10 +299,15 @@ def cluster_sync(
             changes += _release_pod(pod=pod, why=lost[pod.name], actor=actor, dry_run=dry_run)
         elif seen is None or seen.deletion_requested or pod.name in finished_names:
             changes += _release_pod(pod=pod, why=_gone_reason(seen), actor=actor, dry_run=dry_run)
-        elif seen.phase != pod.phase and (
-            dry_run or pod_phase_set(pod=pod, phase=seen.phase, actor=actor)
-        ):
-            changes.append(Change("pod.phase", pod.name, f"-> {seen.phase}"))
+        else:
+            if seen.phase != pod.phase and (
+                dry_run or pod_phase_set(pod=pod, phase=seen.phase, actor=actor)
+            ):
+                changes.append(Change("pod.phase", pod.name, f"-> {seen.phase}"))
+            if _delete_not_done(pod, listed_at) and (
+                dry_run or pod_delete_not_done(pod=pod, actor=actor)
+            ):
+                changes.append(Change("pod.uncordon", pod.name, "its delete did not happen"))
 
     known = set(Pod.objects.filter(pool=pool).values_list("name", flat=True))
     for info in sorted(listed.values(), key=lambda i: i.name):

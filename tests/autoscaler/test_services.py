@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
+from time import monotonic, sleep
 
 import pytest
 
+from poolsadmin.agents.services import agent_heartbeat
 from poolsadmin.autoscaler.models import PoolHold, ScaleAction, ScaleDecision
 from poolsadmin.autoscaler.services import pool_hold, pool_scale
 from poolsadmin.events.models import Event
-from poolsadmin.kube.adapter import KubeClient
+from poolsadmin.kube.adapter import KubeClient, KubeConfig
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.pools.models import Pod
 from poolsadmin.pools.services import pool_freeze_window_add, pool_unfreeze_once
-from poolsadmin.scheduler.services import scheduler_pass
+from poolsadmin.scheduler.services import scheduler_pass, task_dispatch
 from poolsadmin.tasks.models import TaskStatus
+from poolsadmin.worker.cluster import cluster_sync
 from tests.autoscaler.helpers import NAMESPACE, adopt_all, cluster_pods, k8s_pool, scale
 from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import ADMIN, finish, make_workspace, plan_with_changes, refresh, run, submit
@@ -253,6 +256,35 @@ def test_a_failed_delete_lifts_the_cordon(
     assert cluster_pods(fake_kube) == [pod.name]
 
 
+def test_a_delete_that_timed_out_but_was_carried_out_keeps_the_pod_cordoned(
+    fake_kube: FakeKubeServer,
+) -> None:
+    """The API server deleted the pod after the client gave up waiting: the pod must take no
+    new task (it would fail as "vanished"); the next pass finds it gone."""
+    pool = k8s_pool(min_replicas=1)
+    with KubeClient(KubeConfig(mode="url", url=fake_kube.url, timeout_seconds=0.5)) as kube:
+        scale(pool, kube)
+        [pod] = adopt_all(pool, fake_kube)
+        pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
+        clock.advance(pool.scale_down_idle_seconds)
+        fake_kube.delay_next(1, 1.5, method="DELETE")  # answered after the client's timeout
+
+        decision = scale(pool, kube)
+
+        assert decision.action == ScaleAction.BLOCKED
+        assert Pod.objects.get(pk=pod.pk).cordoned
+        deadline = monotonic() + 10
+        while cluster_pods(fake_kube):  # the server carries the delete out after its delay
+            assert monotonic() < deadline
+            sleep(0.05)
+        pod = Pod.objects.select_related("agent").get(pk=pod.pk)
+        assert pod.agent is not None
+        agent_heartbeat(agent=pod.agent, running_task_ids=[])  # its agent is still online
+        outcome = task_dispatch(task_id=submit(make_workspace(pool), "plan").pk)
+        assert not outcome.dispatched and outcome.diagnosis is not None
+        assert f"pod {pod.name} is draining" in outcome.diagnosis.text
+
+
 def test_pool_scale_is_validated_and_audited() -> None:
     pool = k8s_pool()
     for low, high in ((-1, 2), (3, 2), (0, 0)):
@@ -279,3 +311,26 @@ def test_pool_hold_is_validated_and_audited() -> None:
 
     assert PoolHold.objects.get().pods == 3
     assert Event.objects.get(kind="pool.held").reason == "launch"
+
+
+def test_a_delete_that_timed_out_and_did_not_happen_lifts_the_cordon_once_the_pod_is_listed(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    pool = k8s_pool(min_replicas=1)
+    scale(pool, kube_client)
+    [pod] = adopt_all(pool, fake_kube)
+    pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
+    clock.advance(pool.scale_down_idle_seconds)
+    fake_kube.fail_next(1, 504, method="DELETE")  # a gateway timeout: done or not, who knows
+    scale(pool, kube_client)
+    assert Pod.objects.get(pk=pod.pk).cordoned
+
+    cluster_sync(pool=pool, kube=kube_client)  # listed at once: the delete could still land
+    assert Pod.objects.get(pk=pod.pk).cordoned
+    clock.advance(11)  # longer than a request may take (KUBE_TIMEOUT_SECONDS 10)
+    changes = cluster_sync(pool=pool, kube=kube_client)
+
+    assert ("pod.uncordon", pod.name) in [(c.kind, c.target) for c in changes]
+    pod = Pod.objects.get(pk=pod.pk)
+    assert not pod.cordoned and pod.delete_unconfirmed_at is None
+    assert Event.objects.filter(kind="pod.delete_not_done", target_id=pod.name).exists()
