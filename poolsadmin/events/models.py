@@ -14,7 +14,8 @@ class Event(models.Model):
     actor = models.CharField(max_length=200, help_text="user:<name>, agent:<id> or system:<loop>")
     kind = models.CharField(max_length=64, db_index=True)
     target_type = models.CharField(max_length=32)
-    target_id = models.CharField(max_length=200)
+    # A slot's label is its pod's name (up to 253 characters, as Kubernetes allows) and index.
+    target_id = models.CharField(max_length=300)
     pool_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
     workspace_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
     task_id = models.BigIntegerField(null=True, blank=True, db_index=True)

@@ -7,6 +7,7 @@ one row per change of (code, blocker).
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
@@ -32,6 +33,8 @@ from poolsadmin.tasks.models import (
     WorkspaceTask,
 )
 from poolsadmin.tasks.services import tasks_waiting_filter
+
+logger = logging.getLogger(__name__)
 
 CapacityCache = dict[str, list[PodView]]
 DecisionCache = dict[str, ScaleDecision | None]
@@ -254,14 +257,14 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
         .order_by("id")[:limit]
     )
     for task in waiting:
-        if diagnosis_record(
-            task=task,
-            diagnosis=task_diagnose(
+        try:
+            diagnosis = task_diagnose(
                 task=task, now=now, cache=cache, decisions=decisions, liveness=liveness
-            ),
-            now=now,
-        ):
-            changed += 1
+            )
+            if diagnosis_record(task=task, diagnosis=diagnosis, now=now):
+                changed += 1
+        except Exception:  # one broken task must not leave every other undiagnosed
+            logger.exception("diagnosing task %s failed", task.pk)
     stale = WaitReason.objects.filter(ended_at__isnull=True).exclude(
         task__in=WorkspaceTask.objects.filter(tasks_waiting_filter())
     )

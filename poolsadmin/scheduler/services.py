@@ -313,6 +313,39 @@ def task_dispatch_rollback(*, task_id: int, actor: str = SCHEDULER) -> bool:
     return True
 
 
+def task_dispatch_failed(*, task_id: int, error: Exception, actor: str = SCHEDULER) -> bool:
+    """Record that dispatching a waiting task raised (its transaction was rolled back): retry
+    count + 1, next attempt after the back-off, the error as the last dispatch error, an event.
+    Conditional on the task still waiting; never raises (the pass goes on either way)."""
+    now = clock.now()
+    message = f"dispatch failed: {type(error).__name__}: {error}"[:2000]
+    try:
+        with transaction.atomic():
+            task = WorkspaceTask.objects.select_for_update().filter(QUEUED, pk=task_id).first()
+            if task is None:
+                return False
+            retry_count = task.retry_count + 1
+            next_attempt = now + retry_delay(retry_count)
+            WorkspaceTask.objects.filter(pk=task_id, status=task.status).update(
+                retry_count=retry_count, next_attempt_at=next_attempt, last_dispatch_error=message
+            )
+            event_record(
+                actor=actor,
+                kind="task.dispatch_failed",
+                target_type="task",
+                target_id=task_id,
+                pool_id=task.pool_id,
+                workspace_id=task.workspace_id,
+                task_id=task_id,
+                reason=message,
+                data={"retry_count": retry_count, "next_attempt_at": stamp(next_attempt)},
+            )
+    except Exception:
+        logger.exception("recording the failed dispatch of task %s failed too", task_id)
+        return False
+    return True
+
+
 @dataclass
 class PassResult:
     dispatched: list[int] = field(default_factory=list)
@@ -356,8 +389,11 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
     if not liveness_read(now=now).judges(now - ack_timeout()):
         expired = expired.none()
     for task_id in list(expired):
-        if task_dispatch_rollback(task_id=task_id, actor=actor):
-            result.rolled_back.append(task_id)
+        try:
+            if task_dispatch_rollback(task_id=task_id, actor=actor):
+                result.rolled_back.append(task_id)
+        except Exception:  # one broken task must not stop the pass for every other
+            logger.exception("rolling back the dispatch of task %s failed", task_id)
 
     # order_by() clears the model's default ordering, which would make DISTINCT per row.
     pool_ids = (
@@ -367,7 +403,10 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
         .distinct()
     )
     for pool_id in sorted(pool_ids):
-        _pass_pool(pool_id=pool_id, now=now, limit=limit_per_pool, actor=actor, result=result)
+        try:
+            _pass_pool(pool_id=pool_id, now=now, limit=limit_per_pool, actor=actor, result=result)
+        except Exception:  # one broken pool must not stop every pool sorting after it
+            logger.exception("scheduler pass of pool %s failed", pool_id)
     if result.dispatched:
         logger.info("dispatched %s", result.dispatched)
     return result
@@ -386,6 +425,13 @@ def _pass_pool(*, pool_id: str, now: datetime, limit: int, actor: str, result: P
             outcome = task_dispatch(task_id=task_id, actor=actor)
         except (DispatchRefused, NotFound) as exc:  # changed under us since the listing
             logger.debug("not dispatching task %s: %s", task_id, exc)
+            continue
+        except Exception as exc:
+            # A bad row (say, a name no column can hold) fails this task's dispatch, not the
+            # pass: the dispatch was rolled back; the task waits out a back-off, and its
+            # diagnosis says why.
+            logger.exception("dispatching task %s failed", task_id)
+            task_dispatch_failed(task_id=task_id, error=exc, actor=actor)
             continue
         if outcome.dispatched:
             result.dispatched.append(task_id)

@@ -183,7 +183,8 @@ class WaitReason(models.Model):
     task = models.ForeignKey(WorkspaceTask, on_delete=models.CASCADE, related_name="wait_reasons")
     code = models.CharField(max_length=64)
     text = models.TextField()
-    blocker = models.CharField(max_length=200, blank=True, default="")
+    # Unbounded: "no pod can take work" names up to ten pods of up to 253 characters each.
+    blocker = models.TextField(blank=True, default="")
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField(null=True, blank=True)
 

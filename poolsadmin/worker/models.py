@@ -8,7 +8,8 @@ class Lease(models.Model):
     worker may take it over once `expires_at` has passed; see worker/lease.py."""
 
     name = models.CharField(max_length=64, primary_key=True)
-    holder = models.CharField(max_length=200)
+    # `host:pid:random`, or `user:<username> host:pid:random` for a person's "Reconcile now".
+    holder = models.CharField(max_length=300)
     acquired_at = models.DateTimeField()
     renewed_at = models.DateTimeField()
     expires_at = models.DateTimeField()

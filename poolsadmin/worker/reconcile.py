@@ -114,6 +114,17 @@ def _lost_agents(
     return list(Agent.objects.filter(pool=pool, status__in=statuses, last_ping_at__lt=cutoff))
 
 
+def _isolated(what: str, step: Callable[[], object]) -> bool:
+    """Run one task's repair: whether it changed something. If it raises, log it and go on
+    with the next (SPEC 5: one bad row never stops a loop for everyone else); its transaction
+    was rolled back, and the next pass tries again."""
+    try:
+        return bool(step())
+    except Exception:
+        logger.exception("reconciler: %s failed", what)
+        return False
+
+
 def _ledger_steps(
     *,
     pool: AgentPool,
@@ -136,7 +147,10 @@ def _ledger_steps(
                 f"Agent {agent.agent_name} ({agent.agent_id}){where} stopped heartbeating at "
                 f"{stamp(agent.last_ping_at)}; task #{task_id} was lost."
             )
-            if dry_run or task_fail_lost(task_id=task_id, message=message, actor=actor):
+            if dry_run or _isolated(
+                f"failing task #{task_id}",
+                functools.partial(task_fail_lost, task_id=task_id, message=message, actor=actor),
+            ):
                 result.tasks_failed.append(task_id)
                 changes.append(Change("task.fail", f"task #{task_id}", message))
         for task_id in Slot.objects.filter(pod__agent=agent, state=SlotState.RESERVED).values_list(
@@ -144,7 +158,12 @@ def _ledger_steps(
         ):
             assert task_id is not None
             reason = f"agent {agent.agent_name} is offline since {stamp(agent.last_ping_at)}"
-            if dry_run or task_reservation_drop(task_id=task_id, actor=actor, reason=reason):
+            if dry_run or _isolated(
+                f"dropping the reservation of task #{task_id}",
+                functools.partial(
+                    task_reservation_drop, task_id=task_id, actor=actor, reason=reason
+                ),
+            ):
                 result.reservations_dropped.append(task_id)
                 changes.append(Change("reservation.drop", f"task #{task_id}", reason))
     # A task the agent stopped reporting before an outage of poolsadmin gets its grace again
@@ -161,7 +180,10 @@ def _ledger_steps(
         )
         if task_id in result.tasks_failed:
             continue
-        if dry_run or task_fail_lost(task_id=task_id, message=message, actor=actor):
+        if dry_run or _isolated(
+            f"failing task #{task_id}",
+            functools.partial(task_fail_lost, task_id=task_id, message=message, actor=actor),
+        ):
             result.tasks_failed.append(task_id)
             changes.append(Change("task.fail", f"task #{task_id}", message))
     expired = Slot.objects.filter(
@@ -172,8 +194,15 @@ def _ledger_steps(
         if task_id in result.reservations_dropped:
             continue
         reason = f"reservation expired at {stamp(until)}"
-        if dry_run or task_reservation_drop(
-            task_id=task_id, actor=actor, reason=reason, expired_only=True
+        if dry_run or _isolated(
+            f"expiring the reservation of task #{task_id}",
+            functools.partial(
+                task_reservation_drop,
+                task_id=task_id,
+                actor=actor,
+                reason=reason,
+                expired_only=True,
+            ),
         ):
             result.reservations_expired.append(task_id)
             changes.append(Change("reservation.expire", f"task #{task_id}", reason))
