@@ -5,6 +5,7 @@ decides when the agent talks to the server."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import signal
@@ -20,15 +21,22 @@ from django.core.management.base import CommandError
 from pytest_django.live_server_helper import LiveServer
 
 from poolsadmin.agents.models import Agent
-from poolsadmin.agents.reference import ReferenceAgent, Simulation
-from poolsadmin.agents.services import agent_register
+from poolsadmin.agents.reference import AgentApiError, ReferenceAgent, Simulation
+from poolsadmin.agents.services import agent_retire
 from poolsadmin.events.models import Event
 from poolsadmin.pools.models import AgentPool, Slot, SlotState
 from poolsadmin.pools.services import pool_token_create
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import Stage, TaskStatus, Workspace, WorkspaceTask
 from poolsadmin.tasks.services import task_cancel, task_confirm_apply
-from tests.ledger import ADMIN, make_agent, make_pool, make_workspace, refresh, submit
+from tests.ledger import (
+    ADMIN,
+    make_agent_with_secret,
+    make_pool,
+    make_workspace,
+    refresh,
+    submit,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -72,6 +80,7 @@ def new_agent(live_server: LiveServer, pool: AgentPool) -> Iterator[AgentFactory
         changes_ratio: float = 0.5,
         failure_ratio: float = 0.0,
         command: str | None = None,
+        state_file: Path | None = None,
     ) -> ReferenceAgent:
         agent = ReferenceAgent(
             url=live_server.url,
@@ -84,6 +93,7 @@ def new_agent(live_server: LiveServer, pool: AgentPool) -> Iterator[AgentFactory
                 changes_ratio=changes_ratio,
                 failure_ratio=failure_ratio,
             ),
+            state_file=state_file,
         )
         agents.append(agent)
         return agent
@@ -271,38 +281,60 @@ def test_cancelling_a_task_kills_its_command(
     assert refresh(task).stage == Stage.COMPLETED
 
 
-def test_the_agent_registers_again_once_when_another_registration_rotates_its_secret(
-    new_agent: AgentFactory, pool: AgentPool, caplog: pytest.LogCaptureFixture
+def test_a_second_agent_under_the_same_name_is_refused_and_the_first_keeps_working(
+    new_agent: AgentFactory, pool: AgentPool
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="poolsadmin.agent")
+    """A restarted twin without the identity, or an impostor with the pool token: the name is
+    not handed over, and the agent that holds it is not locked out."""
     agent = new_agent("P1")
     agent.step()
-    # A second process registers under the same name (a restarted twin, or an operator's
-    # test): the secret this agent holds no longer works.
-    agent_register(pool=pool, name="P1")
+    twin = new_agent("P1")
 
-    agent.step()  # the heartbeat is refused for the agent's identity, then retried
-    agent.step()  # and the new secret is used from then on
+    with pytest.raises(AgentApiError) as refused:
+        twin.step()
 
+    assert (refused.value.status, refused.value.field) == (409, "name")
+    agent.step()
     row = Agent.objects.get(agent_name="P1")
     assert agent.agent_id == row.agent_id
-    assert kinds_of(row) == ["agent.registered", "agent.reregistered", "agent.reregistered"]
-    assert row.last_ping_at is not None and row.last_ping_at >= row.registered_at
-    assert "registering again" in caplog.text
+    assert kinds_of(row) == ["agent.registered"]
 
 
-def test_an_outcome_refused_for_the_agents_identity_is_delivered_after_registering_again(
-    new_agent: AgentFactory, pool: AgentPool, workspace: Workspace
+def test_an_agent_restarted_with_its_state_file_registers_again_as_itself(
+    new_agent: AgentFactory, tmp_path: Path
 ) -> None:
-    agent = new_agent(duration=0.3)
+    state = tmp_path / "agent" / "identity.json"
+    first = new_agent("P1", state_file=state)
+    first.step()
+    assert oct(state.stat().st_mode & 0o777) == "0o600"  # a secret: this user's only
+
+    restarted = new_agent("P1", state_file=state)
+    restarted.register()
+
+    row = Agent.objects.get(agent_name="P1")
+    assert restarted.agent_id == first.agent_id == row.agent_id
+    assert kinds_of(row) == ["agent.registered", "agent.reregistered"]
+    assert json.loads(state.read_text())["agent_id"] == row.agent_id
+
+
+def test_an_agent_retired_by_an_admin_registers_anew_and_drops_its_old_identitys_work(
+    new_agent: AgentFactory, workspace: Workspace, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poolsadmin.agent")
+    agent = new_agent(duration=30)
     agent.register()
     task = submit(workspace, "plan")
     dispatch_to(agent, task)
+    old = Agent.objects.get(agent_name="P1")
 
-    agent_register(pool=pool, name="P1")  # rotated while the plan runs
+    agent_retire(agent=old, actor="user:alice", reason="lost its disk")
+    agent.step()  # refused for its identity: registers again, under the free name
 
-    wait_for(lambda: status_of(task) == TaskStatus.SUCCESS, "the report after re-registering")
-    wait_for(lambda: agent.running_task_ids == [], "the agent to drop the reported task")
+    assert agent.agent_id != old.agent_id
+    assert status_of(task) == TaskStatus.FAILED  # the retired identity's work
+    agent.step()  # the server does not assign that task to the new agent: cancelled here
+    assert agent.running_task_ids == []
+    assert "registering again" in caplog.text
 
 
 def kinds_of(agent: Agent) -> list[str]:
@@ -357,10 +389,17 @@ def _alive(pid: int) -> bool:
 
 
 def test_the_agent_command_once_runs_the_assigned_work_and_exits(
-    live_server: LiveServer, pool: AgentPool, workspace: Workspace
+    live_server: LiveServer, pool: AgentPool, workspace: Workspace, tmp_path: Path
 ) -> None:
     secret = pool_token_create(pool=pool, name="cli", actor=ADMIN).secret
-    make_agent(pool, "P1")
+    registered = make_agent_with_secret(pool, "P1")
+    # The identity the agent kept when it registered before (it restarted since).
+    state = tmp_path / "identity.json"
+    state.write_text(
+        json.dumps(
+            {"name": "P1", "agent_id": registered.agent.agent_id, "agent_secret": registered.secret}
+        )
+    )
     task = submit(workspace, "plan")
     assert scheduler_pass().dispatched == [task.pk]
     before = signal.getsignal(signal.SIGTERM)
@@ -373,11 +412,15 @@ def test_the_agent_command_once_runs_the_assigned_work_and_exits(
         "--name=P1",
         "--interval=0.05",
         "--duration=0.05",
+        f"--state-file={state}",
         "--once",
         stdout=out,
     )
 
     assert status_of(task) == TaskStatus.SUCCESS
+    # It went on as the agent it was: the identity is unchanged, and nothing registered.
+    assert json.loads(state.read_text())["agent_id"] == registered.agent.agent_id
+    assert kinds_of(registered.agent) == ["agent.registered"]
     assert "agent P1: stopped" in out.getvalue()
     assert signal.getsignal(signal.SIGTERM) is before
 

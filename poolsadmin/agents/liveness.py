@@ -176,7 +176,15 @@ def hearing_touch(*, name: str, actor: str, now: datetime | None = None) -> bool
                 else f"{WHO[name]} started: agents' silence counts from {stamp(now)}"
             ),
         )
-    logger.warning("%s is listening again since %s (gap from %s)", name, stamp(now), deaf_from)
+    if deaf_from is None:
+        logger.info("%s is listening (first record) since %s", name, stamp(now))
+    else:
+        logger.warning(
+            "%s is listening again since %s after a gap from %s: agents' silence counts from now",
+            name,
+            stamp(now),
+            stamp(deaf_from),
+        )
     return True
 
 

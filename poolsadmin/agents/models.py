@@ -32,12 +32,25 @@ class Agent(models.Model):
     # an agent registered before secrets existed: it cannot authenticate until it registers
     # again.
     secret_hash = models.CharField(max_length=64, blank=True, default="")
+    # k8s pools: the uid of the pod the agent registered from (the downward API's
+    # metadata.uid). A new pod of the same name has another uid; that is how it may take the
+    # name over without the old agent's secret (agent_register).
+    pod_uid = models.CharField(max_length=64, blank=True, default="")
+    # An identity that ended (its pod was replaced, or an admin retired it): kept for history,
+    # its secret void, its name free for a new agent.
+    retired_at = models.DateTimeField(null=True, blank=True)
+    retired_reason = models.TextField(blank=True, default="")
 
     class Meta:
         db_table = "agents"
         ordering = ["agent_name"]
         constraints = [
-            models.UniqueConstraint(fields=["pool", "agent_name"], name="uniq_agent_name_in_pool")
+            # One live agent per name and pool; retired identities keep their name for history.
+            models.UniqueConstraint(
+                fields=["pool", "agent_name"],
+                condition=models.Q(retired_at__isnull=True),
+                name="uniq_live_agent_name_in_pool",
+            )
         ]
 
     def __str__(self) -> str:

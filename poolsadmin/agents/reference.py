@@ -13,8 +13,12 @@ Python does and imports nothing of Django. Work travels in heartbeat answers:
   a 5xx or a 401 (token being rotated) keeps it for the next step; any other refusal means the
   server has decided (409: the task was cancelled or failed meanwhile) and the task is dropped;
 * every call after registration carries the agent secret that registration returned
-  (`X-Agent-Secret`); a 403 for the agent's identity (another registration under the same
-  name rotated the secret) makes the agent register again, once, and retry the call;
+  (`X-Agent-Secret`), and so does registering again: a name that an agent holds is only
+  given back to whoever proves to be that agent (or, in a k8s pool, to a new pod of that
+  name: `pod_uid`). With `state_file` the identity survives a restart of the agent (in a pod:
+  a file on an emptyDir volume, which outlives a container restart);
+* a 403 for the agent's identity (an admin retired it) makes the agent register again, once,
+  and retry the call;
 * when the agent stops, work in progress is abandoned unreported: the server fails it after
   its grace period, as it would for a pod that died.
 """
@@ -33,8 +37,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.client import HTTPException
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("poolsadmin.agent")
@@ -101,6 +107,8 @@ class ReferenceAgent:
         command: str | None = None,
         simulation: Simulation | None = None,
         max_backoff: float = MAX_BACKOFF_SECONDS,
+        pod_uid: str = "",
+        state_file: Path | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         # Longest wait between two attempts while the server cannot be used. Keep it well
@@ -122,18 +130,42 @@ class ReferenceAgent:
         self._lock = threading.Lock()  # guards _jobs and every _Job's mutable fields
         self._step_lock = threading.Lock()  # one step at a time, whoever calls it
         self._jobs: dict[int, _Job] = {}
+        self.pod_uid = pod_uid
+        self.state_file = state_file
+        self._load_identity()
 
     # --- public -------------------------------------------------------------------------------
 
     def register(self) -> None:
-        """Register (or again: same name, same agent), and keep the new agent secret."""
+        """Register (or again, proving it is the same agent with the secret it holds), and
+        keep the new agent secret (in `state_file` too, if there is one)."""
         with self._identity_lock:
-            answer = self._call(
-                "POST", "/api/v1/agents/register", {"name": self.name, "version": self.version}
-            )
+            body = {"name": self.name, "version": self.version}
+            if self.pod_uid:
+                body["pod_uid"] = self.pod_uid
+            answer = self._call("POST", "/api/v1/agents/register", body, proof=self._secret or None)
             self.agent_id = str(answer["agent_id"])
             self._secret = str(answer["agent_secret"])
+            self._save_identity()
         logger.info("registered %s as %s in pool %s", self.name, self.agent_id, answer["pool_id"])
+
+    def _load_identity(self) -> None:
+        if self.state_file is None or not self.state_file.exists():
+            return
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError) as error:
+            logger.warning("ignoring the agent state in %s: %s", self.state_file, error)
+            return
+        if isinstance(state, dict) and state.get("name") == self.name:
+            self.agent_id = str(state.get("agent_id") or "") or None
+            self._secret = str(state.get("agent_secret") or "") or None
+
+    def _save_identity(self) -> None:
+        if self.state_file is not None and self.agent_id and self._secret:
+            identity_save(
+                self.state_file, name=self.name, agent_id=self.agent_id, secret=self._secret
+            )
 
     @property
     def running_task_ids(self) -> list[int]:
@@ -150,12 +182,12 @@ class ReferenceAgent:
             if self.agent_id is None:
                 self.register()
             self._report_finished()
-            agent_id = self.agent_id
-            assert agent_id is not None
             try:
+                # The agent id is in the path: after registering again (an admin retired
+                # this identity) the heartbeat goes out under the new one.
                 answer = self._call_as_agent(
                     "POST",
-                    f"/api/v1/agents/{agent_id}/heartbeat",
+                    lambda agent_id: f"/api/v1/agents/{agent_id}/heartbeat",
                     {"running_task_ids": self.running_task_ids, **_usage()},
                 )
             except AgentApiError as error:
@@ -165,6 +197,8 @@ class ReferenceAgent:
                     logger.warning("heartbeat refused (%s); registering again", error)
                     self.agent_id = None
                 raise
+            agent_id = self.agent_id
+            assert agent_id is not None
             for cancellation in answer.get("cancellations", []):
                 self._cancel(int(cancellation["task_id"]), str(cancellation.get("reason", "")))
             for assignment in answer.get("assignments", []):
@@ -227,13 +261,21 @@ class ReferenceAgent:
             return self.agent_id, self._secret
 
     def _call_as_agent(
-        self, method: str, path: str, body: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str | Callable[[str], str],
+        body: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """A call that acts as this agent. If the server refuses the agent's identity (a later
-        registration under this name rotated the secret), register again once and retry."""
+        """A call that acts as this agent (`path` may be built from its agent id). If the
+        server refuses the agent's identity (an admin retired it), register again once and
+        retry as whoever that registration made this agent."""
         identity = self._identity()
+
+        def at(who: tuple[str, str] | None) -> str:
+            return path if isinstance(path, str) else path(who[0] if who else "")
+
         try:
-            return self._call(method, path, body, identity=identity)
+            return self._call(method, at(identity), body, identity=identity)
         except AgentApiError as error:
             if not _identity_refused(error):
                 raise
@@ -244,7 +286,7 @@ class ReferenceAgent:
             if self._identity() == identity:
                 self.register()
             identity = self._identity()
-        return self._call(method, path, body, identity=identity)
+        return self._call(method, at(identity), body, identity=identity)
 
     def _call(
         self,
@@ -253,6 +295,7 @@ class ReferenceAgent:
         body: dict[str, Any] | None = None,
         *,
         identity: tuple[str, str] | None = None,
+        proof: str | None = None,
     ) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
         headers = {
@@ -263,6 +306,8 @@ class ReferenceAgent:
         }
         if identity is not None:
             headers["X-Agent-Id"], headers["X-Agent-Secret"] = identity
+        elif proof is not None:  # registering again: the secret proves it is this agent
+            headers["X-Agent-Secret"] = proof
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -457,6 +502,19 @@ class ReferenceAgent:
                 job.reporting = False
                 if done and self._jobs.get(job.task_id) is job:
                     del self._jobs[job.task_id]
+
+
+def identity_save(path: Path, *, name: str, agent_id: str, secret: str) -> None:
+    """An agent's identity in its state file, which `ReferenceAgent(state_file=...)` reads.
+    Written to a new file and renamed over the old one, readable by this user only: a crash
+    never leaves half a secret, and nobody else reads it."""
+    state = {"name": name, "agent_id": agent_id, "agent_secret": secret}
+    partial = path.with_name(path.name + ".new")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(state, handle)
+    os.replace(partial, path)
 
 
 def _identity_refused(error: AgentApiError) -> bool:

@@ -13,12 +13,13 @@ from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
-from poolsadmin.lib.errors import Forbidden, InvalidInput, NotFound
+from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
 from poolsadmin.lib.ids import random_id, secret_hex, sha256_hex
 from poolsadmin.pools.models import AgentPool, Pod, PoolType
 from poolsadmin.pools.services import pod_for_static_agent, pod_link_agent
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
+from poolsadmin.tasks.services import task_fail_lost
 
 MAX_NAME = 253
 SECRET_PREFIX = "ags_"
@@ -28,22 +29,28 @@ SECRET_PREFIX = "ags_"
 class Registration:
     agent: Agent
     secret: str  # `ags_<64 hex>`, shown once: only its SHA-256 is stored
+    # The identity this registration ended: a k8s pod replaced by a new pod of the same name.
+    retired: Agent | None = None
 
 
 def _agent_named(*, pool: AgentPool, name: str) -> Agent | None:
-    """The agent called `name` in `pool`, row-locked until the transaction ends."""
-    return Agent.objects.select_for_update().filter(pool=pool, agent_name=name).first()
+    """The live agent called `name` in `pool`, row-locked until the transaction ends."""
+    return (
+        Agent.objects.select_for_update()
+        .filter(pool=pool, agent_name=name, retired_at__isnull=True)
+        .first()
+    )
 
 
 def _agent_create(
-    *, pool: AgentPool, name: str, version: str, ip: str | None, secret_hash: str
+    *, pool: AgentPool, name: str, version: str, ip: str | None, secret_hash: str, pod_uid: str
 ) -> Agent | None:
     """A new agent row, or None if a concurrent registration of the same name won the race.
 
     `select_for_update` locks nothing when there is no row yet, so two first registrations of
-    one name can both get here; the unique (pool, agent_name) constraint refuses the second
-    insert. The savepoint undoes only that insert, and the caller carries on with the winner's
-    row as a re-registration instead of failing with a 500."""
+    one name can both get here; the unique constraint on live names refuses the second
+    insert. The savepoint undoes only that insert, and the caller treats the loser like any
+    other registration under a taken name (it must prove it is that agent)."""
     now = clock.now()
     try:
         with transaction.atomic():
@@ -57,41 +64,100 @@ def _agent_create(
                 last_ping_at=now,
                 registered_at=now,
                 secret_hash=secret_hash,
+                pod_uid=pod_uid,
             )
     except IntegrityError:
-        if not Agent.objects.filter(pool=pool, agent_name=name).exists():
+        if not Agent.objects.filter(pool=pool, agent_name=name, retired_at__isnull=True).exists():
             raise  # not the name race (an agent_id collision, say): let it surface
         return None
 
 
+def _secret_matches(agent: Agent, secret: str) -> bool:
+    # Constant time: comparing hashes with == would leak, byte by byte, how much matched.
+    return (
+        bool(secret)
+        and bool(agent.secret_hash)
+        and hmac.compare_digest(agent.secret_hash.encode(), sha256_hex(secret).encode())
+    )
+
+
+def _replaced_pod(*, pool: AgentPool, agent: Agent, pod_uid: str) -> bool:
+    """In a k8s pool, is the caller a new pod under the agent's name? Only if the cluster says
+    so: the pod the reconciler adopted under that name has the caller's uid, and it is not the
+    uid the agent registered from. A uid is not a secret, so it is checked against what the
+    API server reported, never taken on the caller's word alone."""
+    if pool.pool_type != PoolType.K8S or not pod_uid or pod_uid == agent.pod_uid:
+        return False
+    return Pod.objects.filter(pool=pool, name=agent.agent_name, uid=pod_uid).exists()
+
+
 def agent_register(
-    *, pool: AgentPool, name: str, version: str = "", ip: str | None = None
+    *,
+    pool: AgentPool,
+    name: str,
+    version: str = "",
+    ip: str | None = None,
+    secret: str = "",
+    pod_uid: str = "",
 ) -> Registration:
-    """Register (or re-register: same name, same pool reuses the agent). In a static pool the
-    agent is its own execution host; in a k8s pool the name is the pod name, and the agent is
+    """Register an agent: a new name in the pool gets a new agent. In a static pool the agent
+    is its own execution host; in a k8s pool the name is the pod name, and the agent is
     matched to that pod.
 
-    Every registration issues a new agent secret and the previous one stops working: an agent
-    that restarts gets a fresh one, and a copy of an old secret is useless. The rotation is in
-    the re-registration's event, so an unexpected takeover of a name is visible."""
+    A name that a live agent holds is taken over only by proof (issue: any holder of the pool
+    token could register under another agent's name, get its identity and fail its work):
+    * `secret`, that agent's current secret: the same agent registering again (after a
+      restart, say). Its secret is rotated, the previous one stops working.
+    * in a k8s pool, `pod_uid` of a new pod of that name, as the cluster reported it: the old
+      identity is retired explicitly (`agent_retire`: its running tasks fail, naming the
+      replacement) and the new pod gets a new agent.
+    Anything else is Conflict (409), and changes nothing."""
     name = name.strip()
     if not name or len(name) > MAX_NAME:
         raise InvalidInput(f"name is required (at most {MAX_NAME} characters)", field="name")
     if len(version) > 64:
         raise InvalidInput("version is longer than 64 characters", field="version")
-    secret = f"{SECRET_PREFIX}{secret_hex(32)}"
-    secret_hash = sha256_hex(secret)
+    if len(pod_uid) > 64:
+        raise InvalidInput("pod_uid is longer than 64 characters", field="pod_uid")
+    issued = f"{SECRET_PREFIX}{secret_hex(32)}"
+    secret_hash = sha256_hex(issued)
     now = clock.now()
+    retired: Agent | None = None
     with transaction.atomic():
         agent = _agent_named(pool=pool, name=name)
+        if agent is not None and not _secret_matches(agent, secret):
+            if not _replaced_pod(pool=pool, agent=agent, pod_uid=pod_uid):
+                raise Conflict(
+                    f"agent name {name} is taken by agent {agent.agent_id} of this pool: "
+                    "registering again needs its X-Agent-Secret"
+                    + (", or a new pod of that name (pod_uid)" if pool.pool_type == "k8s" else "")
+                    + "; an agent that lost its secret is retired by an admin "
+                    "(manage.py agent_retire)",
+                    field="name",
+                )
+            retired = agent
+            agent_retire(
+                agent=agent,
+                actor="system:agent-api",
+                reason=f"its pod {name} was replaced by a new pod of that name (uid {pod_uid})",
+            )
+            agent = None
         created: Agent | None = None
         if agent is None:
             created = _agent_create(
-                pool=pool, name=name, version=version, ip=ip, secret_hash=secret_hash
+                pool=pool,
+                name=name,
+                version=version,
+                ip=ip,
+                secret_hash=secret_hash,
+                pod_uid=pod_uid,
             )
-            agent = created or _agent_named(pool=pool, name=name)
-            assert agent is not None  # _agent_create returns None only if the row exists
-        if created is not None:
+            if created is None:  # a concurrent first registration of the name won
+                raise Conflict(
+                    f"agent name {name} was registered by another agent at the same moment",
+                    field="name",
+                )
+            agent = created
             kind, before, reason = "agent.registered", None, ""
         else:
             before = {"status": agent.status, "version": agent.version}
@@ -103,6 +169,7 @@ def agent_register(
                 last_ping_at=now,
                 registered_at=now,
                 secret_hash=secret_hash,
+                pod_uid=pod_uid or agent.pod_uid,
             )
             agent.refresh_from_db()
             kind, reason = "agent.reregistered", "registered again: the agent secret was rotated"
@@ -119,8 +186,10 @@ def agent_register(
                 "name": name,
                 "version": version,
                 "secret_rotated": created is None,
+                "replaces": retired.agent_id if retired else None,
             },
-            reason=reason,
+            reason=reason
+            or (f"a new pod of that name; agent {retired.agent_id} retired" if retired else ""),
         )
         if pool.pool_type == PoolType.STATIC:
             pod_for_static_agent(pool=pool, agent_id=agent.agent_id, name=name, actor=actor)
@@ -129,7 +198,46 @@ def agent_register(
             if pod is not None:
                 pod_link_agent(pod=pod, agent_id=agent.agent_id, actor=actor)
         broadcast_pool_changed(pool_id=pool.pool_id, kind="agent", payload={"agent": name})
-    return Registration(agent=agent, secret=secret)
+    return Registration(agent=agent, secret=issued, retired=retired)
+
+
+def agent_retire(*, agent: Agent, actor: str, reason: str) -> bool:
+    """End an agent identity: its secret stops working, it is offline for good, its running
+    tasks fail (nothing can report them any more) and its name is free for a new agent. The
+    row stays for history. Conditional on the agent still being live."""
+    if not reason.strip():
+        raise InvalidInput("a reason is required to retire an agent", field="reason")
+    now = clock.now()
+    with transaction.atomic():
+        changed = Agent.objects.filter(pk=agent.pk, retired_at__isnull=True).update(
+            retired_at=now, retired_reason=reason, status=AgentStatus.OFFLINE, secret_hash=""
+        )
+        if not changed:
+            return False
+        event_record(
+            actor=actor,
+            kind="agent.retired",
+            target_type="agent",
+            target_id=agent.agent_id,
+            pool_id=agent.pool_id,
+            before={"status": agent.status, "name": agent.agent_name},
+            after={"status": AgentStatus.OFFLINE, "retired": True},
+            reason=reason,
+        )
+        for task_id in WorkspaceTask.objects.filter(
+            agent_id=agent.agent_id, status=TaskStatus.RUNNING
+        ).values_list("id", flat=True):
+            task_fail_lost(
+                task_id=task_id,
+                message=f"Agent {agent.agent_name} ({agent.agent_id}) was retired: {reason}; "
+                f"task #{task_id} that was running on it was lost.",
+                actor=actor,
+            )
+        Pod.objects.filter(agent_id=agent.agent_id).update(agent=None)
+        broadcast_pool_changed(
+            pool_id=agent.pool_id, kind="agent", payload={"agent": agent.agent_name}
+        )
+    return True
 
 
 def agent_authenticate(*, pool: AgentPool, agent_id: str, secret: str) -> Agent:
@@ -143,15 +251,16 @@ def agent_authenticate(*, pool: AgentPool, agent_id: str, secret: str) -> Agent:
         raise NotFound(f"agent {agent_id} does not exist", field="agent_id")
     if agent.pool_id != pool.pool_id:
         raise Forbidden(f"agent {agent_id} does not belong to the token's pool", field="agent_id")
+    if agent.retired_at is not None:
+        raise Forbidden(
+            f"agent {agent_id} was retired: {agent.retired_reason}", field="agent_secret"
+        )
     if not secret:
         raise Forbidden(f"the agent secret of {agent_id} is missing", field="agent_secret")
-    # Constant time: comparing hashes with == would leak, byte by byte, how much matched.
-    if not agent.secret_hash or not hmac.compare_digest(
-        agent.secret_hash.encode(), sha256_hex(secret).encode()
-    ):
+    if not _secret_matches(agent, secret):
         raise Forbidden(
             f"wrong agent secret for {agent_id}: it is another agent's, or a later "
-            "registration of this agent replaced it; register again to get a new one",
+            "registration of this agent (with its secret) replaced it",
             field="agent_secret",
         )
     return agent

@@ -1,8 +1,10 @@
 """The agent API (SPEC 7): JSON over HTTP with a bearer pool token and, once registered, the
 agent's own secret (see agent_auth).
 
-* `POST register` `{name, version}` -> `{agent_id, pool_id, agent_secret}`; the secret is
-  shown this once, and each registration replaces the previous one.
+* `POST register` `{name, version, pod_uid?}` -> `{agent_id, pool_id, agent_secret}`; the
+  secret is shown this once. Registering again under a taken name needs that agent's
+  `X-Agent-Secret` (it is then rotated), or in a k8s pool a new pod of that name (`pod_uid`);
+  otherwise 409, field `name`.
 * `POST <agent_id>/heartbeat`, `POST tasks/<id>/accept` and `PUT tasks/<id>/status` (body
   `agent_id`), `GET tasks/<id>` (header `X-Agent-Id`) act as one agent and need its
   `X-Agent-Secret`.
@@ -23,7 +25,12 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from poolsadmin.agents.services import agent_heartbeat, agent_register
-from poolsadmin.api.agent_auth import pool_task, pool_token_required, request_agent
+from poolsadmin.api.agent_auth import (
+    AGENT_SECRET_HEADER,
+    pool_task,
+    pool_token_required,
+    request_agent,
+)
 from poolsadmin.api.http import field_number, field_str, json_body, json_errors
 from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.pools.models import AgentPool
@@ -75,6 +82,10 @@ def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
         name=field_str(data, "name"),
         version=field_str(data, "version", required=False),
         ip=_client_ip(request),
+        # Registering again under a taken name proves it is that agent (its secret), or in a
+        # k8s pool a new pod of that name (its uid, as the cluster reports it).
+        secret=request.headers.get(AGENT_SECRET_HEADER, "").strip(),
+        pod_uid=field_str(data, "pod_uid", required=False),
     )
     response = JsonResponse(
         {

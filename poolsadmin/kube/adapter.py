@@ -59,7 +59,11 @@ TOKEN_SECRET_KEY = "token"
 ENV_URL = "POOLSADMIN_URL"
 ENV_TOKEN = "POOLSADMIN_AGENT_TOKEN"
 ENV_AGENT_NAME = "POOLSADMIN_AGENT_NAME"
-RESERVED_ENV = frozenset({ENV_URL, ENV_TOKEN, ENV_AGENT_NAME})
+# The pod's uid: a new pod under an old name registers under it with this (`manage.py agent`).
+# Pods never restart their container (restart_policy Never), so an agent never needs to keep
+# its identity across a restart in a pod.
+ENV_POD_UID = "POOLSADMIN_POD_UID"
+RESERVED_ENV = frozenset({ENV_URL, ENV_TOKEN, ENV_AGENT_NAME, ENV_POD_UID})
 # The API server appends 5 characters to generateName. Keeping the prefix short keeps the pod
 # name (which is also the agent name and the hostname) readable and under the 63-character
 # hostname limit.
@@ -75,6 +79,8 @@ class PodInfo:
     # Set once a delete was accepted: the pod may linger while it terminates gracefully, and
     # must not be counted as capacity or adopted again.
     deletion_requested: bool
+    # The API server's uid: a pod created again under the same name has another one.
+    uid: str = ""
 
 
 class KubeError(Exception):
@@ -226,6 +232,12 @@ def pod_manifest(*, pool: AgentPool, server_url: str, token_secret_name: str) ->
                 field_ref=k8s.V1ObjectFieldSelector(field_path="metadata.name")
             ),
         ),
+        k8s.V1EnvVar(
+            name=ENV_POD_UID,
+            value_from=k8s.V1EnvVarSource(
+                field_ref=k8s.V1ObjectFieldSelector(field_path="metadata.uid")
+            ),
+        ),
     ]
     template_env = pool.pod_env or {}
     if not isinstance(template_env, dict):
@@ -288,6 +300,7 @@ def _pod_info(pod: k8s.V1Pod) -> PodInfo:
         # The client parses into pydantic's own tzinfo; UTC compares and prints like the rest.
         created_at=meta.creation_timestamp.astimezone(UTC) if meta.creation_timestamp else None,
         deletion_requested=meta.deletion_timestamp is not None,
+        uid=meta.uid or "",
     )
 
 

@@ -250,8 +250,10 @@ class FakeKubeServer:
         labels: dict[str, str] | None = None,
         phase: str = "Pending",
         image: str = "busybox",
+        uid: str = "",
     ) -> dict[str, Any]:
-        """A pod created outside poolsadmin (kubectl, another controller)."""
+        """A pod created outside poolsadmin (kubectl, another controller). `uid`: the uid it
+        had before (the demo puts back the cluster it had, which lives in memory)."""
         manifest = {
             "metadata": {"name": name, "labels": labels or {}},
             "spec": {"containers": [{"name": "main", "image": image}]},
@@ -259,6 +261,8 @@ class FakeKubeServer:
         with self._lock:
             pod = self._create(namespace, manifest)
             pod["status"]["phase"] = self._check_phase(phase)
+            if uid:
+                pod["metadata"]["uid"] = uid
             return copy.deepcopy(pod)
 
     def set_phase(self, name: str, phase: str, namespace: str | None = None) -> None:

@@ -153,6 +153,9 @@ class Pod(models.Model):
 
     pool = models.ForeignKey(AgentPool, on_delete=models.CASCADE, related_name="pods")
     name = models.CharField(max_length=253)
+    # The cluster's uid of the pod (k8s pools; empty for static pools). A pod listed under the
+    # same name with another uid is another pod: the old one is gone.
+    uid = models.CharField(max_length=64, blank=True, default="")
     phase = models.CharField(max_length=16, choices=PodPhase.choices, default=PodPhase.PENDING)
     agent = models.OneToOneField(
         "agents.Agent", null=True, blank=True, on_delete=models.SET_NULL, related_name="pod"

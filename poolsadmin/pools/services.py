@@ -188,13 +188,25 @@ def pool_token_authenticate(*, secret: str) -> PoolToken:
 
 
 def pod_create(
-    *, pool: AgentPool, name: str, phase: str, actor: str, agent_id: str | None = None
+    *,
+    pool: AgentPool,
+    name: str,
+    phase: str,
+    actor: str,
+    agent_id: str | None = None,
+    uid: str = "",
 ) -> Pod:
     """A pod and its `slots_per_pod` idle slots, in one transaction."""
     now = clock.now()
     with transaction.atomic():
         pod = Pod.objects.create(
-            pool=pool, name=name, phase=phase, agent_id=agent_id, created_at=now, last_seen_at=now
+            pool=pool,
+            name=name,
+            uid=uid,
+            phase=phase,
+            agent_id=agent_id,
+            created_at=now,
+            last_seen_at=now,
         )
         Slot.objects.bulk_create(
             [Slot(pod=pod, index=i, since=now) for i in range(pool.slots_per_pod)]
@@ -205,7 +217,12 @@ def pod_create(
             target_type="pod",
             target_id=pod.name,
             pool_id=pool.pool_id,
-            after={"phase": phase, "slots": pool.slots_per_pod, "agent_id": agent_id},
+            after={
+                "phase": phase,
+                "slots": pool.slots_per_pod,
+                "agent_id": agent_id,
+                "uid": uid or None,
+            },
         )
         broadcast_pool_changed(pool_id=pool.pool_id, kind="pod", payload={"pod": pod.name})
     return pod

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 
 from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
@@ -133,11 +134,19 @@ def _delete_not_done(pod: Pod, listed_at: datetime) -> bool:
     return asked is not None and listed_at - asked > timeout
 
 
+def _replaced(pod: Pod, info: PodInfo | None) -> bool:
+    """The cluster lists another pod under this pod's name (a pod made again by hand or by a
+    StatefulSet): the one the ledger knows is gone."""
+    return info is not None and bool(pod.uid) and bool(info.uid) and info.uid != pod.uid
+
+
 def _gone_reason(info: PodInfo | None) -> str:
     if info is None:
         return "vanished from the cluster"
     if info.deletion_requested:
         return "is being deleted from the cluster"
+    if info.phase not in FINISHED_PHASES:
+        return "was replaced by a new pod of the same name"
     return f"is {info.phase} and was deleted from the cluster"
 
 
@@ -297,9 +306,18 @@ def cluster_sync(
         seen = listed.get(pod.name)
         if pod.name in lost:
             changes += _release_pod(pod=pod, why=lost[pod.name], actor=actor, dry_run=dry_run)
-        elif seen is None or seen.deletion_requested or pod.name in finished_names:
+        elif (
+            seen is None
+            or seen.deletion_requested
+            or pod.name in finished_names
+            or _replaced(pod, seen)
+        ):
             changes += _release_pod(pod=pod, why=_gone_reason(seen), actor=actor, dry_run=dry_run)
         else:
+            if not pod.uid and seen.uid:
+                # A pod adopted before uids were kept: learn it (an observation of an
+                # immutable fact, not a change of state).
+                Pod.objects.filter(pk=pod.pk, uid="").update(uid=seen.uid)
             if seen.phase != pod.phase and (
                 dry_run or pod_phase_set(pod=pod, phase=seen.phase, actor=actor)
             ):
@@ -309,6 +327,7 @@ def cluster_sync(
             ):
                 changes.append(Change("pod.uncordon", pod.name, "its delete did not happen"))
 
+    # Read again: the pods released above are gone, and a replaced pod's name is free.
     known = set(Pod.objects.filter(pool=pool).values_list("name", flat=True))
     for info in sorted(listed.values(), key=lambda i: i.name):
         if (
@@ -318,13 +337,25 @@ def cluster_sync(
             or info.deletion_requested
         ):
             continue
+        # An agent registered under the name before its pod was known. Not one registered from
+        # another pod of that name: a replaced pod's agent registers anew (agent_register).
         agent_id = (
-            Agent.objects.filter(pool=pool, agent_name=info.name, pod__isnull=True)
+            Agent.objects.filter(
+                pool=pool, agent_name=info.name, pod__isnull=True, retired_at__isnull=True
+            )
+            .filter(Q(pod_uid="") | Q(pod_uid=info.uid))
             .values_list("agent_id", flat=True)
             .first()
         )
         if not dry_run:
-            pod_create(pool=pool, name=info.name, phase=info.phase, actor=actor, agent_id=agent_id)
+            pod_create(
+                pool=pool,
+                name=info.name,
+                phase=info.phase,
+                actor=actor,
+                agent_id=agent_id,
+                uid=info.uid,
+            )
         detail = f"phase {info.phase}" + (f", agent {agent_id}" if agent_id else "")
         changes.append(Change("pod.adopt", info.name, detail))
     return changes

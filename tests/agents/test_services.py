@@ -16,7 +16,7 @@ from poolsadmin.agents import services
 from poolsadmin.agents.models import Agent
 from poolsadmin.agents.services import Registration, agent_authenticate, agent_register
 from poolsadmin.events.models import Event
-from poolsadmin.lib.errors import Forbidden, NotFound
+from poolsadmin.lib.errors import Conflict, Forbidden, NotFound
 from poolsadmin.lib.ids import sha256_hex
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot
 from poolsadmin.pools.services import pod_create
@@ -53,7 +53,7 @@ def test_registering_again_rotates_the_secret_with_an_event() -> None:
     pool = make_pool()
     first = agent_register(pool=pool, name="P1")
 
-    second = agent_register(pool=pool, name="P1", version="2")
+    second = agent_register(pool=pool, name="P1", version="2", secret=first.secret)
 
     assert second.agent.agent_id == first.agent.agent_id
     assert second.secret != first.secret
@@ -104,11 +104,13 @@ def test_agent_authenticate_compares_in_constant_time(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.django_db
-def test_a_first_registration_that_loses_the_race_becomes_a_re_registration(
+def test_a_first_registration_that_loses_the_race_is_refused_and_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Deterministic: the winner's row is already there, but this registration's locking read
-    ran before it committed and saw nothing (select_for_update locks no missing row)."""
+    ran before it committed and saw nothing (select_for_update locks no missing row). Two
+    registrations of one name at once: one is an impostor or a duplicate, and without the
+    winner's secret the loser proves nothing."""
     pool = make_pool()
     winner = agent_register(pool=pool, name="P1")
     real = services._agent_named
@@ -121,17 +123,18 @@ def test_a_first_registration_that_loses_the_race_becomes_a_re_registration(
 
     monkeypatch.setattr(services, "_agent_named", read_before_the_winner_committed)
 
-    loser = agent_register(pool=pool, name="P1")
+    with pytest.raises(Conflict) as refused:
+        agent_register(pool=pool, name="P1")
 
-    assert loser.agent.agent_id == winner.agent.agent_id
+    assert refused.value.field == "name"
     assert Agent.objects.filter(pool=pool, agent_name="P1").count() == 1
     assert Pod.objects.filter(pool=pool, name="P1").count() == 1
-    assert kinds(winner.agent.agent_id) == ["agent.registered", "agent.reregistered"]
-    assert agent_authenticate(pool=pool, agent_id=loser.agent.agent_id, secret=loser.secret)
+    assert kinds(winner.agent.agent_id) == ["agent.registered"]
+    assert agent_authenticate(pool=pool, agent_id=winner.agent.agent_id, secret=winner.secret)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_two_concurrent_first_registrations_of_one_name_both_succeed() -> None:
+def test_of_two_concurrent_first_registrations_of_one_name_exactly_one_succeeds() -> None:
     """Real threads, each with its own connection. Both wait just before inserting the agent
     row, so both have read "no such agent": on PostgreSQL one insert then waits for the other
     to commit and hits the unique constraint. On SQLite the IMMEDIATE transactions serialise
@@ -147,9 +150,13 @@ def test_two_concurrent_first_registrations_of_one_name_both_succeed() -> None:
         with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait()
 
+    refused: list[Conflict] = []
+
     def register() -> None:
         try:
             results.append(agent_register(pool=pool, name="agent-1"))
+        except Conflict as exc:
+            refused.append(exc)
         except BaseException as exc:  # surfaced below: a thread must not fail silently
             errors.append(exc)
         finally:
@@ -166,14 +173,11 @@ def test_two_concurrent_first_registrations_of_one_name_both_succeed() -> None:
         pre_save.disconnect(sender=Agent, dispatch_uid="race")
 
     assert not errors, errors
-    assert len(results) == 2
-    assert results[0].agent.agent_id == results[1].agent.agent_id
+    assert (len(results), len(refused)) == (1, 1)
     agent = Agent.objects.get(pool=pool, agent_name="agent-1")
     assert Pod.objects.get(pool=pool, name="agent-1").agent_id == agent.agent_id
-    assert sorted(kinds(agent.agent_id)) == ["agent.registered", "agent.reregistered"]
-    # The registration that committed last holds the valid secret; the other one is void.
-    valid = [r for r in results if agent.secret_hash == sha256_hex(r.secret)]
-    assert len(valid) == 1
+    assert kinds(agent.agent_id) == ["agent.registered"]
+    assert agent.secret_hash == sha256_hex(results[0].secret)
 
 
 # --- pods --------------------------------------------------------------------------------------
@@ -196,8 +200,10 @@ def test_registering_in_a_k8s_pool_links_the_agent_to_its_pod_with_an_event() ->
     pool = k8s_pool()
     pod = pod_create(pool=pool, name="agent-abc12", phase=PodPhase.RUNNING, actor="kube")
 
-    agent = make_agent(pool, "agent-abc12")
-    make_agent(pool, "agent-abc12")  # registering again changes no link: no second event
+    registration = make_agent_with_secret(pool, "agent-abc12")
+    agent = registration.agent
+    # Registering again changes no link: no second event.
+    agent_register(pool=pool, name="agent-abc12", secret=registration.secret)
 
     pod.refresh_from_db()
     assert pod.agent_id == agent.agent_id

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django.test import Client
 from django.test.client import MULTIPART_CONTENT
 
@@ -21,6 +22,7 @@ from poolsadmin.pools.services import pool_token_create, pool_token_revoke
 from poolsadmin.scheduler.services import task_dispatch
 from poolsadmin.tasks.models import Stage, TaskStatus, WorkspaceTask
 from poolsadmin.tasks.services import task_confirm_apply
+from poolsadmin.worker.reconcile import reconcile_pool
 from tests.ledger import (
     ADMIN,
     finish,
@@ -34,6 +36,7 @@ from tests.ledger import (
     slot_states,
     submit,
 )
+from tests.worker.kube_scenarios import cluster_pod, make_k8s_pool
 
 pytestmark = pytest.mark.django_db
 
@@ -220,12 +223,82 @@ def test_an_agent_registers_into_the_pool_of_its_token(api: Caller) -> None:
     assert agent.ip == "127.0.0.1"
 
 
-def test_registering_again_with_the_same_name_reuses_the_agent(api: Caller) -> None:
+def _register(api: Caller, body: dict[str, Any], secret: str = "") -> Any:
+    headers = {**api.headers, **({"X-Agent-Secret": secret} if secret else {})}
+    return api.client.post(
+        API + "/register", json.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def test_registering_again_with_its_secret_reuses_the_agent(api: Caller) -> None:
     first = api.post("/register", {"name": "P1"}).json()
-    second = api.post("/register", {"name": "P1", "version": "2"}).json()
+    second = _register(api, {"name": "P1", "version": "2"}, first["agent_secret"]).json()
 
     assert first["agent_id"] == second["agent_id"]
     assert Agent.objects.count() == 1
+
+
+def test_registering_under_another_agents_name_without_its_secret_is_a_409(api: Caller) -> None:
+    """The takeover: any holder of the pool token got the victim's agent_id and a fresh
+    secret, reported its running task as failed, and locked it out."""
+    victim = api.agent("P1")
+    task = run(submit(make_workspace(api.pool)))
+    before = Agent.objects.get(pk=victim.pk).secret_hash
+
+    for secret in ("", "ags_" + "0" * 64):
+        refused = _register(api, {"name": "P1"}, secret)
+        assert refused.status_code == 409
+        assert refused.json()["field"] == "name"
+        assert "agent_secret" not in refused.json()
+    heartbeat = api.post(f"/{victim.agent_id}/heartbeat", {}, as_agent=victim)
+
+    assert Agent.objects.get(pk=victim.pk).secret_hash == before
+    assert heartbeat.status_code == 200  # the victim's own secret still works
+    assert refresh(task).status == TaskStatus.RUNNING
+    assert not Event.objects.filter(kind="agent.reregistered").exists()
+
+
+def test_a_new_pod_of_the_same_name_retires_the_old_identity(
+    client: Client, fake_kube: Any, kube_client: Any
+) -> None:
+    """k8s: the name is taken over only by a pod the cluster reports under that name with a
+    uid that is not the old agent's; the old identity is retired and its work failed."""
+    pool = make_k8s_pool()
+    k8s = caller_for(client, pool)
+    cluster_pod(fake_kube, pool, "agent-a")
+    reconcile_pool(pool=pool, kube=kube_client)
+    old_uid = Pod.objects.get(pool=pool, name="agent-a").uid
+    first = _register(k8s, {"name": "agent-a", "pod_uid": old_uid}).json()
+    # The pod is deleted and a new one made under the same name (a StatefulSet, by hand).
+    fake_kube.delete_behind_back("agent-a", pool.namespace)
+    cluster_pod(fake_kube, pool, "agent-a")
+    new_uid = str(fake_kube.pod("agent-a", pool.namespace)["metadata"]["uid"])
+
+    too_early = _register(k8s, {"name": "agent-a", "pod_uid": new_uid})  # not adopted yet
+    reconcile_pool(pool=pool, kube=kube_client)  # the old pod is gone, the new one adopted
+    made_up = _register(k8s, {"name": "agent-a", "pod_uid": "0" * 36})
+    same_pod = _register(k8s, {"name": "agent-a", "pod_uid": old_uid})
+    second = _register(k8s, {"name": "agent-a", "pod_uid": new_uid})
+
+    assert [r.status_code for r in (too_early, made_up, same_pod)] == [409, 409, 409]
+    assert second.status_code == 200, second.json()
+    assert second.json()["agent_id"] != first["agent_id"]
+    old = Agent.objects.get(pk=first["agent_id"])
+    assert old.retired_at is not None and old.status == "offline"
+    assert "replaced by a new pod" in old.retired_reason
+    assert Pod.objects.get(pool=pool, name="agent-a").agent_id == second.json()["agent_id"]
+    stale = k8s.client.post(
+        API + f"/{old.agent_id}/heartbeat",
+        "{}",
+        content_type="application/json",
+        headers={
+            **k8s.headers,
+            "X-Agent-Id": old.agent_id,
+            "X-Agent-Secret": first["agent_secret"],
+        },
+    )
+    assert (stale.status_code, stale.json()["field"]) == (403, "agent_secret")
+    assert "retired" in stale.json()["detail"]
 
 
 def test_register_without_a_name_names_the_missing_field(api: Caller) -> None:
@@ -287,7 +360,7 @@ def test_register_returns_an_agent_secret_that_is_stored_only_as_its_hash(api: C
 
 def test_registering_again_rotates_the_secret_and_the_old_one_is_refused(api: Caller) -> None:
     first = api.post("/register", {"name": "P1"}).json()
-    second = api.post("/register", {"name": "P1"}).json()
+    second = _register(api, {"name": "P1"}, first["agent_secret"]).json()
     agent = Agent.objects.get(pk=first["agent_id"])
 
     old = api.post(
@@ -300,7 +373,7 @@ def test_registering_again_rotates_the_secret_and_the_old_one_is_refused(api: Ca
     assert second["agent_id"] == first["agent_id"]
     assert second["agent_secret"] != first["agent_secret"]
     assert (old.status_code, old.json()["field"]) == (403, "agent_secret")
-    assert "register again" in old.json()["detail"]
+    assert "replaced it" in old.json()["detail"]
     assert new.status_code == 200
     rotated = Event.objects.get(kind="agent.reregistered", target_id=agent.agent_id)
     assert rotated.after is not None and rotated.after["secret_rotated"] is True
@@ -414,20 +487,29 @@ def test_reading_a_task_with_a_wrong_agent_secret_is_forbidden(api: Caller) -> N
     assert response.status_code == 403
 
 
-def test_an_agent_without_a_stored_secret_must_register_again(api: Caller) -> None:
+def test_an_agent_without_a_stored_secret_is_refused_until_an_admin_retires_it(
+    api: Caller,
+) -> None:
     agent = api.agent("P1")
     # A row from before agent secrets existed: the migration leaves its secret_hash empty.
     Agent.objects.filter(pk=agent.pk).update(secret_hash="")
 
     refused = api.post(f"/{agent.agent_id}/heartbeat", {}, as_agent=agent)
+    taken = api.post("/register", {"name": "P1"})
+    call_command("agent_retire", pool=api.pool.pool_id, name="P1", reason="lost its secret")
     again = api.post("/register", {"name": "P1"}).json()
     accepted = api.post(
-        f"/{agent.agent_id}/heartbeat", {}, as_agent=agent, agent_secret=again["agent_secret"]
+        f"/{again['agent_id']}/heartbeat",
+        {},
+        as_agent=Agent.objects.get(pk=again["agent_id"]),
+        agent_secret=again["agent_secret"],
     )
 
     assert (refused.status_code, refused.json()["field"]) == (403, "agent_secret")
-    assert again["agent_id"] == agent.agent_id
+    assert (taken.status_code, taken.json()["field"]) == (409, "name")
+    assert again["agent_id"] != agent.agent_id
     assert accepted.status_code == 200
+    assert Pod.objects.get(pool=api.pool, name="P1").agent_id == again["agent_id"]
 
 
 def test_agents_with_the_same_name_register_in_two_static_pools(

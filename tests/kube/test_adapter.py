@@ -144,6 +144,11 @@ def test_the_agent_learns_url_token_and_its_own_pod_name_from_its_environment(
             "name": "POOLSADMIN_AGENT_NAME",
             "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
         },
+        # And its uid: a new pod under an old name proves with it that it is new.
+        {
+            "name": "POOLSADMIN_POD_UID",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}},
+        },
         {"name": "LOG_LEVEL", "value": "debug"},
         {"name": "SLOTS", "value": "4"},
         {"name": "DRY", "value": "true"},
@@ -162,6 +167,7 @@ def test_the_template_cannot_override_the_variables_poolsadmin_sets(
         "POOLSADMIN_URL",
         "POOLSADMIN_AGENT_TOKEN",
         "POOLSADMIN_AGENT_NAME",
+        "POOLSADMIN_POD_UID",
     ]
     assert env[0]["value"] == "http://poolsadmin:8000"
     assert "value" not in env[1]
@@ -217,7 +223,9 @@ def test_a_new_pod_is_pending_until_the_cluster_runs_it(
         labels=pod.labels,
         created_at=pod.created_at,
         deletion_requested=False,
+        uid=str(fake_kube.pod(pod.name, "ci")["metadata"]["uid"]),  # type: ignore[index]
     )
+    assert pod.uid  # the API server's, so that a pod made again under the name is told apart
 
 
 def test_auto_run_starts_new_pods_running(

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -19,7 +20,10 @@ from poolsadmin.agents.reference import (
 
 logger = logging.getLogger("poolsadmin.agent")
 
+# The pod template sets these (kube/adapter.py pod_manifest).
 TOKEN_ENV = "POOLSADMIN_AGENT_TOKEN"
+POD_UID_ENV = "POOLSADMIN_POD_UID"
+STATE_FILE_ENV = "POOLSADMIN_AGENT_STATE_FILE"
 
 
 def ratio(raw: str) -> float:
@@ -59,6 +63,19 @@ class Command(BaseCommand):
         parser.add_argument("--changes-ratio", type=ratio, default=0.5)
         parser.add_argument("--failure-ratio", type=ratio, default=0.0)
         parser.add_argument(
+            "--pod-uid",
+            default=os.environ.get(POD_UID_ENV, ""),
+            help=f"the pod's uid (default ${POD_UID_ENV}): in a k8s pool, lets a new pod of "
+            "an old name register under it",
+        )
+        parser.add_argument(
+            "--state-file",
+            default=os.environ.get(STATE_FILE_ENV, ""),
+            help=f"where the agent keeps its identity across restarts (default "
+            f"${STATE_FILE_ENV}); without it, a restarted agent cannot register again under "
+            "its name until an admin retires the old identity",
+        )
+        parser.add_argument(
             "--once",
             action="store_true",
             help="one heartbeat, run what it assigned to the end, report, exit",
@@ -80,6 +97,8 @@ class Command(BaseCommand):
                 changes_ratio=options["changes_ratio"],
                 failure_ratio=options["failure_ratio"],
             ),
+            pod_uid=options["pod_uid"],
+            state_file=Path(options["state_file"]) if options["state_file"] else None,
         )
         stop = threading.Event()
 

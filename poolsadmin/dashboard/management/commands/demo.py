@@ -47,6 +47,7 @@ from poolsadmin.dashboard.management.commands.seed_demo import (
     DEMO_WORKSPACES,
     INCIDENT_TASK_ID,
     DemoSeed,
+    demo_agent_state,
     demo_ledger_outdated,
     demo_seed,
 )
@@ -144,14 +145,17 @@ def fake_cluster_restore(server: FakeKubeServer) -> list[str]:
     pools = AgentPool.objects.filter(pool_type=PoolType.K8S).exclude(namespace="")
     for pool in pools:
         pods = Pod.objects.filter(pool=pool).exclude(phase__in=FINISHED_PHASES)
-        for name in pods.order_by("name").values_list("name", flat=True):
+        for name, uid in pods.order_by("name").values_list("name", "uid"):
             if server.pod(name, pool.namespace) is None:
+                # With the uid the ledger knows: another uid is another pod under the name,
+                # which the reconciler would take for a replacement of this one.
                 server.add_pod(
                     pool.namespace,
                     name,
                     labels={POOL_LABEL: pool.pool_id, MANAGED_BY_LABEL: MANAGED_BY},
                     phase="Running",
                     image=pool.pod_image or "busybox",
+                    uid=uid,
                 )
             names.append(name)
     return names
@@ -423,12 +427,17 @@ class Command(BaseCommand):
         agents: dict[str, ReferenceAgent] = {}
 
         def agent_for_pod(name: str) -> ReferenceAgent:
+            pod = fake.pod(name) or {}
             agents[name] = ReferenceAgent(
                 url=url,
                 token=seed.token_secret,
                 name=name,
                 heartbeat_interval=AGENT_HEARTBEAT_SECONDS,
                 simulation=AGENT_SIMULATION,
+                pod_uid=str(pod.get("metadata", {}).get("uid", "")),
+                # The identity survives a restart of the demo (seed_demo writes the seeded
+                # agents' files): registering again under a taken name needs its secret.
+                state_file=demo_agent_state(name),
             )
             return agents[name]
 

@@ -31,6 +31,7 @@ from django.db import connection, transaction
 from django.db.models import Model
 
 from poolsadmin.agents.models import Agent
+from poolsadmin.agents.reference import identity_save
 from poolsadmin.agents.services import agent_heartbeat, agent_register
 from poolsadmin.autoscaler.models import PoolHold, ScaleDecision
 from poolsadmin.events.models import Event
@@ -260,15 +261,27 @@ def _pods(pool: AgentPool) -> list[str]:
 def _agents(pool: AgentPool) -> tuple[dict[str, Agent], list[str]]:
     """The simulated agents' registrations, one per seeded pod and named after it: each is
     linked to its pod. `manage.py demo` then runs reference agents under the same names."""
-    agents = {a.agent_name: a for a in Agent.objects.filter(pool=pool)}
+    agents = {a.agent_name: a for a in Agent.objects.filter(pool=pool, retired_at__isnull=True)}
     created: list[str] = []
     for name in DEMO_AGENT_NAMES:
         if name not in agents:
-            # The secret is dropped: `manage.py demo` runs reference agents under these names,
-            # and their own registration issues them a new one.
-            agents[name] = agent_register(pool=pool, name=name, version="demo").agent
+            registration = agent_register(pool=pool, name=name, version="demo")
+            agents[name] = registration.agent
+            # `manage.py demo` runs reference agents under these names: they go on with this
+            # identity (registering again under a taken name needs its secret).
+            identity_save(
+                demo_agent_state(name),
+                name=name,
+                agent_id=registration.agent.agent_id,
+                secret=registration.secret,
+            )
             created.append(f"agent {name}")
     return agents, created
+
+
+def demo_agent_state(name: str) -> Path:
+    """Where the demo's reference agent called `name` keeps its identity."""
+    return Path(settings.VAR_DIR) / "demo-agents" / f"{name}.json"
 
 
 def _next_task_id_becomes(task_id: int) -> None:
