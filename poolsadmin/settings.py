@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "template_partials",
+    "axes",
     "channels",
     "poolsadmin.events",
     "poolsadmin.pools",
@@ -112,6 +114,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "poolsadmin.lib.htmx.VaryOnHtmxMiddleware",
+    # Last, as its docs ask: it answers a locked-out login with the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "poolsadmin.urls"
@@ -206,6 +210,18 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
+# Failed logins are throttled (django-axes): after LOGIN_FAILURE_LIMIT failures of one username
+# from one address, that pair is refused (429) for LOGIN_LOCKOUT_MINUTES. Per pair, so that
+# nobody can lock an admin out from everywhere by guessing at their name.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked.html"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/pools/"
 LOGOUT_REDIRECT_URL = "login"
@@ -227,6 +243,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
         "django.db.backends": {"level": "WARNING"},
+        # Lockouts are warnings; its start-up banner in every process is not news.
+        "axes": {"level": "WARNING"},
         # Django's own console handler would print every line a second time via the root.
         "django": {"handlers": [], "level": "INFO"},
     },

@@ -14,6 +14,7 @@ from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
+from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.ids import random_id, secret_hex, sha256_hex
 from poolsadmin.pools.models import AgentPool, Pod, PoolType
 from poolsadmin.pools.services import pod_for_static_agent, pod_link_agent
@@ -394,7 +395,7 @@ def agents_mark_offline(
                     pool_id=pool.pool_id,
                     before={"status": agent.status},
                     after={"status": AgentStatus.OFFLINE},
-                    reason=f"no heartbeat since {agent.last_ping_at:%Y-%m-%d %H:%M:%S} UTC",
+                    reason=f"no heartbeat since {stamp(agent.last_ping_at)}",
                 )
                 broadcast_pool_changed(
                     pool_id=pool.pool_id, kind="agent", payload={"agent": agent.agent_name}

@@ -19,6 +19,11 @@ def duration(delta: timedelta) -> str:
 
 
 def stamp(moment: datetime | None) -> str:
+    """`2025-03-05 18:00:00 UTC`, or in the moment's own zone with its name
+    (`2025-03-05 18:00:00 CET`: a pool's freeze window ends at 18:00 in Berlin, which is not
+    18:00 UTC). A naive moment is taken as UTC, as Django stores them."""
     if moment is None:
         return "never"
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if moment.tzinfo is None or moment.utcoffset() == timedelta(0):
+        return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z")

@@ -7,6 +7,7 @@ from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from poolsadmin.agents.models import Agent, AgentStatus
+from poolsadmin.lib.humanize import stamp
 from poolsadmin.pools.models import AgentPool, FreezeWindow, Pod, PodPhase, Slot, SlotState
 
 
@@ -104,7 +105,7 @@ def pod_unavailable_reason(*, pod: Pod, agent: Agent | None, pool: AgentPool, no
     if agent.status == AgentStatus.DRAINING:
         return f"agent {agent.agent_name} is draining"
     if not agent_is_online(agent=agent, pool=pool, now=now):
-        seen = f"{agent.last_ping_at:%Y-%m-%d %H:%M:%S} UTC" if agent.last_ping_at else "never"
+        seen = stamp(agent.last_ping_at)
         return f"agent {agent.agent_name} is offline (last heartbeat {seen})"
     return ""
 

@@ -16,6 +16,7 @@ from poolsadmin.agents.models import Agent
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
+from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.ids import WORKSPACE_ID_RE, random_id
 from poolsadmin.pools.models import AgentPool, PoolAllowedWorkspace, SlotState
 from poolsadmin.pools.services import slot_free_for_task, slot_reserve_for_task
@@ -286,7 +287,7 @@ def task_confirm_apply(*, task_id: int, actor: str, description: str = "") -> Wo
         if task.apply_confirmed_by:
             raise Conflict(
                 f"task #{task_id} was already confirmed by {task.apply_confirmed_by} "
-                f"at {task.apply_confirmed_at:%Y-%m-%d %H:%M:%S} UTC"
+                f"at {stamp(task.apply_confirmed_at)}"
             )
         return _transition(
             task,
