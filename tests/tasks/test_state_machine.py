@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from poolsadmin.agents.models import Agent
 from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput
@@ -169,7 +170,8 @@ def test_a_user_can_cancel_a_waiting_or_running_task(pool: AgentPool, state: str
     assert (task.status, task.stage) == (TaskStatus.CANCELLED, Stage.COMPLETED)
     assert task.completed_at is not None and "alice" in task.error_message
     assert not Workspace.objects.get(pk=workspace.pk).is_locked
-    assert not any(state != "idle" for state, _ in slot_states(pod_of(make_agent(pool, "P1"))))
+    agent = Agent.objects.get(pool=pool, agent_name="P1")
+    assert not any(state != "idle" for state, _ in slot_states(pod_of(agent)))
 
 
 @pytest.mark.parametrize("reason", ["", "  "])
