@@ -124,6 +124,20 @@ ASGI_APPLICATION = "poolsadmin.asgi.application"
 # reading "slot idle" and one failing at COMMIT. The busy timeout makes the loser wait.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 SQLITE_BUSY_TIMEOUT_SECONDS = env_int("SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum=1)
+# PostgreSQL: a bounded pool of connections per process (Django's psycopg pool), never
+# persistent connections. Under ASGI every request runs in a thread of its own, and a
+# persistent connection belongs to its thread: 200 agents heartbeating against one daphne
+# process held a connection per request thread and ran the server out of them ("too many
+# clients already", issue 8). With the pool a process never holds more than MAX_SIZE; a
+# request waits up to TIMEOUT for one.
+DATABASE_POOL_MIN_SIZE = env_int("DATABASE_POOL_MIN_SIZE", 2, minimum=0)
+DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1)
+DATABASE_POOL_TIMEOUT_SECONDS = env_int("DATABASE_POOL_TIMEOUT_SECONDS", 10, minimum=1)
+if DATABASE_POOL_MAX_SIZE < DATABASE_POOL_MIN_SIZE:
+    raise ImproperlyConfigured(
+        f"DATABASE_POOL_MAX_SIZE={DATABASE_POOL_MAX_SIZE} must be >= "
+        f"DATABASE_POOL_MIN_SIZE={DATABASE_POOL_MIN_SIZE}."
+    )
 
 
 def _database_from_env() -> dict[str, Any]:
@@ -135,7 +149,7 @@ def _database_from_env() -> dict[str, Any]:
         }
     else:
         try:
-            config = dict(dj_database_url.parse(DATABASE_URL, conn_max_age=60))
+            config = dict(dj_database_url.parse(DATABASE_URL))
         except ValueError as exc:
             raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from exc
         if config.get("ENGINE") not in {
@@ -160,6 +174,19 @@ def _database_from_env() -> dict[str, Any]:
         # One file per test run, so two runs on one machine do not clobber each other.
         config["TEST"] = {"NAME": str(VAR_DIR / f"test-poolsadmin-{os.getpid()}.sqlite3")}
     else:
+        # The pool requires CONN_MAX_AGE = 0: a request "closes" its connection by handing it
+        # back. Health checks make the pool test a connection before handing it out, so one
+        # whose backend died while idle (killed, a failover) is replaced, not served.
+        config["CONN_MAX_AGE"] = 0
+        config["CONN_HEALTH_CHECKS"] = True
+        config["OPTIONS"] = {
+            **config.get("OPTIONS", {}),
+            "pool": {
+                "min_size": DATABASE_POOL_MIN_SIZE,
+                "max_size": DATABASE_POOL_MAX_SIZE,
+                "timeout": DATABASE_POOL_TIMEOUT_SECONDS,
+            },
+        }
         config["TEST"] = {"NAME": f"test_poolsadmin_{os.getpid()}"}
     return config
 

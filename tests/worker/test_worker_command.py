@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from django.core.management import CommandError, call_command
 
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import TaskStatus
+from poolsadmin.worker.loops import LOOPS
+from poolsadmin.worker.management.commands.worker import run_loops
+from tests.backends import backend_killed_at_first_query, backend_pid, terminate_backend
 from tests.ledger import make_agent, make_pool, make_workspace, refresh, submit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,3 +68,39 @@ def test_sigterm_stops_the_worker_cleanly(tmp_path: Path) -> None:
         worker.kill()
     assert worker.returncode == 0, out
     assert "worker: stopped" in out
+
+
+# --- a killed database backend (issue 8) -------------------------------------------------------
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_pass_after_the_backend_was_killed_between_passes_runs_on_a_fresh_connection() -> None:
+    """The pool hands out only connections that answer: the dead one is replaced before the
+    pass, so the pass does its work instead of failing once."""
+    pool = make_pool()
+    make_agent(pool, "P1")
+    task = submit(make_workspace(pool), "plan")
+    terminate_backend(backend_pid())
+
+    run_loops([LOOPS["scheduler"]], stop=threading.Event(), once=True)
+
+    assert refresh(task).status == TaskStatus.RUNNING
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_pass_whose_backend_is_killed_fails_alone_and_the_next_pass_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = make_pool()
+    make_agent(pool, "P1")
+    task = submit(make_workspace(pool), "plan")
+
+    with backend_killed_at_first_query() as kill:
+        run_loops([LOOPS["scheduler"]], stop=threading.Event(), once=True)
+    assert kill.killed and "scheduler pass failed" in caplog.text
+
+    run_loops([LOOPS["scheduler"]], stop=threading.Event(), once=True)
+
+    assert refresh(task).status == TaskStatus.RUNNING
