@@ -96,6 +96,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "poolsadmin.lib.htmx.VaryOnHtmxMiddleware",
+    # Last: the first to see a view's database error (503 or one retry; lib/db.py).
+    "poolsadmin.lib.db.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "poolsadmin.urls"
@@ -129,7 +131,7 @@ SQLITE_BUSY_TIMEOUT_SECONDS = env_int("SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum
 # persistent connection belongs to its thread: 200 agents heartbeating against one daphne
 # process held a connection per request thread and ran the server out of them ("too many
 # clients already", issue 8). With the pool a process never holds more than MAX_SIZE; a
-# request waits up to TIMEOUT for one.
+# request that gets none within TIMEOUT answers 503 with Retry-After (lib/db.py).
 DATABASE_POOL_MIN_SIZE = env_int("DATABASE_POOL_MIN_SIZE", 2, minimum=0)
 DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1)
 DATABASE_POOL_TIMEOUT_SECONDS = env_int("DATABASE_POOL_TIMEOUT_SECONDS", 10, minimum=1)
@@ -192,6 +194,11 @@ def _database_from_env() -> dict[str, Any]:
 
 
 DATABASES = {"default": _database_from_env()}
+# POSTs that may run twice with the effect of once. When the database connection dies under
+# one of them it is run again on a fresh connection (lib/db.py), like a GET. The heartbeat is
+# one transaction that records liveness and answers from the ledger: running it twice is
+# running it once.
+POOLSADMIN_RETRY_SAFE_URL_NAMES = ("agents-heartbeat",)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channels -------------------------------------------------------------------------------
