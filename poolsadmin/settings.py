@@ -202,18 +202,41 @@ POOLSADMIN_RETRY_SAFE_URL_NAMES = ("agents-heartbeat",)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channels -------------------------------------------------------------------------------
+# channels_redis waits for a consumer's messages with a blocking BZPOPMIN of 5 s
+# (RedisChannelLayer.brpop_timeout), and redis-py 8 gives every socket a 5 s read timeout by
+# default: on a quiet pool the read now and then times out just before Redis answers
+# "nothing yet", receive() raises TimeoutError and the open page's consumer dies (issue 8: 12
+# of 20 pages dead after a quiet minute; django/channels_redis#422). So reads wait well past
+# the blocking read; TCP keepalive and a PING before using a connection idle for longer than
+# the health check interval still find a dead connection to Redis.
+CHANNEL_LAYER_SOCKET_TIMEOUT_SECONDS = 15
+CHANNEL_LAYER_HEALTH_CHECK_SECONDS = 30
+
+
+def redis_channel_layer(url: str) -> dict[str, Any]:
+    return {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [
+                {
+                    "address": url,
+                    "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_SECONDS,
+                    "socket_connect_timeout": 5,
+                    "socket_keepalive": True,
+                    "health_check_interval": CHANNEL_LAYER_HEALTH_CHECK_SECONDS,
+                }
+            ]
+        },
+    }
+
+
 CHANNEL_LAYER_URL = os.environ.get("CHANNEL_LAYER_URL", "")
 if not CHANNEL_LAYER_URL or CHANNEL_LAYER_URL == "memory://":
     CHANNEL_LAYERS: dict[str, Any] = {
         "default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
     }
 elif CHANNEL_LAYER_URL.startswith(("redis://", "rediss://")):
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [CHANNEL_LAYER_URL]},
-        }
-    }
+    CHANNEL_LAYERS = {"default": redis_channel_layer(CHANNEL_LAYER_URL)}
 else:
     raise ImproperlyConfigured(
         f"CHANNEL_LAYER_URL={CHANNEL_LAYER_URL!r}: use redis://host:port/db or memory://."
