@@ -40,7 +40,7 @@ worker: install
 
 # Figures, not assertions: the pool page with 2 pods against 500 pods x 4 slots.
 bench: install
-	$(BIN)/python scripts/bench_pool_page.py
+	$(BIN)/python bench/pool_page.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
