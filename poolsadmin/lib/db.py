@@ -27,6 +27,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
+from django.urls import ResolverMatch
 from psycopg_pool import PoolTimeout, TooManyRequests
 
 logger = logging.getLogger("poolsadmin.db")
@@ -68,18 +69,20 @@ def connection_lost(error: BaseException) -> bool:
     return any(_unusable(conn) for conn in connections.all(initialized_only=True))
 
 
-def _retry_safe(request: HttpRequest) -> bool:
+def _view_to_retry(request: HttpRequest) -> ResolverMatch | None:
+    """The request's view, if running it once more is safe."""
     if getattr(request, _RETRIED, False):
-        return False
+        return None
     # Inside a caller's transaction (a test's), a fresh connection cannot continue it.
     if any(conn.in_atomic_block for conn in connections.all(initialized_only=True)):
-        return False
+        return None
     match = request.resolver_match
     if match is None or iscoroutinefunction(match.func):
-        return False
-    return request.method in SAFE_METHODS or match.url_name in set(
+        return None
+    safe = request.method in SAFE_METHODS or match.url_name in set(
         settings.POOLSADMIN_RETRY_SAFE_URL_NAMES
     )
+    return match if safe else None
 
 
 def _drop_unusable_connections() -> None:
@@ -129,13 +132,12 @@ class DatabaseUnavailableMiddleware:
         # Whatever happens next (the retry, the session middleware saving on the way out)
         # needs a connection that works.
         _drop_unusable_connections()
-        if not _retry_safe(request):
+        match = _view_to_retry(request)
+        if match is None:
             logger.error("%s: database connection lost (%s): not retried, 503", what, exception)
             return unavailable(request, "the database connection was lost; try again")
         logger.warning("%s: database connection lost (%s): retrying once", what, exception)
         setattr(request, _RETRIED, True)
-        match = request.resolver_match
-        assert match is not None  # _retry_safe checked it
         try:
             response: HttpResponse = match.func(request, *match.args, **match.kwargs)
         except DatabaseError as again:
