@@ -38,9 +38,13 @@ fmt: install
 worker: install
 	$(BIN)/python manage.py worker
 
-# Figures, not assertions: the pool page with 2 pods against 500 pods x 4 slots.
+# Figures, not assertions: the pool page with 2 pods against 500 pods x 4 slots; 200 agents
+# heartbeating once a second against one web process on PostgreSQL (docs/benchmarks.md). The
+# heartbeat script creates and drops its own databases on the server of BENCH_ADMIN_URL.
+BENCH_ADMIN_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 bench: install
-	$(BIN)/python scripts/bench_pool_page.py
+	$(BIN)/python bench/pool_page.py
+	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

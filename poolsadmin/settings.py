@@ -114,8 +114,11 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "poolsadmin.lib.htmx.VaryOnHtmxMiddleware",
-    # Last, as its docs ask: it answers a locked-out login with the lockout page.
+    # After everything that authenticates, as its docs ask: it turns a locked-out login into
+    # the lockout page.
     "axes.middleware.AxesMiddleware",
+    # Innermost: the first to see a view's database error (503 or one retry; lib/db.py).
+    "poolsadmin.lib.db.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "poolsadmin.urls"
@@ -144,6 +147,20 @@ ASGI_APPLICATION = "poolsadmin.asgi.application"
 # reading "slot idle" and one failing at COMMIT. The busy timeout makes the loser wait.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 SQLITE_BUSY_TIMEOUT_SECONDS = env_int("SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum=1)
+# PostgreSQL: a bounded pool of connections per process (Django's psycopg pool), never
+# persistent connections. Under ASGI every request runs in a thread of its own, and a
+# persistent connection belongs to its thread: 200 agents heartbeating against one daphne
+# process held a connection per request thread and ran the server out of them ("too many
+# clients already", issue 8). With the pool a process never holds more than MAX_SIZE; a
+# request that gets none within TIMEOUT answers 503 with Retry-After (lib/db.py).
+DATABASE_POOL_MIN_SIZE = env_int("DATABASE_POOL_MIN_SIZE", 2, minimum=0)
+DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1)
+DATABASE_POOL_TIMEOUT_SECONDS = env_int("DATABASE_POOL_TIMEOUT_SECONDS", 10, minimum=1)
+if DATABASE_POOL_MAX_SIZE < DATABASE_POOL_MIN_SIZE:
+    raise ImproperlyConfigured(
+        f"DATABASE_POOL_MAX_SIZE={DATABASE_POOL_MAX_SIZE} must be >= "
+        f"DATABASE_POOL_MIN_SIZE={DATABASE_POOL_MIN_SIZE}."
+    )
 
 
 def _database_from_env() -> dict[str, Any]:
@@ -155,7 +172,7 @@ def _database_from_env() -> dict[str, Any]:
         }
     else:
         try:
-            config = dict(dj_database_url.parse(DATABASE_URL, conn_max_age=60))
+            config = dict(dj_database_url.parse(DATABASE_URL))
         except ValueError as exc:
             raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from exc
         if config.get("ENGINE") not in {
@@ -180,26 +197,67 @@ def _database_from_env() -> dict[str, Any]:
         # One file per test run, so two runs on one machine do not clobber each other.
         config["TEST"] = {"NAME": str(VAR_DIR / f"test-poolsadmin-{os.getpid()}.sqlite3")}
     else:
+        # The pool requires CONN_MAX_AGE = 0: a request "closes" its connection by handing it
+        # back. Health checks make the pool test a connection before handing it out, so one
+        # whose backend died while idle (killed, a failover) is replaced, not served.
+        config["CONN_MAX_AGE"] = 0
+        config["CONN_HEALTH_CHECKS"] = True
+        config["OPTIONS"] = {
+            **config.get("OPTIONS", {}),
+            "pool": {
+                "min_size": DATABASE_POOL_MIN_SIZE,
+                "max_size": DATABASE_POOL_MAX_SIZE,
+                "timeout": DATABASE_POOL_TIMEOUT_SECONDS,
+            },
+        }
         config["TEST"] = {"NAME": f"test_poolsadmin_{os.getpid()}"}
     return config
 
 
 DATABASES = {"default": _database_from_env()}
+# POSTs that may run twice with the effect of once. When the database connection dies under
+# one of them it is run again on a fresh connection (lib/db.py), like a GET. The heartbeat is
+# one transaction that records liveness and answers from the ledger: running it twice is
+# running it once.
+POOLSADMIN_RETRY_SAFE_URL_NAMES = ("agents-heartbeat",)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Channels -------------------------------------------------------------------------------
+# channels_redis waits for a consumer's messages with a blocking BZPOPMIN of 5 s
+# (RedisChannelLayer.brpop_timeout), and redis-py 8 gives every socket a 5 s read timeout by
+# default: on a quiet pool the read now and then times out just before Redis answers
+# "nothing yet", receive() raises TimeoutError and the open page's consumer dies (issue 8: 12
+# of 20 pages dead after a quiet minute; django/channels_redis#422). So reads wait well past
+# the blocking read; TCP keepalive and a PING before using a connection idle for longer than
+# the health check interval still find a dead connection to Redis.
+CHANNEL_LAYER_SOCKET_TIMEOUT_SECONDS = 15
+CHANNEL_LAYER_HEALTH_CHECK_SECONDS = 30
+
+
+def redis_channel_layer(url: str) -> dict[str, Any]:
+    return {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [
+                {
+                    "address": url,
+                    "socket_timeout": CHANNEL_LAYER_SOCKET_TIMEOUT_SECONDS,
+                    "socket_connect_timeout": 5,
+                    "socket_keepalive": True,
+                    "health_check_interval": CHANNEL_LAYER_HEALTH_CHECK_SECONDS,
+                }
+            ]
+        },
+    }
+
+
 CHANNEL_LAYER_URL = os.environ.get("CHANNEL_LAYER_URL", "")
 if not CHANNEL_LAYER_URL or CHANNEL_LAYER_URL == "memory://":
     CHANNEL_LAYERS: dict[str, Any] = {
         "default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
     }
 elif CHANNEL_LAYER_URL.startswith(("redis://", "rediss://")):
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [CHANNEL_LAYER_URL]},
-        }
-    }
+    CHANNEL_LAYERS = {"default": redis_channel_layer(CHANNEL_LAYER_URL)}
 else:
     raise ImproperlyConfigured(
         f"CHANNEL_LAYER_URL={CHANNEL_LAYER_URL!r}: use redis://host:port/db or memory://."

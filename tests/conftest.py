@@ -30,12 +30,13 @@ settings.POOLSADMIN_HEARING_KEEPER = False
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked for the other database are deselected, not skipped: CI runs the suite
-    once on each database, and under CI=true nothing may be skipped."""
-    wrong = "sqlite_only" if IS_POSTGRES else "postgres_only"
+    once on each database, and under CI=true nothing may be skipped. `ci_once` tests (over a
+    minute, whatever the database) run in the PostgreSQL run only."""
+    wrong = ["sqlite_only"] if IS_POSTGRES else ["postgres_only", "ci_once"]
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
     for item in items:
-        (drop if item.get_closest_marker(wrong) else keep).append(item)
+        (drop if any(item.get_closest_marker(m) for m in wrong) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -37,6 +37,7 @@ from django.contrib.auth.models import Group, User
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, connections
+from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLDatabaseWrapper
 from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteDatabaseWrapper
 from playwright.sync_api import Browser, Page, Playwright, ViewportSize, expect, sync_playwright
 
@@ -84,8 +85,13 @@ def live_asgi_url(django_db_setup: None, django_db_blocker: Any) -> Iterator[str
     # Fork while unblocked: a forked child keeps pytest-django's database blocker as it was.
     with django_db_blocker.unblock():
         # A forked child inherits open database sockets, and two processes talking over one
-        # PostgreSQL connection corrupt it. Close them; the tests reconnect on demand.
+        # PostgreSQL connection corrupt it. Close them, and close the connection pool too
+        # (PostgreSQL): closing a connection only hands it back to the pool, whose idle
+        # connections the child would otherwise take. The tests reconnect on demand.
         connections.close_all()
+        for conn in connections.all():
+            if isinstance(conn, PostgreSQLDatabaseWrapper):
+                conn.close_pool()  # type: ignore[attr-defined]
         server.start()
     waited = 0
     while not server.ready.wait(timeout=1):

@@ -8,10 +8,13 @@ these tests run with real transactions (django_db(transaction=True)).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +41,7 @@ from poolsadmin.realtime import consumers
 from poolsadmin.realtime.broadcast import broadcast_pool_changed, pool_group
 from poolsadmin.realtime.consumers import CLOSE_FORBIDDEN, CLOSE_NO_POOL, CLOSE_NOT_LOGGED_IN
 from poolsadmin.realtime.routing import websocket_urlpatterns
+from poolsadmin.settings import redis_channel_layer
 from poolsadmin.tasks.models import WorkspaceTask
 from tests.ledger import (
     make_agent,
@@ -482,12 +486,8 @@ def redis_layer(settings: Any) -> Iterator[None]:
             pytest.fail(reason)
         pytest.skip(reason)
     client.flushdb()
-    settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
-        }
-    }
+    # The production configuration (settings.py), pointed at the tests' database.
+    settings.CHANNEL_LAYERS = {"default": redis_channel_layer(REDIS_URL)}
     yield
     client.flushdb()
     client.close()
@@ -499,3 +499,43 @@ def test_an_admin_receives_the_pool_regions_after_a_slot_release_over_the_redis_
 ) -> None:
     assert isinstance(get_channel_layer(), RedisChannelLayer)
     admin_sees_the_release(world, admin)
+
+
+# A bit more than the quiet minute after which 12 of 20 open pages were dead (issue 8).
+QUIET_SECONDS = 65
+OPEN_PAGES = 20
+
+
+async def what_arrives(page: WebsocketCommunicator, marker: str) -> str:
+    """ "the change" once a render with `marker` arrives (the periodic renders of the quiet
+    minute come first), or what went wrong instead."""
+    try:
+        while marker not in await page.receive_from(timeout=30):
+            pass
+    except Exception as exc:  # a dead consumer raises whatever killed it
+        return f"dead: {type(exc).__module__}.{type(exc).__name__}: {exc}"
+    return "the change"
+
+
+@pytest.mark.ci_once
+@pytest.mark.usefixtures("redis_layer")
+def test_twenty_pages_open_over_redis_all_receive_a_change_after_a_quiet_minute(
+    world: World, viewer: User
+) -> None:
+    """Every consumer waits on the layer's blocking read all minute long; with the Redis
+    client's read timeout as short as that read, some of them died of it."""
+
+    async def scenario() -> list[str]:
+        pages = [socket(world.pool.pool_id, viewer) for _ in range(OPEN_PAGES)]
+        try:
+            for page in pages:
+                await open_page(page)
+            await asyncio.sleep(QUIET_SECONDS)
+            await database_sync_to_async(make_agent)(world.pool, "after-the-quiet")
+            return list(await asyncio.gather(*(what_arrives(p, "after-the-quiet") for p in pages)))
+        finally:
+            for page in pages:
+                with contextlib.suppress(Exception):  # a dead one re-raises here
+                    await page.disconnect()
+
+    assert Counter(async_to_sync(scenario)()) == {"the change": OPEN_PAGES}

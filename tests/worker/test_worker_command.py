@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from poolsadmin.kube.adapter import KubeConfig
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import TaskStatus
 from poolsadmin.worker import cluster_access
+from poolsadmin.worker.loops import LOOPS
+from poolsadmin.worker.management.commands.worker import run_loops
+from tests.backends import backend_killed_at_first_query, backend_pid, terminate_backend
 from tests.ledger import make_agent, make_pool, make_workspace, refresh, submit
 from tests.worker.kube_scenarios import make_k8s_pool
 
@@ -82,3 +86,39 @@ def test_a_cluster_configuration_that_cannot_work_stops_the_worker_at_start_up(
     )
     with pytest.raises(CommandError, match="cannot build the Kubernetes client"):
         call_command("worker", once=True)
+
+
+# --- a killed database backend (issue 8) -------------------------------------------------------
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_pass_after_the_backend_was_killed_between_passes_runs_on_a_fresh_connection() -> None:
+    """The pool hands out only connections that answer: the dead one is replaced before the
+    pass, so the pass does its work instead of failing once."""
+    pool = make_pool()
+    make_agent(pool, "P1")
+    task = submit(make_workspace(pool), "plan")
+    terminate_backend(backend_pid())
+
+    run_loops([LOOPS["scheduler"]], stop=threading.Event(), once=True)
+
+    assert refresh(task).status == TaskStatus.RUNNING
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_pass_whose_backend_is_killed_fails_alone_and_the_next_pass_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = make_pool()
+    make_agent(pool, "P1")
+    task = submit(make_workspace(pool), "plan")
+
+    with backend_killed_at_first_query() as kill:
+        run_loops([LOOPS["scheduler"]], stop=threading.Event(), once=True)
+    assert kill.killed and "scheduler pass failed" in caplog.text
+
+    run_loops([LOOPS["scheduler"]], stop=threading.Event(), once=True)
+
+    assert refresh(task).status == TaskStatus.RUNNING

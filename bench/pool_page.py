@@ -1,6 +1,6 @@
 """Benchmark: the pool page with 2 pods and with 500 pods x 4 slots.
 
-    .venv/bin/python scripts/bench_pool_page.py [--pods 500] [--rounds 5]
+    .venv/bin/python bench/pool_page.py [--pods 500] [--rounds 5]
 
 Builds two pools through the services (agents register, tasks are submitted, dispatched and
 acknowledged, one plan_and_apply is left reserved) in a throwaway SQLite database (or the one

@@ -1,0 +1,444 @@
+"""Load: agents heartbeating once a second against ONE web process on PostgreSQL (issue 8).
+
+    .venv/bin/python bench/agents_heartbeat.py [--agents 200] [--seconds 60] [--runs 3]
+        [--admin-url postgres://postgres@127.0.0.1:5432/postgres] [--source DIR] [--label TEXT]
+
+Sets up its own database on the server of --admin-url (`poolsadmin_bench`: dropped, created,
+migrated) with a static pool of --agents registered agents, then, --runs times:
+
+1. starts one daphne process, `daphne -b 127.0.0.1 -p PORT poolsadmin.asgi:application`, with
+   production-like settings (DEBUG off, SECRET_KEY, ALLOWED_HOSTS, DATABASE_URL, and the
+   DATABASE_POOL_* sizes of this environment, if set);
+2. runs one raw-HTTP client per agent (asyncio streams, keep-alive, not the reference agent),
+   each POSTing /api/v1/agents/<id>/heartbeat with the pool token and its X-Agent-Secret once
+   a second for --seconds; a late answer makes the next heartbeat go at once, never two at a
+   time, as an agent does;
+3. counts the backends of `poolsadmin_bench` (pg_stat_activity) every second;
+4. stops daphne and runs `pgbench -N -T 15 -c 8` on a pgbench-initialised scratch database
+   (`poolsadmin_pgbench`) of the same server: the machine's own limit, for the ratio.
+
+Prints one row per run (requests, errors by status, heartbeats/s answered 200, latency
+p50/p95/p99, most backends, the web process's CPU, pgbench tps) and whether the goal holds:
+0 errors and never more backends than one process's pool (DATABASE_POOL_MAX_SIZE).
+
+--source DIR runs migrate, the set-up and the web process from another checkout with this
+venv: `git archive <commit> | tar -x -C DIR` of the commit before the pool gives the BEFORE
+figure of docs/benchmarks.md. A benchmark prints figures; it asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BENCH_DB = "poolsadmin_bench"
+PGBENCH_DB = "poolsadmin_pgbench"
+HOST = "127.0.0.1"
+REQUEST_TIMEOUT_S = 30.0
+BODY = json.dumps({"running_task_ids": [], "cpu": 0.25, "memory": 256.0}).encode()
+DEFAULT_POOL_MAX = 10  # settings.py's default for DATABASE_POOL_MAX_SIZE
+
+# Run with `manage.py shell -c` in the checkout under test: its own services build the pool.
+SETUP = """
+import json
+from poolsadmin.agents.services import agent_register
+from poolsadmin.pools.services import pool_create, pool_token_create
+pool = pool_create(actor="user:bench", name="bench-heartbeat", slots_per_pod=4)
+token = pool_token_create(pool=pool, name="bench", actor="user:bench").secret
+agents = [
+    agent_register(pool=pool, name=f"bench-agent-{{i:03d}}", version="bench")
+    for i in range({agents})
+]
+print(json.dumps({{"token": token, "agents": [[r.agent.agent_id, r.secret] for r in agents]}}))
+"""
+
+
+@dataclass
+class Run:
+    statuses: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    backends: list[int] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # the web process's
+    client_cpu_seconds: float = 0.0  # this process's (the agents)
+    seconds: float = 0.0
+    pgbench_tps: float = 0.0
+    log_errors: Counter[str] = field(default_factory=Counter)
+    load: float = 0.0  # the machine's 1-minute load average as the load ends (shared machine)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def errors(self) -> int:
+        return self.requests - self.statuses["200"]
+
+    def quantile(self, q: int) -> float:
+        return statistics.quantiles(self.latencies, n=100)[q - 1] if self.latencies else 0.0
+
+
+# --- the server and its databases --------------------------------------------------------------
+
+
+def url_for(admin_url: str, database: str) -> str:
+    return urllib.parse.urlsplit(admin_url)._replace(path=f"/{database}").geturl()
+
+
+def drop(admin_url: str, database: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def recreate(admin_url: str, database: str) -> None:
+    drop(admin_url, database)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+
+
+def server_facts(admin_url: str) -> tuple[str, int]:
+    with psycopg.connect(admin_url) as admin:
+        version = admin.execute("SHOW server_version").fetchone()
+        limit = admin.execute("SHOW max_connections").fetchone()
+    assert version is not None and limit is not None
+    return str(version[0]), int(limit[0])
+
+
+def pg_args(admin_url: str) -> list[str]:
+    parts = urllib.parse.urlsplit(admin_url)
+    args = ["-h", parts.hostname or HOST, "-p", str(parts.port or 5432)]
+    return [*args, "-U", parts.username] if parts.username else args
+
+
+def pgbench(admin_url: str) -> float:
+    """tps of `pgbench -N -T 15 -c 8` (no updates of the small tables, so no lock
+    contention: what the server does with 8 clients on this machine)."""
+    done = subprocess.run(
+        ["pgbench", *pg_args(admin_url), "-N", "-T", "15", "-c", "8", "-j", "2", PGBENCH_DB],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
+    assert found, done.stdout + done.stderr
+    return float(found.group(1))
+
+
+def backends_sampler(admin_url: str, samples: list[int], stop: threading.Event) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        while not stop.wait(1.0):
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [BENCH_DB]
+            ).fetchone()
+            assert row is not None
+            samples.append(int(row[0]))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def manage(source: Path, env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"manage.py {args[0]} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def start_web(source: Path, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        web = subprocess.Popen(
+            [str(BIN / "daphne"), "-b", HOST, "-p", str(port), "poolsadmin.asgi:application"],
+            cwd=source,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if web.poll() is not None:
+            raise SystemExit(f"daphne exited with {web.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/login/", timeout=5):
+                return web
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    web.kill()
+    raise SystemExit(f"daphne did not answer within 60 s:\n{log.read_text()}")
+
+
+def stop_web(web: subprocess.Popen[bytes]) -> None:
+    web.terminate()
+    try:
+        web.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        web.kill()
+        web.wait()
+
+
+def log_errors(log: Path) -> Counter[str]:
+    """The server's ERROR lines and the database errors of its tracebacks, by message."""
+    found: Counter[str] = Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        if " ERROR " in line:
+            message = line.split(" ERROR ", 1)[1]
+        elif line.startswith("django.db.utils."):
+            message = line
+            if "FATAL:" in line:  # the server's reason, not the address it was refused at
+                message = f"{line.split(':', 1)[0]}: FATAL: {line.split('FATAL:', 1)[1].strip()}"
+        else:
+            continue
+        found[re.sub(r"agent-[a-z0-9]{16}", "agent-...", message)[:110]] += 1
+    return found
+
+
+# --- the agents --------------------------------------------------------------------------------
+
+
+async def read_status(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """The status of one HTTP/1.1 response, reading its body; and whether the connection
+    stays open."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("the server closed the connection")
+    status = int(status_line.split(b" ", 2)[1])
+    headers: dict[bytes, bytes] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip().lower()
+    if headers.get(b"transfer-encoding") == b"chunked":
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            await reader.readexactly(size + 2)
+        await reader.readline()
+    else:
+        await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return status, headers.get(b"connection") != b"close"
+
+
+async def agent(
+    request: bytes, port: int, first_at: float, stop_at: float, run: Run, in_flight: list[int]
+) -> None:
+    loop = asyncio.get_running_loop()
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    next_at = first_at
+    while next_at < stop_at:
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+        sent_at = loop.time()
+        in_flight[0] += 1
+        try:
+            if writer is None or reader is None:
+                reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(request)
+            status, keep_open = await asyncio.wait_for(read_status(reader), REQUEST_TIMEOUT_S)
+            outcome = str(status)
+        except (OSError, EOFError, ValueError, TimeoutError) as exc:
+            outcome, keep_open = type(exc).__name__, False
+        finally:
+            in_flight[0] -= 1
+        run.statuses[outcome] += 1
+        run.latencies.append(loop.time() - sent_at)
+        if not keep_open and writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            reader = writer = None
+        # Once a second; an answer later than that sends the next one at once.
+        next_at = max(next_at + 1.0, loop.time())
+    if writer is not None:
+        writer.close()
+
+
+async def heartbeats(
+    port: int, token: str, agents: list[list[str]], seconds: float, run: Run
+) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 1.0
+    in_flight = [0]
+    tasks = []
+    for i, (agent_id, secret) in enumerate(agents):
+        request = (
+            f"POST /api/v1/agents/{agent_id}/heartbeat HTTP/1.1\r\n"
+            f"Host: {HOST}:{port}\r\n"
+            f"Authorization: Bearer {token}\r\n"
+            f"X-Agent-Secret: {secret}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(BODY)}\r\n\r\n"
+        ).encode() + BODY
+        # Agents are not synchronised: their first heartbeats spread over the first second.
+        first_at = start + i / len(agents)
+        tasks.append(agent(request, port, first_at, start + seconds, run, in_flight))
+    await asyncio.gather(*tasks)
+
+
+# --- one run, and the whole -----------------------------------------------------------------
+
+
+def one_run(args: argparse.Namespace, env: dict[str, str], setup: dict[str, Any], n: int) -> Run:
+    run = Run()
+    port = free_port()
+    log = Path(env["POOLSADMIN_VAR_DIR"]) / f"daphne-{n}.log"
+    web = start_web(args.source, env, port, log)
+    stop = threading.Event()
+    sampler = threading.Thread(
+        target=backends_sampler, args=(args.admin_url, run.backends, stop), daemon=True
+    )
+    try:
+        cpu_before, client_before = process_cpu_seconds(web.pid), time.process_time()
+        sampler.start()
+        started = time.monotonic()
+        asyncio.run(heartbeats(port, setup["token"], setup["agents"], args.seconds, run))
+        run.seconds = time.monotonic() - started
+        run.cpu_seconds = process_cpu_seconds(web.pid) - cpu_before
+        run.client_cpu_seconds = time.process_time() - client_before
+        run.load = os.getloadavg()[0]
+    finally:
+        stop.set()
+        sampler.join()
+        stop_web(web)
+    run.log_errors = log_errors(log)
+    run.pgbench_tps = pgbench(args.admin_url)
+    return run
+
+
+def measure(args: argparse.Namespace, env: dict[str, str], setup: dict[str, Any]) -> list[Run]:
+    runs = []
+    header = (
+        "| run | requests | errors (by status) | heartbeats/s (200) | p50 ms | p95 ms | p99 ms "
+        "| most backends | web CPU | agents' CPU | load | pgbench tps | heartbeats/s / tps |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for n in range(1, args.runs + 1):
+        run = one_run(args, env, setup, n)
+        runs.append(run)
+        rate = run.statuses["200"] / args.seconds
+        failed = ", ".join(f"{k}: {v}" for k, v in sorted(run.statuses.items()) if k != "200")
+        print(
+            f"| {n} | {run.requests} | {run.errors}{f' ({failed})' if failed else ''} "
+            f"| {rate:.1f} | {run.quantile(50) * 1000:.0f} | {run.quantile(95) * 1000:.0f} "
+            f"| {run.quantile(99) * 1000:.0f} | {max(run.backends, default=0)} "
+            f"| {run.cpu_seconds / run.seconds:.0%} | {run.client_cpu_seconds / run.seconds:.0%} "
+            f"| {run.load:.1f} | {run.pgbench_tps:.0f} "
+            f"| {rate / run.pgbench_tps:.1%} |",
+            flush=True,
+        )
+    for n, run in enumerate(runs, 1):
+        for message, count in run.log_errors.most_common(3):
+            print(f"run {n} server log: {count} x {message}")
+    return runs
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB RAM"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--admin-url", default="postgres://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--source", type=Path, default=ROOT, help="the checkout to serve")
+    parser.add_argument("--label", default="", help="what is measured, for the output")
+    args = parser.parse_args()
+    args.source = args.source.resolve()
+
+    version, max_connections = server_facts(args.admin_url)
+    pool_max = int(os.environ.get("DATABASE_POOL_MAX_SIZE") or DEFAULT_POOL_MAX)
+    pool_env = {k: v for k, v in os.environ.items() if k.startswith("DATABASE_POOL_")}
+    var_dir = tempfile.mkdtemp(prefix="bench-agents-")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(args.source),
+        "DJANGO_SETTINGS_MODULE": "poolsadmin.settings",
+        "DEBUG": "false",
+        "SECRET_KEY": secrets.token_hex(32),
+        "ALLOWED_HOSTS": HOST,
+        "DATABASE_URL": url_for(args.admin_url, BENCH_DB),
+        "CHANNEL_LAYER_URL": "",
+        "LOG_LEVEL": "WARNING",
+        "POOLSADMIN_VAR_DIR": var_dir,
+    }
+    print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}; load {os.getloadavg()[0]:.2f}")
+    print(f"PostgreSQL {version}, max_connections {max_connections}; {args.admin_url}")
+    print(f"serving {args.source} {args.label}; pool env {pool_env or '(defaults)'}")
+
+    recreate(args.admin_url, BENCH_DB)
+    manage(args.source, env, "migrate", "--noinput", "-v0")
+    printed = manage(
+        args.source, env, "shell", "--no-imports", "-c", SETUP.format(agents=args.agents)
+    )
+    setup = json.loads(printed.strip().splitlines()[-1])
+    recreate(args.admin_url, PGBENCH_DB)
+    subprocess.run(
+        ["pgbench", *pg_args(args.admin_url), "-i", "-q", "-s", "10", PGBENCH_DB],
+        capture_output=True,
+        check=True,
+    )
+    print(f"{args.agents} agents x 1 heartbeat/s x {args.seconds:.0f} s, {args.runs} runs\n")
+
+    try:
+        runs = measure(args, env, setup)
+    finally:
+        for database in (BENCH_DB, PGBENCH_DB):
+            drop(args.admin_url, database)
+    print(f"server logs: {var_dir}")
+    errors = sum(run.errors for run in runs)
+    most = max(max(run.backends, default=0) for run in runs)
+    met = errors == 0 and most <= pool_max
+    print(
+        f"\ngoal (0 errors, backends <= one pool's {pool_max}): "
+        f"{'met' if met else 'NOT met'} ({errors} errors, at most {most} backends)"
+    )
+
+
+if __name__ == "__main__":
+    main()
