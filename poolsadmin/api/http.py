@@ -12,12 +12,20 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from poolsadmin.lib.errors import DomainError, InvalidInput
+from poolsadmin.lib.input import check_text
 
 Handler = TypeVar("Handler", bound=Callable[..., HttpResponse])
 
+# No endpoint takes more than a list inside the object (an agent's running_task_ids); deeper
+# nesting is refused before anything walks it, and far deeper nesting (json's recursion
+# limit) is refused by the parser.
+MAX_JSON_DEPTH = 8
+
 
 def json_body(request: HttpRequest) -> dict[str, Any]:
-    """The request's JSON object, or InvalidInput naming what is wrong."""
+    """The request's JSON object, or InvalidInput naming what is wrong: the body (not JSON,
+    not an object, too large, too deeply nested) or the top-level key under which a string or
+    key is not clean text (`lib.input`)."""
     try:
         raw = request.body
     except RequestDataTooBig:
@@ -26,11 +34,33 @@ def json_body(request: HttpRequest) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise InvalidInput(_TOO_DEEP, field="body") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"body is not valid JSON: {exc}", field="body") from None
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object", field="body")
+    for key, value in data.items():
+        check_text(key, field=key)
+        _check_json(value, field=key, depth=1)
     return data
+
+
+_TOO_DEEP = f"body is nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def _check_json(value: Any, *, field: str, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidInput(_TOO_DEEP, field="body")
+    if isinstance(value, str):
+        check_text(value, field=field)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, field=field, depth=depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, field=field)
+            _check_json(item, field=field, depth=depth + 1)
 
 
 def field_str(data: dict[str, Any], name: str, *, required: bool = True, default: str = "") -> str:

@@ -9,14 +9,45 @@ from typing import Any
 import pytest
 from django.test import Client
 
+from poolsadmin.agents.models import Agent
+from poolsadmin.events.models import Event
 from poolsadmin.pools.models import AgentPool
+from poolsadmin.pools.services import pool_token_create
+from tests.ledger import ADMIN, make_agent_with_secret, make_pool
 
 pytestmark = pytest.mark.django_db
 
+AGENTS = "/api/v1/agents"
+
 
 def post(client: Client, url: str, body: Any, **headers: str) -> Any:
+    """`body` as JSON, or as it is when it is already text (to send what json.dumps cannot)."""
     data = body if isinstance(body, str) else json.dumps(body)
     return client.post(url, data, content_type="application/json", headers=headers)
+
+
+@pytest.fixture
+def pool() -> AgentPool:
+    return make_pool(name="p1")
+
+
+@pytest.fixture
+def token(pool: AgentPool) -> dict[str, str]:
+    """The pool token's header."""
+    secret = pool_token_create(pool=pool, name="agents", actor=ADMIN).secret
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def agent(pool: AgentPool, token: dict[str, str]) -> tuple[Agent, dict[str, str]]:
+    """A registered agent and the headers it sends (token, id, secret)."""
+    registration = make_agent_with_secret(pool, "P1")
+    headers = {**token, "X-Agent-Id": registration.agent.agent_id}
+    return registration.agent, {**headers, "X-Agent-Secret": registration.secret}
+
+
+def agent_row(agent: Agent) -> dict[str, Any]:
+    return dict(Agent.objects.filter(pk=agent.pk).values().get())
 
 
 # --- the body's keys -----------------------------------------------------------------------------
@@ -28,3 +59,73 @@ def test_an_empty_json_key_is_a_400_that_still_names_it(admin_client: Client) ->
     assert response.status_code == 400
     assert response.json()["field"] == ""
     assert not AgentPool.objects.exists()
+
+
+# --- text: NUL bytes and lone surrogates in JSON strings and keys -------------------------------
+
+
+def test_a_nul_byte_in_an_agent_name_is_a_400_naming_name_and_registers_nothing(
+    pool: AgentPool, token: dict[str, str]
+) -> None:
+    events = Event.objects.count()
+
+    response = post(Client(), f"{AGENTS}/register", {"name": "P\x001"}, **token)
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "invalid_input",
+        "detail": "name contains a NUL byte",
+        "field": "name",
+    }
+    assert not Agent.objects.exists()
+    assert Event.objects.count() == events
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        # Written out: the wire carries the escape, which json.dumps would write too.
+        ('{"name": "P\\ud800"}', "name"),
+        # register ignores keys it does not know, but not one that is not clean text.
+        ({"name": "P1", "x\x00": 1}, "x\x00"),
+        ({"name": "P1", "labels": [{"zone": "eu\x00"}]}, "labels"),
+        ({"name": "P1", "labels": {"\x00": "eu"}}, "labels"),
+    ],
+    ids=["lone surrogate in a value", "NUL in a key", "NUL deep in a value", "NUL deep in a key"],
+)
+def test_unclean_text_anywhere_in_a_registration_is_a_400_naming_its_top_level_key(
+    pool: AgentPool, token: dict[str, str], body: Any, field: str
+) -> None:
+    response = post(Client(), f"{AGENTS}/register", body, **token)
+
+    assert response.status_code == 400
+    assert response.json()["field"] == field
+    assert not Agent.objects.exists()
+
+
+def test_a_lone_surrogate_in_a_pool_name_is_a_400_naming_name(admin_client: Client) -> None:
+    response = post(admin_client, "/api/v1/pools", '{"name": "blue \\udc00"}')
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "name"
+    assert not AgentPool.objects.exists()
+
+
+# --- nesting -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [9, 100_000], ids=["past the limit", "past json's recursion"])
+def test_deeply_nested_json_is_a_400_naming_the_body_and_writes_nothing(
+    agent: tuple[Agent, dict[str, str]], depth: int
+) -> None:
+    row, headers = agent
+    before = agent_row(row)
+    nested = "[" * depth + "]" * depth
+
+    response = post(
+        Client(), f"{AGENTS}/{row.agent_id}/heartbeat", f'{{"cpu": {nested}}}', **headers
+    )
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "body"
+    assert agent_row(row) == before
