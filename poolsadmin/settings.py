@@ -96,6 +96,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "poolsadmin.lib.htmx.VaryOnHtmxMiddleware",
+    # After CSRF (whose process_view reads forms first) and htmx (the refusal answers a dialog).
+    "poolsadmin.lib.input.InputCheckMiddleware",
 ]
 
 ROOT_URLCONF = "poolsadmin.urls"

@@ -111,6 +111,52 @@ def test_a_lone_surrogate_in_a_pool_name_is_a_400_naming_name(admin_client: Clie
     assert not AgentPool.objects.exists()
 
 
+# --- text in the URL and in the agent headers (lib/input.py InputCheckMiddleware) ---------------
+
+
+def test_a_nul_byte_in_an_agent_id_is_a_400_naming_agent_id(
+    agent: tuple[Agent, dict[str, str]],
+) -> None:
+    row, headers = agent
+    before = agent_row(row)
+
+    response = post(Client(), f"{AGENTS}/%00/heartbeat", {}, **headers)
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "invalid_input",
+        "detail": "agent_id contains a NUL byte",
+        "field": "agent_id",
+    }
+    assert agent_row(row) == before
+
+
+def test_a_nul_byte_in_a_pool_id_is_a_400_naming_pool_id_and_pauses_nothing(
+    pool: AgentPool, admin_client: Client
+) -> None:
+    events = Event.objects.count()
+
+    read = admin_client.get("/api/v1/pools/pool-%00")
+    pause = post(admin_client, "/api/v1/pools/pool-%00/pause", {"reason": "maintenance"})
+
+    assert (read.status_code, read.json()["field"]) == (400, "pool_id")
+    assert (pause.status_code, pause.json()["field"]) == (400, "pool_id")
+    assert Event.objects.count() == events
+
+
+@pytest.mark.parametrize("header", ["X-Agent-Id", "X-Agent-Secret"])
+def test_a_nul_byte_in_an_agent_header_is_a_400_naming_it(
+    agent: tuple[Agent, dict[str, str]], header: str
+) -> None:
+    _, headers = agent
+    headers[header] = headers[header] + "\x00"
+
+    response = Client().get(f"{AGENTS}/tasks/1", headers=headers)
+
+    field = {"X-Agent-Id": "agent_id", "X-Agent-Secret": "agent_secret"}[header]
+    assert (response.status_code, response.json()["field"]) == (400, field)
+
+
 # --- nesting -------------------------------------------------------------------------------------
 
 

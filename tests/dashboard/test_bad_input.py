@@ -1,0 +1,80 @@
+"""Bad input to the dashboard (issue 8, item 4): a URL, query parameter or form field that is
+not clean text is a 400 page (or, in the action dialog, the dialog's content) naming the
+field, never a 500, and the action does nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.test import Client
+
+from poolsadmin.events.models import Event
+from poolsadmin.pools.models import AgentPool, PoolStatus
+from tests.ledger import make_pool
+
+pytestmark = pytest.mark.django_db
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def named_field(html: str) -> str | None:
+    """The field the page's error names (`data-field`), if any."""
+    match = re.search(r'id="form-error" data-field="([^"]*)"', html)
+    return match.group(1) if match else None
+
+
+@pytest.fixture
+def pool() -> AgentPool:
+    return make_pool(name="blue")
+
+
+def test_a_nul_byte_in_an_audit_filter_is_a_400_page_naming_the_filter(
+    admin_client: Client,
+) -> None:
+    response = admin_client.get("/audit/?pool=%00")
+
+    assert response.status_code == 400
+    assert named_field(response.content.decode()) == "pool"
+
+
+def test_a_nul_byte_in_a_reason_is_a_400_naming_reason_and_the_pool_is_not_paused(
+    admin_client: Client, pool: AgentPool
+) -> None:
+    events = Event.objects.count()
+
+    response = admin_client.post(
+        f"/pools/{pool.pool_id}/pause/", "reason=maintenance%00", content_type=FORM
+    )
+
+    assert response.status_code == 400
+    assert named_field(response.content.decode()) == "reason"
+    pool.refresh_from_db()
+    assert pool.status == PoolStatus.ACTIVE
+    assert Event.objects.count() == events
+
+
+def test_a_nul_byte_in_the_pool_id_of_an_action_url_is_a_400_naming_pool_id(
+    admin_client: Client,
+) -> None:
+    response = admin_client.post("/pools/pool-%00/pause/", "reason=maintenance", content_type=FORM)
+
+    assert response.status_code == 400
+    assert named_field(response.content.decode()) == "pool_id"
+
+
+def test_in_the_action_dialog_bad_input_answers_the_dialogs_content_naming_the_field(
+    admin_client: Client, pool: AgentPool
+) -> None:
+    response = admin_client.post(
+        f"/pools/{pool.pool_id}/pause/",
+        "reason=maintenance%00",
+        content_type=FORM,
+        headers={"HX-Request": "true"},
+    )
+
+    html = response.content.decode()
+    assert response.status_code == 400
+    assert named_field(html) == "reason"
+    assert "<html" not in html
+    assert "data-dialog-close" in html
