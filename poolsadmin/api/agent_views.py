@@ -55,12 +55,25 @@ def _client_ip(request: HttpRequest) -> str | None:
         return None
 
 
+# A heartbeat's figures (agents/reference.py `_usage`): the load average and the peak memory
+# in MiB. Bounds far past any host: only garbage is refused (NaN, Infinity, 10**400).
+CPU_MAX = 1e6
+MEMORY_MAX = 1e9
+# An agent runs at most its pod's slots at once (pools.models.MAX_SLOTS_PER_POD); a longer list
+# is garbage, and each id is compared with every task the agent holds.
+MAX_RUNNING_TASK_IDS = 1000
+TASK_ID_MAX = 2**63 - 1  # the BigAutoField's range
+
+
 def _task_ids(data: dict[str, Any], name: str) -> list[int]:
     value = data.get(name, [])
     if not isinstance(value, list) or not all(
-        isinstance(item, int) and not isinstance(item, bool) for item in value
+        isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= TASK_ID_MAX
+        for item in value
     ):
-        raise InvalidInput(f"{name} must be a list of task ids (integers)", field=name)
+        raise InvalidInput(f"{name} must be a list of task ids (positive integers)", field=name)
+    if len(value) > MAX_RUNNING_TASK_IDS:
+        raise InvalidInput(f"{name} lists more than {MAX_RUNNING_TASK_IDS} tasks", field=name)
     return value
 
 
@@ -95,7 +108,8 @@ def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpRespo
     agent = request_agent(request, pool=pool, agent_id=agent_id)
     data = json_body(request)
     running = _task_ids(data, "running_task_ids")
-    cpu, memory = field_number(data, "cpu"), field_number(data, "memory")
+    cpu = field_number(data, "cpu", low=0, high=CPU_MAX)
+    memory = field_number(data, "memory", low=0, high=MEMORY_MAX)
     answer = agent_heartbeat(agent=agent, running_task_ids=running, cpu=cpu, memory=memory)
     return JsonResponse({"assignments": answer.assignments, "cancellations": answer.cancellations})
 

@@ -92,12 +92,16 @@ def field_int(data: dict[str, Any], name: str, *, required: bool = True, default
     return value
 
 
-def field_number(data: dict[str, Any], name: str) -> float | None:
+def field_number(data: dict[str, Any], name: str, *, low: float, high: float) -> float | None:
+    """A number between `low` and `high`, or None. Comparing first refuses NaN and Infinity
+    (which json accepts) and an integer too large for a float, before float() overflows."""
     value = data.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(f"{name} must be a number", field=name)
+    if not low <= value <= high:
+        raise InvalidInput(f"{name} must be a number from {low:g} to {high:g}", field=name)
     return float(value)
 
 

@@ -17,6 +17,8 @@ from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
 from poolsadmin.pools.models import (
+    MAX_REPLICAS,
+    MAX_SLOTS_PER_POD,
     AgentPool,
     FreezeWindow,
     Pod,
@@ -59,15 +61,18 @@ def pool_validate(
 ) -> None:
     if pool_type not in PoolType.values:
         raise InvalidInput(f"pool_type must be one of {PoolType.values}", field="pool_type")
-    if slots_per_pod < 1:
-        raise InvalidInput("slots_per_pod must be at least 1", field="slots_per_pod")
+    if not 1 <= slots_per_pod <= MAX_SLOTS_PER_POD:
+        raise InvalidInput(
+            f"slots_per_pod must be between 1 and {MAX_SLOTS_PER_POD}", field="slots_per_pod"
+        )
     if plan_and_apply_per_pod < 1 or plan_and_apply_per_pod > slots_per_pod:
         raise InvalidInput(
             "plan_and_apply_per_pod must be between 1 and slots_per_pod",
             field="plan_and_apply_per_pod",
         )
-    if min_replicas < 0 or max_replicas < 0:
-        raise InvalidInput("replica counts cannot be negative", field="min_replicas")
+    for name, count in (("min_replicas", min_replicas), ("max_replicas", max_replicas)):
+        if not 0 <= count <= MAX_REPLICAS:
+            raise InvalidInput(f"{name} must be between 0 and {MAX_REPLICAS}", field=name)
     if pool_type == PoolType.K8S:
         if max_replicas < 1:
             raise InvalidInput("max_replicas must be at least 1", field="max_replicas")

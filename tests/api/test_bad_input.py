@@ -175,3 +175,81 @@ def test_deeply_nested_json_is_a_400_naming_the_body_and_writes_nothing(
     assert response.status_code == 400
     assert response.json()["field"] == "body"
     assert agent_row(row) == before
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cpu",
+    ["1" + "0" * 400, "NaN", "Infinity", "-Infinity", "1e999", "-0.5", "1e7"],
+    ids=["huge integer", "NaN", "Infinity", "-Infinity", "overflowing float", "negative", "1e7"],
+)
+def test_a_cpu_figure_that_is_no_sane_number_is_a_400_naming_cpu_and_writes_nothing(
+    agent: tuple[Agent, dict[str, str]], cpu: str
+) -> None:
+    row, headers = agent
+    before = agent_row(row)
+
+    response = post(Client(), f"{AGENTS}/{row.agent_id}/heartbeat", f'{{"cpu": {cpu}}}', **headers)
+
+    assert (response.status_code, response.json()["field"]) == (400, "cpu")
+    assert agent_row(row) == before
+
+
+def test_a_memory_figure_past_its_bound_is_a_400_naming_memory(
+    agent: tuple[Agent, dict[str, str]],
+) -> None:
+    row, headers = agent
+
+    response = post(Client(), f"{AGENTS}/{row.agent_id}/heartbeat", {"memory": 1e300}, **headers)
+
+    assert (response.status_code, response.json()["field"]) == (400, "memory")
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [[0], [-1], [2**63], [10**30], list(range(1, 1002))],
+    ids=["zero", "negative", "past bigint", "huge", "1001 of them"],
+)
+def test_running_task_ids_that_cannot_be_task_ids_are_a_400_naming_the_list(
+    agent: tuple[Agent, dict[str, str]], ids: list[int]
+) -> None:
+    row, headers = agent
+    before = agent_row(row)
+
+    response = post(
+        Client(), f"{AGENTS}/{row.agent_id}/heartbeat", {"running_task_ids": ids}, **headers
+    )
+
+    assert (response.status_code, response.json()["field"]) == (400, "running_task_ids")
+    assert agent_row(row) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"slots_per_pod": 200_000}, "slots_per_pod"),
+        ({"slots_per_pod": 65}, "slots_per_pod"),
+        ({"slots_per_pod": 2**31}, "slots_per_pod"),
+        ({"plan_and_apply_per_pod": 2**31}, "plan_and_apply_per_pod"),
+        ({"min_replicas": 3_000_000_000}, "min_replicas"),
+        ({"max_replicas": 1001}, "max_replicas"),
+        ({"pool_type": "k8s", "pod_image": "i", "max_replicas": 10**20}, "max_replicas"),
+    ],
+)
+def test_a_pool_number_past_its_bound_is_a_400_naming_it_and_creates_no_pool(
+    admin_client: Client, body: dict[str, Any], field: str
+) -> None:
+    response = post(admin_client, "/api/v1/pools", {"name": "big", **body})
+
+    assert (response.status_code, response.json()["field"]) == (400, field)
+    assert not AgentPool.objects.exists()
+
+
+def test_a_pool_at_its_bounds_is_created(admin_client: Client) -> None:
+    body = {"name": "big", "slots_per_pod": 64, "plan_and_apply_per_pod": 64}
+
+    response = post(admin_client, "/api/v1/pools", {**body, "max_replicas": 1000})
+
+    assert response.status_code == 201
