@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from typing import Any
 
 from django.db import transaction
@@ -372,12 +372,20 @@ def slot_free_for_task(
     return slot
 
 
+# A pause's `until` is a planned end (a maintenance window); a pool paused with no end in sight
+# is paused without one. Past a year it is a typo, and a date near year 9999 breaks every later
+# computation with it (shown in a pool's own time zone, it can pass year 9999).
+PAUSE_MAX = timedelta(days=366)
+
+
 def pool_pause(
     *, pool_id: str, actor: str, reason: str, until: datetime | None = None
 ) -> AgentPool:
     """Stop dispatching new work in the pool (rule 6). Running work continues."""
     if not reason.strip():
         raise InvalidInput("a reason is required to pause a pool", field="reason")
+    if until is not None and until > clock.now() + PAUSE_MAX:
+        raise InvalidInput(f"until must be within {PAUSE_MAX.days} days from now", field="until")
     with transaction.atomic():
         pool = AgentPool.objects.select_for_update().filter(pk=pool_id).first()
         if pool is None:

@@ -4,6 +4,7 @@ the field, never a 500, and a refused request writes nothing."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -11,7 +12,8 @@ from django.test import Client
 
 from poolsadmin.agents.models import Agent
 from poolsadmin.events.models import Event
-from poolsadmin.pools.models import AgentPool
+from poolsadmin.lib import clock
+from poolsadmin.pools.models import AgentPool, PoolStatus
 from poolsadmin.pools.services import pool_token_create
 from tests.ledger import ADMIN, make_agent_with_secret, make_pool
 
@@ -253,3 +255,51 @@ def test_a_pool_at_its_bounds_is_created(admin_client: Client) -> None:
     response = post(admin_client, "/api/v1/pools", {**body, "max_replicas": 1000})
 
     assert response.status_code == 201
+
+
+# --- dates ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "until",
+    [
+        "9999-12-31T23:59:59-05:00",  # year 10000 in UTC, as it is stored
+        "0001-01-01T00:00:00+05:00",  # year 0 in UTC
+        "9999-12-31T23:59:59Z",  # representable, but no pause lasts 8,000 years
+        "10000-01-01T00:00:00Z",
+    ],
+)
+def test_a_pause_until_past_a_year_from_now_or_past_year_9999_is_a_400_naming_until(
+    admin_client: Client, pool: AgentPool, until: str
+) -> None:
+    events = Event.objects.count()
+
+    response = post(
+        admin_client, f"/api/v1/pools/{pool.pool_id}/pause", {"reason": "r", "until": until}
+    )
+
+    assert (response.status_code, response.json()["field"]) == (400, "until")
+    pool.refresh_from_db()
+    assert pool.status == PoolStatus.ACTIVE
+    assert Event.objects.count() == events
+
+
+def test_a_pause_until_some_months_ahead_is_accepted(admin_client: Client, pool: AgentPool) -> None:
+    until = (clock.now() + timedelta(days=90)).isoformat()
+
+    response = post(
+        admin_client, f"/api/v1/pools/{pool.pool_id}/pause", {"reason": "r", "until": until}
+    )
+
+    assert response.status_code == 200
+    pool.refresh_from_db()
+    assert pool.status == PoolStatus.PAUSED
+
+
+def test_a_hold_until_past_year_9999_is_a_400_naming_until(admin_client: Client) -> None:
+    k8s = make_pool(name="k", pool_type="k8s", pod_image="img", max_replicas=3)
+    body = {"reason": "r", "pods": 1, "until": "9999-12-31T23:59:59-05:00"}
+
+    response = post(admin_client, f"/api/v1/pools/{k8s.pool_id}/hold", body)
+
+    assert (response.status_code, response.json()["field"]) == (400, "until")
