@@ -78,3 +78,18 @@ def test_in_the_action_dialog_bad_input_answers_the_dialogs_content_naming_the_f
     assert named_field(html) == "reason"
     assert "<html" not in html
     assert "data-dialog-close" in html
+
+
+@pytest.mark.parametrize("task", ["²", "not-a-number", "1" * 19])
+def test_a_task_filter_that_is_not_a_task_number_is_a_400_naming_task(
+    viewer_client: Client, task: str
+) -> None:
+    # "²" passes str.isdigit() and then failed int() with a 500.
+    page = viewer_client.get("/audit/", {"task": task})
+    results = viewer_client.get("/audit/", {"task": task}, headers={"HX-Request": "true"})
+
+    assert page.status_code == results.status_code == 400
+    assert named_field(page.content.decode()) == named_field(results.content.decode()) == "task"
+    assert f'name="task" value="{task}" inputmode="numeric" aria-invalid="true"' in (
+        page.content.decode()
+    )
