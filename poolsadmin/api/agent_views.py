@@ -11,6 +11,7 @@ Each view authenticates, parses and checks the body (400 naming the field), prov
 is asking and that the agent and task belong to the token's pool, and calls one service. The
 services are transactional and refuse invalid transitions with Conflict (409), so a refused
 request writes nothing. CSRF does not apply: agents authenticate with headers, not a cookie.
+A wrong method is a JSON 405 (`allow_methods`), like every other answer of the API.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import ipaddress
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from poolsadmin.agents.services import agent_heartbeat, agent_register
 from poolsadmin.api.agent_auth import pool_task, pool_token_required, request_agent
-from poolsadmin.api.http import field_number, field_str, json_body, json_errors
+from poolsadmin.api.http import allow_methods, field_number, field_str, json_body, json_errors
 from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.pools.models import AgentPool
 from poolsadmin.tasks.models import WorkspaceTask
@@ -77,8 +76,7 @@ def _task_ids(data: dict[str, Any], name: str) -> list[int]:
     return value
 
 
-@csrf_exempt
-@require_POST
+@allow_methods("POST")
 @json_errors
 @pool_token_required
 def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
@@ -100,8 +98,7 @@ def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
     return response
 
 
-@csrf_exempt
-@require_POST
+@allow_methods("POST")
 @json_errors
 @pool_token_required
 def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpResponse:
@@ -114,8 +111,7 @@ def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpRespo
     return JsonResponse({"assignments": answer.assignments, "cancellations": answer.cancellations})
 
 
-@csrf_exempt
-@require_POST
+@allow_methods("POST")
 @json_errors
 @pool_token_required
 def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
@@ -125,8 +121,7 @@ def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     return JsonResponse(task_json(task_accept(task_id=task_id, agent=agent)))
 
 
-@csrf_exempt
-@require_http_methods(["PUT"])
+@allow_methods("PUT")
 @json_errors
 @pool_token_required
 def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
@@ -142,7 +137,7 @@ def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     return JsonResponse(task_json(task))
 
 
-@require_GET
+@allow_methods("GET")
 @json_errors
 @pool_token_required
 def detail(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 
-from poolsadmin.lib.errors import DomainError, InvalidInput
+from poolsadmin.lib.errors import DomainError, InvalidInput, NotFound
 from poolsadmin.lib.input import check_text
 
 Handler = TypeVar("Handler", bound=Callable[..., HttpResponse])
@@ -120,3 +121,39 @@ def json_errors(view: Handler) -> Handler:
             return error_response(error)
 
     return wrapper  # type: ignore[return-value]
+
+
+def method_not_allowed(request: HttpRequest, allowed: Iterable[str]) -> JsonResponse:
+    """405 naming the methods that are allowed (in the body and in `Allow`)."""
+    allow = ", ".join(sorted(allowed))
+    response = JsonResponse(
+        {
+            "error": "method_not_allowed",
+            "detail": f"{request.method} is not allowed here; use {allow}",
+        },
+        status=405,
+    )
+    response["Allow"] = allow
+    return response
+
+
+def allow_methods(*methods: str) -> Callable[[Handler], Handler]:
+    """Only `methods`; any other gets a JSON 405 naming them. The view is csrf_exempt: its
+    callers authenticate with headers, never a cookie, so there is nothing to forge, and
+    CsrfViewMiddleware would otherwise answer a wrong-method POST with its HTML 403 first."""
+
+    def decorator(view: Handler) -> Handler:
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                return method_not_allowed(request, methods)
+            return view(request, *args, **kwargs)
+
+        return csrf_exempt(wrapper)  # type: ignore[return-value]
+
+    return decorator
+
+
+def not_found(request: HttpRequest) -> JsonResponse:
+    """Any URL under /api/v1/ that no endpoint has: a JSON 404, as the API's own are."""
+    return error_response(NotFound(f"no API endpoint at {request.path}"))
