@@ -10,8 +10,8 @@ import pytest
 from django.test import Client
 
 from poolsadmin.events.models import Event
-from poolsadmin.pools.models import AgentPool, PoolStatus
-from tests.ledger import make_pool
+from poolsadmin.pools.models import AgentPool, PoolStatus, Slot
+from tests.ledger import make_agent, make_pool, pod_of
 
 pytestmark = pytest.mark.django_db
 
@@ -93,3 +93,22 @@ def test_a_task_filter_that_is_not_a_task_number_is_a_400_naming_task(
     assert f'name="task" value="{task}" inputmode="numeric" aria-invalid="true"' in (
         page.content.decode()
     )
+
+
+def test_a_refused_action_form_names_the_field_it_is_about(
+    admin_client: Client, pool: AgentPool
+) -> None:
+    k8s = make_pool(name="kube", pool_type="k8s", pod_image="img", max_replicas=3)
+    slot = Slot.objects.get(pod=pod_of(make_agent(pool, "P1")), index=0)
+
+    def refused(url: str, form: str) -> str | None:
+        response = admin_client.post(url, form, content_type=FORM)
+        assert response.status_code == 400
+        return named_field(response.content.decode())
+
+    assert refused(f"/slots/{slot.pk}/release/", "expected_version=1") == "reason"
+    assert refused(f"/pools/{pool.pool_id}/pause/", "reason=") == "reason"
+    scale = f"/pools/{k8s.pool_id}/scale/"
+    assert refused(scale, "min_replicas=abc&max_replicas=2&reason=r") == "min_replicas"
+    assert refused(scale, "min_replicas=0&max_replicas=1001&reason=r") == "max_replicas"
+    assert refused(f"/pools/{pool.pool_id}/scale/", "reason=r") == "pool_type"
