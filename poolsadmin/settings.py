@@ -192,6 +192,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
+# Database sessions that treat a cookie with a NUL byte as no session (lib/sessions.py).
+SESSION_ENGINE = "poolsadmin.lib.sessions"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/pools/"
 LOGOUT_REDIRECT_URL = "login"

@@ -112,3 +112,15 @@ def test_a_refused_action_form_names_the_field_it_is_about(
     assert refused(scale, "min_replicas=abc&max_replicas=2&reason=r") == "min_replicas"
     assert refused(scale, "min_replicas=0&max_replicas=1001&reason=r") == "max_replicas"
     assert refused(f"/pools/{pool.pool_id}/scale/", "reason=r") == "pool_type"
+
+
+def test_a_session_cookie_with_a_nul_byte_is_no_session() -> None:
+    # Any client sets its cookies; the quoted form is how a cookie carries a NUL byte.
+    cookie = {"Cookie": 'sessionid="abcdefgh\\000ijkl"'}
+
+    page = Client().get("/pools/", headers=cookie)
+    api = Client().get("/api/v1/pools", headers=cookie)
+
+    assert page.status_code == 302
+    assert page["Location"].startswith("/login/")
+    assert (api.status_code, api.json()["error"]) == (401, "unauthenticated")
