@@ -255,12 +255,9 @@ raw_json_bodies = st.one_of(
 # Mostly the fields views read (an endpoint refuses a field it does not know, so a body of
 # random keys rarely gets further), then any keys, then bodies that are not such an object.
 plausible = st.sampled_from(PLAUSIBLE) | st.integers(0, 3) | st.booleans()
-json_bodies = (
-    st.one_of(
-        st.dictionaries(st.sampled_from(FIELDS), plausible | plausible | json_values, max_size=3),
-        st.dictionaries(keys, json_values, max_size=5),
-    ).map(lambda body: json.dumps(body, allow_nan=True))
-    | raw_json_bodies
+json_objects = st.one_of(
+    st.dictionaries(st.sampled_from(FIELDS), plausible | plausible | json_values, max_size=3),
+    st.dictionaries(keys, json_values, max_size=5),
 )
 
 
@@ -321,7 +318,15 @@ def _draw_request(
     right = st.sampled_from(allowed)
     method = data.draw(st.one_of(right, right, right, st.sampled_from(METHODS)), label="method")
     if endpoint.api:
-        body: str | bytes = data.draw(json_bodies, label="body")
+        body: str | bytes
+        if data.draw(st.integers(0, 5), label="not an object") == 0:
+            body = data.draw(raw_json_bodies, label="raw body")
+        else:
+            obj = data.draw(json_objects, label="body")
+            if endpoint.agent and data.draw(st.booleans(), label="names the agent"):
+                # accept and status name the agent in the body: get past that to the rest.
+                obj["agent_id"] = world.values["agent_id"][0]
+            body = json.dumps(obj, allow_nan=True)
         content_type = "application/json"
         headers = dict(world.agent_headers if endpoint.agent else world.admin_headers)
         if endpoint.agent and data.draw(st.integers(0, 4), label="hostile agent id") == 0:
