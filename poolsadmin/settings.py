@@ -114,6 +114,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "poolsadmin.lib.htmx.VaryOnHtmxMiddleware",
+    # After CSRF (whose process_view reads forms first) and htmx (the refusal answers a dialog).
+    "poolsadmin.lib.input.InputCheckMiddleware",
     # After everything that authenticates, as its docs ask: it turns a locked-out login into
     # the lockout page.
     "axes.middleware.AxesMiddleware",
@@ -280,6 +282,9 @@ AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15, minim
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked.html"
+
+# Database sessions that treat a cookie with a NUL byte as no session (lib/sessions.py).
+SESSION_ENGINE = "poolsadmin.lib.sessions"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/pools/"
 LOGOUT_REDIRECT_URL = "login"

@@ -274,12 +274,15 @@ def _future_datetime(data: dict[str, Any], name: str) -> datetime | None:
         return None
     try:
         moment = parse_datetime(raw)
-    except ValueError:
+        if moment is not None:
+            # In UTC, as it is stored: 9999-12-31T23:59-05:00 is past year 9999 there.
+            moment = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         moment = None
     if moment is None:
-        raise InvalidInput(f"{name} must be an ISO 8601 date and time", field=name)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        raise InvalidInput(
+            f"{name} must be an ISO 8601 date and time between years 1 and 9999", field=name
+        )
     if moment <= clock.now():
         raise InvalidInput(f"{name} must be in the future", field=name)
     return moment

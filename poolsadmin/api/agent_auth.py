@@ -24,6 +24,7 @@ from poolsadmin.agents.models import Agent
 from poolsadmin.agents.services import agent_authenticate
 from poolsadmin.api.http import error_response
 from poolsadmin.lib.errors import Forbidden, NotFound, Unauthenticated
+from poolsadmin.lib.input import check_text
 from poolsadmin.pools.models import AgentPool
 from poolsadmin.pools.services import pool_token_authenticate
 from poolsadmin.tasks.models import WorkspaceTask
@@ -69,7 +70,9 @@ def request_agent(request: HttpRequest, *, pool: AgentPool, agent_id: str | None
                 f"missing {AGENT_ID_HEADER} header: which agent of the pool is asking",
                 field="agent_id",
             )
+        check_text(agent_id, field="agent_id")
     secret = request.headers.get(AGENT_SECRET_HEADER, "").strip()
+    check_text(secret, field="agent_secret")
     if not secret:
         raise Forbidden(
             f"missing {AGENT_SECRET_HEADER} header: the agent_secret that register returned",

@@ -13,6 +13,7 @@ Each view authenticates, parses and checks the body (400 naming the field), prov
 is asking and that the agent and task belong to the token's pool, and calls one service. The
 services are transactional and refuse invalid transitions with Conflict (409), so a refused
 request writes nothing. CSRF does not apply: agents authenticate with headers, not a cookie.
+A wrong method is a JSON 405 (`allow_methods`), like every other answer of the API.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import ipaddress
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from poolsadmin.agents.services import agent_heartbeat, agent_register
 from poolsadmin.api.agent_auth import (
@@ -31,7 +30,7 @@ from poolsadmin.api.agent_auth import (
     pool_token_required,
     request_agent,
 )
-from poolsadmin.api.http import field_number, field_str, json_body, json_errors
+from poolsadmin.api.http import allow_methods, field_number, field_str, json_body, json_errors
 from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.pools.models import AgentPool
 from poolsadmin.tasks.models import WorkspaceTask
@@ -62,17 +61,29 @@ def _client_ip(request: HttpRequest) -> str | None:
         return None
 
 
+# A heartbeat's figures (agents/reference.py `_usage`): the load average and the peak memory
+# in MiB. Bounds far past any host: only garbage is refused (NaN, Infinity, 10**400).
+CPU_MAX = 1e6
+MEMORY_MAX = 1e9
+# An agent runs at most its pod's slots at once (pools.models.MAX_SLOTS_PER_POD); a longer list
+# is garbage, and each id is compared with every task the agent holds.
+MAX_RUNNING_TASK_IDS = 1000
+TASK_ID_MAX = 2**63 - 1  # the BigAutoField's range
+
+
 def _task_ids(data: dict[str, Any], name: str) -> list[int]:
     value = data.get(name, [])
     if not isinstance(value, list) or not all(
-        isinstance(item, int) and not isinstance(item, bool) for item in value
+        isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= TASK_ID_MAX
+        for item in value
     ):
-        raise InvalidInput(f"{name} must be a list of task ids (integers)", field=name)
+        raise InvalidInput(f"{name} must be a list of task ids (positive integers)", field=name)
+    if len(value) > MAX_RUNNING_TASK_IDS:
+        raise InvalidInput(f"{name} lists more than {MAX_RUNNING_TASK_IDS} tasks", field=name)
     return value
 
 
-@csrf_exempt
-@require_POST
+@allow_methods("POST")
 @json_errors
 @pool_token_required
 def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
@@ -98,21 +109,20 @@ def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
     return response
 
 
-@csrf_exempt
-@require_POST
+@allow_methods("POST")
 @json_errors
 @pool_token_required
 def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpResponse:
     agent = request_agent(request, pool=pool, agent_id=agent_id)
     data = json_body(request)
     running = _task_ids(data, "running_task_ids")
-    cpu, memory = field_number(data, "cpu"), field_number(data, "memory")
+    cpu = field_number(data, "cpu", low=0, high=CPU_MAX)
+    memory = field_number(data, "memory", low=0, high=MEMORY_MAX)
     answer = agent_heartbeat(agent=agent, running_task_ids=running, cpu=cpu, memory=memory)
     return JsonResponse({"assignments": answer.assignments, "cancellations": answer.cancellations})
 
 
-@csrf_exempt
-@require_POST
+@allow_methods("POST")
 @json_errors
 @pool_token_required
 def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
@@ -122,8 +132,7 @@ def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     return JsonResponse(task_json(task_accept(task_id=task_id, agent=agent)))
 
 
-@csrf_exempt
-@require_http_methods(["PUT"])
+@allow_methods("PUT")
 @json_errors
 @pool_token_required
 def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
@@ -139,7 +148,7 @@ def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     return JsonResponse(task_json(task))
 
 
-@require_GET
+@allow_methods("GET")
 @json_errors
 @pool_token_required
 def detail(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:

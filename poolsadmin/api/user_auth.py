@@ -17,7 +17,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from poolsadmin.api.http import error_response
+from poolsadmin.api.http import error_response, method_not_allowed
 from poolsadmin.api.services import api_token_authenticate
 from poolsadmin.lib.errors import Unauthenticated
 
@@ -112,20 +112,11 @@ def api_route(**handlers: View) -> View:
     for method, handler in handlers.items():
         if not getattr(handler, _CHECKED, False):
             raise TypeError(f"{method} handler {handler.__name__} is not wrapped in api_user")
-    allowed = ", ".join(sorted(handlers))
 
     def route(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         handler = handlers.get(request.method or "")
         if handler is None:
-            response = JsonResponse(
-                {
-                    "error": "method_not_allowed",
-                    "detail": f"{request.method} is not allowed here; use {allowed}",
-                },
-                status=405,
-            )
-            response["Allow"] = allowed
-            return response
+            return method_not_allowed(request, handlers)
         return handler(request, *args, **kwargs)
 
     return csrf_exempt(route)

@@ -36,6 +36,7 @@ from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.lib.humanize import duration, stamp
 from poolsadmin.pools.models import (
     FINISHED_PHASES,
+    MAX_REPLICAS,
     AgentPool,
     Pod,
     PoolType,
@@ -53,9 +54,6 @@ AUTOSCALER = "system:autoscaler"
 
 # --- admin actions -------------------------------------------------------------------------------
 
-# Pod counts are PositiveIntegerFields (up to 2**31 - 1, beyond which PostgreSQL fails the
-# write). No pool runs anywhere near this many pods: a larger number is a typo.
-MAX_REPLICAS = 1000
 # A hold is a short manual override (a migration, an incident), not a configuration.
 HOLD_MAX = timedelta(hours=24)
 

@@ -18,7 +18,7 @@ from django.urls import reverse
 from poolsadmin.agents.models import Agent
 from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
-from poolsadmin.lib.errors import NotFound
+from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.pools.models import AgentPool, Pod
 from poolsadmin.pools.selectors import agent_is_online
 from poolsadmin.tasks.models import Workspace, WorkspaceTask
@@ -26,6 +26,8 @@ from poolsadmin.tasks.models import Workspace, WorkspaceTask
 # Tasks shown on a workspace page: old history is in the audit log.
 WORKSPACE_TASK_LIMIT = 100
 AUDIT_PAGE_SIZE = 50
+# A task number as people type it (`598`, `#598`), in the search box and the audit filter.
+_TASK_RE = re.compile(r"^#?(\d{1,18})$")
 
 
 # --- workspace ---------------------------------------------------------------------------------
@@ -121,17 +123,18 @@ def dashboard_audit(*, filters: AuditFilters, page: str | int | None = 1) -> Pag
     if filters.pool:
         events = events.filter(pool_id=filters.pool)
     if filters.task:
-        # A task filter that is not a number matches nothing rather than failing the page.
-        task_id = int(filters.task) if filters.task.isdigit() else -1
-        events = events.filter(task_id=task_id)
+        # Refused rather than matching nothing: "no events" would hide the typo. A task
+        # number as the search box takes it (`598`, `#598`); isdigit() also passed "²".
+        match = _TASK_RE.match(filters.task)
+        if match is None:
+            raise InvalidInput("Task must be a task number, such as 598", field="task")
+        events = events.filter(task_id=int(match.group(1)))
     if filters.workspace:
         events = events.filter(workspace_id=filters.workspace)
     return Paginator(events, AUDIT_PAGE_SIZE).get_page(page)
 
 
 # --- search ------------------------------------------------------------------------------------
-
-_TASK_RE = re.compile(r"^#?(\d{1,18})$")
 
 
 def dashboard_search(*, query: str) -> str | None:

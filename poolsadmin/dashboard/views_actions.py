@@ -60,6 +60,9 @@ FIELDS_TEMPLATE = "dashboard/actions/_number_fields.html"
 MESSAGES_TEMPLATE = "dashboard/actions/_messages.html"
 ACTION_DONE = "poolsadmin:action-done"
 REASON_REQUIRED = "A reason is required for this action."
+# What a `refused` action is refused for: only k8s pools can be scaled or held (as pool_scale
+# and pool_hold say).
+REFUSED_FIELD = "pool_type"
 
 
 def _render_form(
@@ -164,7 +167,8 @@ def _confirm(
 
     `perform(reason, **numbers)` calls the service and returns the success message; `fields`
     are number inputs, parsed (and refused with 400, naming the field) before it runs.
-    `refused`: why this action cannot apply here at all (400 on GET and POST)."""
+    `refused`: why this action cannot apply here at all (400 on GET and POST), which is the
+    pool's type (scale and hold on a static pool)."""
     error, error_field, status, reason = "", "", 200, ""
     if request.method == "POST":
         if not request.user.has_perm(perm):
@@ -173,7 +177,7 @@ def _confirm(
         fields = [replace(f, value=request.POST.get(f.name, "").strip()) for f in fields]
         try:
             if refused:
-                raise InvalidInput(refused)
+                raise InvalidInput(refused, field=REFUSED_FIELD)
             numbers = {f.name: f.parse() for f in fields}
             if reason_required and not reason:
                 raise InvalidInput(REASON_REQUIRED, field="reason")
@@ -184,7 +188,7 @@ def _confirm(
             messages.success(request, text)
             return _done(request, back)
     elif refused:
-        error, status = refused, 400
+        error, error_field, status = refused, REFUSED_FIELD, 400
     return _render_form(
         request,
         status=status,
@@ -234,7 +238,7 @@ def slot_release_view(request: HttpRequest, slot_id: int) -> HttpResponse:
     slot: Slot = _get(Slot, slot_id, "slot", select=("pod",))
     back = _back(request, _pool_url(slot.pod.pool_id))
     label = slot_label(slot)
-    error = ""
+    error, error_field = "", ""
     status = 200
     changed = False
     reason = ""
@@ -248,7 +252,7 @@ def slot_release_view(request: HttpRequest, slot_id: int) -> HttpResponse:
         except ValueError:
             expected = -1
         if not reason:
-            error, status = REASON_REQUIRED, 400
+            error, error_field, status = REASON_REQUIRED, "reason", 400
         else:
             try:
                 result = slot_release(
@@ -260,7 +264,7 @@ def slot_release_view(request: HttpRequest, slot_id: int) -> HttpResponse:
             except SlotChanged as exc:
                 error, status, changed = exc.message, 409, True
             except DomainError as exc:
-                error, status = exc.message, exc.http_status
+                error, error_field, status = exc.message, exc.field or "", exc.http_status
             else:
                 _release_message(request, result.event.pk, label, result.task_failed, result.task)
                 return _done(request, back)
@@ -278,6 +282,7 @@ def slot_release_view(request: HttpRequest, slot_id: int) -> HttpResponse:
         changed=changed,
         current=impact,
         hidden={"expected_version": impact.version},
+        error_field=error_field,
     )
 
 

@@ -18,7 +18,7 @@ from poolsadmin.dashboard.browse_selectors import (
     dashboard_search,
     dashboard_workspace,
 )
-from poolsadmin.lib.errors import NotFound
+from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.lib.htmx import page_or_partial
 
 
@@ -56,8 +56,12 @@ def audit_list(request: HttpRequest) -> HttpResponse:
     filters = AuditFilters(
         **{name: request.GET.get(name, "").strip() for name in AuditFilters.__dataclass_fields__}
     )
-    page = dashboard_audit(filters=filters, page=request.GET.get("page"))
     template = page_or_partial(request, "dashboard/audit.html", "audit-results")
+    try:
+        page = dashboard_audit(filters=filters, page=request.GET.get("page"))
+    except InvalidInput as exc:
+        context = {"filters": filters, "error": exc.message, "error_field": exc.field}
+        return render(request, template, context, status=exc.http_status)
     return render(request, template, {"page": page, "filters": filters})
 
 

@@ -19,7 +19,6 @@ from poolsadmin.api.roles import PERM_MANAGE_POOL, PERM_VIEW
 from poolsadmin.api.services import request_actor
 from poolsadmin.autoscaler.services import (
     HOLD_MAX,
-    MAX_REPLICAS,
     pool_active_hold,
     pool_hold,
     pool_pods_alive,
@@ -35,7 +34,7 @@ from poolsadmin.dashboard.views_actions import (
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.lib.humanize import stamp
-from poolsadmin.pools.models import AgentPool, PoolType
+from poolsadmin.pools.models import MAX_REPLICAS, AgentPool, PoolType
 from poolsadmin.worker.reconcile import pool_reconcile_now, pool_reconcile_preview
 
 PREVIEW_TEMPLATE = "dashboard/actions/_reconcile_preview.html"

@@ -14,7 +14,8 @@ class DomainError(Exception):
 
     def as_dict(self) -> dict[str, str]:
         body = {"error": self.code, "detail": self.message}
-        if self.field:
+        # `is not None`: a JSON key "" is a field too, and a 400 about it must still name it.
+        if self.field is not None:
             body["field"] = self.field
         return body
 

@@ -15,6 +15,16 @@ class PoolStatus(models.TextChoices):
     PAUSED = "paused", "Paused"
 
 
+# Bounds of a pool's numbers, checked by pools.services.pool_validate (and pool_scale). The
+# columns are PositiveIntegerFields (up to 2**31 - 1, past which PostgreSQL fails the write),
+# but the product's limits are far lower. A slot is one terraform run at a time on a pod: 64 is
+# more than a pod runs, and it keeps registering a pod (a row per slot) and the pool page's
+# grid small; a pool with 200,000 slots a pod took 20 s to register and answered 42 MB. No
+# pool runs anywhere near MAX_REPLICAS pods: a larger number is a typo.
+MAX_SLOTS_PER_POD = 64
+MAX_REPLICAS = 1000
+
+
 class AgentPool(models.Model):
     pool_id = models.CharField(max_length=64, primary_key=True)
     name = models.CharField(max_length=200)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from typing import Any
 
 from django.db import transaction
@@ -18,6 +18,8 @@ from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthentica
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
 from poolsadmin.pools.models import (
+    MAX_REPLICAS,
+    MAX_SLOTS_PER_POD,
     AgentPool,
     FreezeWindow,
     Pod,
@@ -60,15 +62,18 @@ def pool_validate(
 ) -> None:
     if pool_type not in PoolType.values:
         raise InvalidInput(f"pool_type must be one of {PoolType.values}", field="pool_type")
-    if slots_per_pod < 1:
-        raise InvalidInput("slots_per_pod must be at least 1", field="slots_per_pod")
+    if not 1 <= slots_per_pod <= MAX_SLOTS_PER_POD:
+        raise InvalidInput(
+            f"slots_per_pod must be between 1 and {MAX_SLOTS_PER_POD}", field="slots_per_pod"
+        )
     if plan_and_apply_per_pod < 1 or plan_and_apply_per_pod > slots_per_pod:
         raise InvalidInput(
             "plan_and_apply_per_pod must be between 1 and slots_per_pod",
             field="plan_and_apply_per_pod",
         )
-    if min_replicas < 0 or max_replicas < 0:
-        raise InvalidInput("replica counts cannot be negative", field="min_replicas")
+    for name, count in (("min_replicas", min_replicas), ("max_replicas", max_replicas)):
+        if not 0 <= count <= MAX_REPLICAS:
+            raise InvalidInput(f"{name} must be between 0 and {MAX_REPLICAS}", field=name)
     if pool_type == PoolType.K8S:
         if max_replicas < 1:
             raise InvalidInput("max_replicas must be at least 1", field="max_replicas")
@@ -385,12 +390,20 @@ def slot_free_for_task(
     return slot
 
 
+# A pause's `until` is a planned end (a maintenance window); a pool paused with no end in sight
+# is paused without one. Past a year it is a typo, and a date near year 9999 breaks every later
+# computation with it (shown in a pool's own time zone, it can pass year 9999).
+PAUSE_MAX = timedelta(days=366)
+
+
 def pool_pause(
     *, pool_id: str, actor: str, reason: str, until: datetime | None = None
 ) -> AgentPool:
     """Stop dispatching new work in the pool (rule 6). Running work continues."""
     if not reason.strip():
         raise InvalidInput("a reason is required to pause a pool", field="reason")
+    if until is not None and until > clock.now() + PAUSE_MAX:
+        raise InvalidInput(f"until must be within {PAUSE_MAX.days} days from now", field="until")
     with transaction.atomic():
         pool = AgentPool.objects.select_for_update().filter(pk=pool_id).first()
         if pool is None:

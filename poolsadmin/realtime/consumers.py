@@ -21,6 +21,7 @@ from django.contrib.auth import get_user_model
 from poolsadmin.api.roles import PERM_VIEW
 from poolsadmin.dashboard.live import pool_live_html
 from poolsadmin.lib.errors import NotFound
+from poolsadmin.lib.input import text_problem
 from poolsadmin.pools.models import AgentPool
 from poolsadmin.realtime.broadcast import pool_group
 
@@ -40,7 +41,8 @@ REFRESH_SECONDS = 30.0
 
 
 def _pool_exists(pool_id: str) -> bool:
-    return AgentPool.objects.filter(pk=pool_id).exists()
+    # A NUL byte in the URL (`/ws/pools/%00/`) would fail the query on PostgreSQL: no such pool.
+    return text_problem(pool_id) is None and AgentPool.objects.filter(pk=pool_id).exists()
 
 
 # What a socket opened with `?notify=1` gets instead of the pool page's regions: pages of

@@ -177,6 +177,25 @@ def test_every_endpoint_answers_a_wrong_method_with_405_naming_the_allowed_ones(
     assert method in response["Allow"]
 
 
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [
+        ("GET", "/api/v1/nope"),
+        ("POST", "/api/v1/pools/pool-blue000000000001/nope"),
+        ("GET", "/api/v1/tasks/not-a-number"),
+        ("GET", "/api/v1/"),
+        ("PUT", "/api/v1/agents/nope"),
+    ],
+)
+def test_an_unknown_url_under_the_api_is_a_json_404(
+    world: World, admin_client: Client, method: str, url: str
+) -> None:
+    response = admin_client.generic(method, url)
+
+    assert response.status_code == 404
+    assert response.json() == {"error": "not_found", "detail": f"no API endpoint at {url}"}
+
+
 @pytest.mark.parametrize("endpoint", ACTIONS, ids=ids)
 def test_a_viewer_posting_an_action_gets_403_naming_the_permission_and_nothing_is_written(
     world: World, viewer_client: Client, endpoint: Any

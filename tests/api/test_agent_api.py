@@ -1009,3 +1009,35 @@ def test_task_detail_refuses_delete(api: Caller, pool: AgentPool) -> None:
     response = api.client.delete(f"{API}/tasks/{task.pk}", headers=api.headers)
 
     assert response.status_code == 405
+
+
+# --- wrong methods and unknown URLs: JSON like every other answer --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("wrong", "path", "allowed"),
+    [
+        ("GET", "/register", "POST"),
+        ("PUT", "/{agent}/heartbeat", "POST"),
+        ("POST", "/tasks/{task}", "GET"),
+        ("DELETE", "/tasks/{task}", "GET"),
+        ("GET", "/tasks/{task}/accept", "POST"),
+        ("POST", "/tasks/{task}/status", "PUT"),
+    ],
+)
+def test_a_wrong_method_is_a_json_405_naming_the_allowed_one_and_never_a_csrf_403(
+    api: Caller, wrong: str, path: str, allowed: str
+) -> None:
+    task, agent = running_plan(api)
+    # A browser-like client: CSRF is enforced, as it is for a real agent.
+    strict = Client(enforce_csrf_checks=True)
+    url = API + path.format(agent=agent.agent_id, task=task.pk)
+
+    response = strict.generic(wrong, url, "{}", "application/json", headers=api.headers_as(agent))
+
+    assert response.status_code == 405
+    assert response["Allow"] == allowed
+    assert response.json() == {
+        "error": "method_not_allowed",
+        "detail": f"{wrong} is not allowed here; use {allowed}",
+    }

@@ -209,7 +209,7 @@ def test_the_audit_log_filters_by_actor_kind_prefix_pool_task_and_workspace(
     assert reasons(kind="slot.") == {"stuck-slot"}
     assert reasons(pool="pool-a") == {"stuck-slot"}
     assert reasons(task="598") == {"by-ticket"}
-    assert reasons(task="not-a-number") == set()
+    assert reasons(task="#598") == {"by-ticket"}
     assert reasons(workspace="ws-abcdef") == {"by-ticket"}
 
 

@@ -363,6 +363,11 @@ def test_an_unknown_pool_is_refused_with_4404(viewer: User) -> None:
     assert code == CLOSE_NO_POOL
 
 
+def test_a_pool_id_with_a_nul_byte_is_refused_with_4404(viewer: User) -> None:
+    # An HTTP request with it is a 400 (lib/input.py); a socket has no status to answer.
+    assert async_to_sync(refusal)(socket("pool-\x00", viewer)) == CLOSE_NO_POOL
+
+
 # --- through the real ASGI application ----------------------------------------------------------
 
 
