@@ -61,11 +61,12 @@ class Hearing(models.Model):
     """Whether poolsadmin could hear its agents, durably (SPEC 5: an outage of poolsadmin is
     not an outage of its agents).
 
-    One row, `agent-api`, touched every few seconds by every web process while it runs and
-    can write the ledger (agents/liveness.py). `heard_at` is the latest touch; `since` starts
-    the current stretch without a gap: a touch that finds `heard_at` older than the gap limit
-    (web down, database down) starts a new stretch, and the gap is kept in `deaf_from` ..
-    `since`. Agent silence is counted only from `since`."""
+    One row, `agent-api`, touched every few seconds through the agent API, by every web
+    process's keeper (agents/liveness.py), on the database's clock. `heard_at` is the latest
+    touch; `since` starts the current stretch without a gap: a touch that finds `heard_at`
+    older than the gap (web down, database down, the agents' route broken) starts a new
+    stretch, and the gap is kept in `deaf_from` .. `since`. Agent silence is counted only from
+    `since`."""
 
     name = models.CharField(max_length=32, primary_key=True)
     heard_at = models.DateTimeField()

@@ -369,11 +369,11 @@ def agents_mark_offline(
     of one pool (`only`), or of every pool. Silence counts only from when poolsadmin could
     hear agents again (`liveness`, read now if not given): nobody goes offline for a
     heartbeat that nobody could receive."""
-    liveness = liveness or liveness_read(now=now)
+    liveness = liveness or liveness_read()
     changed: list[str] = []
     for pool in [only] if only is not None else AgentPool.objects.all():
         cutoff = now - pool.heartbeat_timeout
-        if not liveness.judges(cutoff):
+        if not liveness.judges(pool.heartbeat_timeout):
             continue
         stale = Agent.objects.filter(
             pool=pool,

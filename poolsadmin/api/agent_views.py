@@ -18,11 +18,13 @@ A wrong method is a JSON 405 (`allow_methods`), like every other answer of the A
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
+from poolsadmin.agents.liveness import HEARING_HEADER, hearing_proof, hearing_touch
 from poolsadmin.agents.services import agent_heartbeat, agent_register
 from poolsadmin.api.agent_auth import (
     AGENT_SECRET_HEADER,
@@ -31,7 +33,7 @@ from poolsadmin.api.agent_auth import (
     request_agent,
 )
 from poolsadmin.api.http import allow_methods, field_number, field_str, json_body, json_errors
-from poolsadmin.lib.errors import InvalidInput
+from poolsadmin.lib.errors import Forbidden, InvalidInput
 from poolsadmin.pools.models import AgentPool
 from poolsadmin.tasks.models import WorkspaceTask
 from poolsadmin.tasks.services import task_accept, task_report
@@ -156,3 +158,15 @@ def detail(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     # agent of the pool may read any task of the pool; only updates are the assignee's.
     request_agent(request, pool=pool)
     return JsonResponse(task_json(pool_task(pool=pool, task_id=task_id)))
+
+
+@allow_methods("POST")
+@json_errors
+def hearing(request: HttpRequest) -> HttpResponse:
+    """The web processes' keeper, by the agents' own route: poolsadmin can hear agents now
+    (agents/liveness.py). Only poolsadmin may say so: the header proves it knows SECRET_KEY."""
+    proof = request.headers.get(HEARING_HEADER, "")
+    if not hmac.compare_digest(proof.encode(), hearing_proof().encode()):
+        raise Forbidden(f"missing or wrong {HEARING_HEADER} header", field=HEARING_HEADER)
+    hearing_touch(actor="system:web")
+    return HttpResponse(status=204)

@@ -108,7 +108,7 @@ def pool_reconciler_panel(*, pool: AgentPool, now: datetime) -> ReconcilerPanel:
         record=record,
         changes=list(changes[:RECONCILER_CHANGES_LIMIT]),
         last_manual=events.filter(kind=RECONCILED).order_by("-id").first(),
-        liveness=liveness_read(now=now).words(allowance=liveness_allowance(pool), now=now),
+        liveness=liveness_read().words(allowance=liveness_allowance(pool)),
     )
 
 

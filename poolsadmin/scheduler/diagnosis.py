@@ -100,8 +100,8 @@ def autoscaler_words(
 def _liveness_words(*, now: datetime, liveness: Liveness | None, allowance: timedelta) -> str:
     """ " Liveness checks are waiting out ..." while an outage of poolsadmin keeps agents'
     silence from being judged (agents/liveness.py), else ""."""
-    liveness = liveness or liveness_read(now=now)
-    words = liveness.words(allowance=allowance, now=now)
+    liveness = liveness or liveness_read()
+    words = liveness.words(allowance=allowance)
     return f" {words}" if words else ""
 
 
@@ -249,7 +249,7 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
     now = clock.now()
     cache: CapacityCache = {}
     decisions: DecisionCache = {}
-    liveness = liveness_read(now=now)
+    liveness = liveness_read()
     changed = 0
     waiting = (
         WorkspaceTask.objects.filter(tasks_waiting_filter())

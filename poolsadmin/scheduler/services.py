@@ -386,7 +386,7 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
     ).values_list("id", flat=True)
     # An agent cannot acknowledge while poolsadmin cannot hear it: after an outage the ack
     # timeout counts from when it could again (agents/liveness.py).
-    if not liveness_read(now=now).judges(now - ack_timeout()):
+    if not liveness_read().judges(ack_timeout()):
         expired = expired.none()
     for task_id in list(expired):
         try:

@@ -195,8 +195,9 @@ def _lost_agent_pods(*, pool: AgentPool, liveness: Liveness, dry_run: bool) -> l
     the same cutoff as the reconciler's ledger-side step (reconcile._lost_agents), and never
     for silence poolsadmin could not hear (`liveness`): deleting a pod kills its terraform. A
     dry run also counts agents the pass would mark offline first."""
-    cutoff = clock.now() - pool.heartbeat_timeout - timedelta(seconds=pool.task_grace_seconds)
-    if not liveness.judges(cutoff):
+    allowance = pool.heartbeat_timeout + timedelta(seconds=pool.task_grace_seconds)
+    cutoff = clock.now() - allowance
+    if not liveness.judges(allowance):
         return []
     statuses = [AgentStatus.OFFLINE]
     if dry_run:
@@ -285,7 +286,7 @@ def cluster_sync(
 
     # Pods whose agent is lost: deleted here, released below in the same pass.
     lost: dict[str, str] = {}
-    liveness = liveness or liveness_read(now=clock.now())
+    liveness = liveness or liveness_read()
     for pod in _lost_agent_pods(pool=pool, liveness=liveness, dry_run=dry_run):
         seen = listed.get(pod.name)
         if seen is None or seen.deletion_requested or pod.name in finished_names:

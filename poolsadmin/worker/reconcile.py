@@ -14,8 +14,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import transaction
 
-from poolsadmin.agents.liveness import RECONCILER as RECONCILER_HEARING
-from poolsadmin.agents.liveness import Liveness, hearing_touch, liveness_read
+from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.agents.services import agents_mark_offline
 from poolsadmin.events.services import event_record
@@ -93,9 +92,9 @@ class ReconcileReport:
         return bool(self.changes) and not self.dry_run
 
 
-def lost_cutoff(pool: AgentPool, now: datetime) -> datetime:
-    """An agent silent since before this is lost: heartbeat timeout + the task grace."""
-    return now - pool.heartbeat_timeout - timedelta(seconds=pool.task_grace_seconds)
+def lost_after(pool: AgentPool) -> timedelta:
+    """An agent silent for longer than this is lost: heartbeat timeout + the task grace."""
+    return pool.heartbeat_timeout + timedelta(seconds=pool.task_grace_seconds)
 
 
 def _lost_agents(
@@ -105,8 +104,8 @@ def _lost_agents(
     itself could not hear them for part of that time (`liveness`). A dry run also counts the
     agents this pass would mark offline first (older than the cutoff is older than the
     timeout)."""
-    cutoff = lost_cutoff(pool, now)
-    if not liveness.judges(cutoff):
+    cutoff = now - lost_after(pool)
+    if not liveness.judges(lost_after(pool)):
         return []
     statuses = [AgentStatus.OFFLINE]
     if dry_run:
@@ -171,7 +170,7 @@ def _ledger_steps(
     unreported = WorkspaceTask.objects.filter(
         pool=pool, status=TaskStatus.RUNNING, unreported_since__lt=now - grace
     ).values_list("id", "agent_id", "unreported_since")
-    if not liveness.judges(now - grace):
+    if not liveness.judges(grace):
         unreported = unreported.none()
     for task_id, agent_id, since in unreported:
         message = (
@@ -217,7 +216,7 @@ def reconcile_pass(*, actor: str = RECONCILER) -> ReconcileResult:
        apply_pending; its apply will take a fresh slot and re-init);
     5. expired reservations are freed."""
     now = clock.now()
-    liveness = liveness_read(now=now)
+    liveness = liveness_read()
     result = ReconcileResult(
         agents_offline=agents_mark_offline(now=now, actor=actor, liveness=liveness)
     )
@@ -379,7 +378,7 @@ def reconcile_pool(
     `keep()` renews the caller's lease on the pool between steps (and before each change to
     the cluster); it raises LeaseLost if the lease expired and someone else took it."""
     now = clock.now()
-    liveness = liveness or liveness_read(now=now)
+    liveness = liveness or liveness_read()
     report = ReconcileReport(pool_id=pool.pool_id, dry_run=dry_run)
     if dry_run:
         stale = Agent.objects.filter(
@@ -387,7 +386,7 @@ def reconcile_pool(
             status__in=[AgentStatus.ONLINE, AgentStatus.DRAINING],
             last_ping_at__lt=now - pool.heartbeat_timeout,
         ).values_list("agent_name", "agent_id")
-        if not liveness.judges(now - pool.heartbeat_timeout):
+        if not liveness.judges(pool.heartbeat_timeout):
             stale = stale.none()
     else:
         offline = agents_mark_offline(now=now, actor=actor, only=pool, liveness=liveness)
@@ -472,11 +471,8 @@ def reconcile_pass_leader(
     started = time.monotonic()
     reports = []
     for pool in AgentPool.objects.all():
-        # The reconciler is judging silence now; after a gap (all workers down) agents get
-        # their timeout and grace again before anything is failed or deleted. Read per pool:
-        # a gap can end (the web back) in the middle of a pass.
-        hearing_touch(name=RECONCILER_HEARING, actor=RECONCILER)
-        liveness = liveness_read(now=clock.now())
+        # Read per pool: an outage can begin or end in the middle of a pass.
+        liveness = liveness_read()
         # A person's "Reconcile now" of this pool runs right now: skip it this pass, rather
         # than adopt or remove the same pods twice at once.
         if not lease_acquire_or_renew(

@@ -12,7 +12,7 @@ from django.contrib.auth.models import User
 from django.template.loader import render_to_string
 from django.urls import reverse
 
-from poolsadmin.agents.liveness import AGENT_API, hearing_touch
+from poolsadmin.agents.liveness import hearing_touch
 from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.autoscaler.services import pool_hold
 from poolsadmin.dashboard.panels import (
@@ -32,6 +32,7 @@ from poolsadmin.worker.cluster import RECONCILER
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew
 from poolsadmin.worker.models import Lease
 from poolsadmin.worker.reconcile import reconcile_pass_leader
+from tests.hearing import down, listen
 from tests.ledger import ADMIN, make_pool
 from tests.worker.kube_scenarios import make_k8s_pool
 from tests.worker.leases import expire_lease
@@ -342,18 +343,16 @@ def test_the_reconciler_panel_says_liveness_checks_wait_out_an_outage_of_poolsad
     admin_client: Any,
 ) -> None:
     pool = make_pool(heartbeat_timeout_seconds=120, task_grace_seconds=60)
-    hearing_touch(name=AGENT_API, actor="system:web")
-    clock.advance(300)  # the web was down for five minutes
+    hearing_touch(actor="system:web")
+    down(300)  # the web was down for five minutes
     assert (
         "Liveness checks are paused" in pool_reconciler_panel(pool=pool, now=clock.now()).liveness
     )
-    hearing_touch(name=AGENT_API, actor="system:web")
+    hearing_touch(actor="system:web")
 
     page = admin_client.get(f"/pools/{pool.pool_id}/").content.decode()
 
     assert "Liveness checks are waiting out a control-plane outage" in page
-    assert "the agent API was down from" in page
-    for _ in range(37):  # the web hears agents again for three minutes
-        clock.advance(5)
-        hearing_touch(name=AGENT_API, actor="system:web")
+    assert "could not hear agents from" in page
+    listen(185)  # the web hears agents again for three minutes
     assert pool_reconciler_panel(pool=pool, now=clock.now()).liveness == ""

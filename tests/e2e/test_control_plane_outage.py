@@ -306,4 +306,4 @@ def test_an_outage_of_poolsadmin_longer_than_timeout_and_grace_fails_none_of_the
         assert kind not in kinds, (kind, report)
     deletes = [r for r in fake.requests_log if r.method == "DELETE"]
     assert deletes == [], "a pod was deleted"
-    assert any("was down from" in reason for reason in report["resumed"]), report["resumed"]
+    assert any("could not hear agents from" in r for r in report["resumed"]), report["resumed"]

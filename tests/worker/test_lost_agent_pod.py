@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolsadmin.agents.liveness import AGENT_API, hearing_touch
+from poolsadmin.agents.liveness import hearing_touch
 from poolsadmin.agents.models import AgentStatus
 from poolsadmin.agents.services import agent_register
 from poolsadmin.events.models import Event
@@ -17,6 +17,7 @@ from poolsadmin.scheduler.diagnosis import task_diagnose
 from poolsadmin.tasks.models import TaskStatus
 from poolsadmin.worker.reconcile import reconcile_pool
 from tests.autoscaler.helpers import cluster_pods, k8s_pool, scale
+from tests.hearing import listen, outage
 from tests.kube.fake_api import FakeKubeServer
 from tests.ledger import make_workspace, plan_with_changes, refresh, run, submit
 
@@ -144,13 +145,17 @@ def test_no_pod_is_deleted_for_silence_during_an_outage_of_poolsadmin(
     down) is kept, and so is the pod of a busy one: deleting a pod kills its terraform."""
     pod = _pool_with_one_pod(fake_kube, kube_client)
     pool = pod.pool
-    hearing_touch(name=AGENT_API, actor="system:web")
-    _past_the_cutoff(pod)
-    _past_the_cutoff(pod)
-    assert hearing_touch(name=AGENT_API, actor="system:web")  # the web is back
+    allowance = pool.heartbeat_timeout_seconds + pool.task_grace_seconds
+    hearing_touch(actor="system:web")
+    outage(2 * allowance)  # the web was down; the agent's silence then was nobody's to hear
 
     for _ in range(3):
         report = reconcile_pool(pool=pool, kube=kube_client)
         assert report.changes == []
     assert cluster_pods(fake_kube) == [pod.name]
     assert Pod.objects.filter(pool=pool, name=pod.name, cordoned=False).exists()
+
+    # The agent stays silent after poolsadmin is back: its pod goes a timeout and grace later.
+    listen(allowance + 5)
+    reconcile_pool(pool=pool, kube=kube_client)
+    assert cluster_pods(fake_kube) == []
