@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -21,7 +22,12 @@ from django.core.management.base import CommandError
 from pytest_django.live_server_helper import LiveServer
 
 from poolsadmin.agents.models import Agent
-from poolsadmin.agents.reference import AgentApiError, ReferenceAgent, Simulation
+from poolsadmin.agents.reference import (
+    AgentApiError,
+    AgentTransportError,
+    ReferenceAgent,
+    Simulation,
+)
 from poolsadmin.agents.services import agent_retire
 from poolsadmin.events.models import Event
 from poolsadmin.pools.models import AgentPool, Slot, SlotState
@@ -428,3 +434,30 @@ def test_the_agent_command_once_runs_the_assigned_work_and_exits(
 def test_the_agent_command_needs_a_token(live_server: LiveServer) -> None:
     with pytest.raises(CommandError, match="token"):
         call_command("agent", f"--url={live_server.url}", "--token=", "--once")
+
+
+def test_an_agent_whose_registration_answer_was_lost_registers_on_retry_as_itself(
+    new_agent: AgentFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server committed the registration, the answer never arrived (a timeout): without
+    its own proposed secret the retry would find its own name taken, for good."""
+    agent = new_agent("P1")
+    real = agent._call
+    lost: list[str] = []
+
+    def call(method: str, path: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        answer = real(method, path, *args, **kwargs)
+        if path.endswith("/register") and not lost:
+            lost.append(path)
+            raise AgentTransportError("the answer timed out")
+        return answer
+
+    monkeypatch.setattr(agent, "_call", call)
+    with pytest.raises(AgentTransportError):
+        agent.step()
+
+    agent.step()
+
+    row = Agent.objects.get(agent_name="P1")
+    assert agent.agent_id == row.agent_id
+    assert kinds_of(row) == ["agent.registered", "agent.reregistered"]

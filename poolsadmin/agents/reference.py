@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import signal
 import subprocess
 import threading
@@ -124,6 +125,12 @@ class ReferenceAgent:
         self.timeout = 10.0
         self._token = token
         self._secret: str | None = None
+        # The secret this agent proposes at its next registration, kept until one succeeds:
+        # a registration whose answer was lost is sent again as it was, and proves itself.
+        self._proposed: str | None = None
+        # The secret this agent proposes at its next registration, kept until one succeeds:
+        # a registration whose answer was lost is sent again as it was, and proves itself.
+        self._proposed: str | None = None
         # Guards agent_id and _secret together; reentrant, as re-registering holds it.
         self._identity_lock = threading.RLock()
         self._random = random.Random()
@@ -140,12 +147,15 @@ class ReferenceAgent:
         """Register (or again, proving it is the same agent with the secret it holds), and
         keep the new agent secret (in `state_file` too, if there is one)."""
         with self._identity_lock:
-            body = {"name": self.name, "version": self.version}
+            if self._proposed is None:
+                self._proposed = f"ags_{secrets.token_hex(32)}"
+            body = {"name": self.name, "version": self.version, "agent_secret": self._proposed}
             if self.pod_uid:
                 body["pod_uid"] = self.pod_uid
             answer = self._call("POST", "/api/v1/agents/register", body, proof=self._secret or None)
             self.agent_id = str(answer["agent_id"])
             self._secret = str(answer["agent_secret"])
+            self._proposed = None
             self._save_identity()
         logger.info("registered %s as %s in pool %s", self.name, self.agent_id, answer["pool_id"])
 

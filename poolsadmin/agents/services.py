@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,7 @@ from poolsadmin.tasks.services import task_fail_lost
 
 MAX_NAME = 253
 SECRET_PREFIX = "ags_"
+SECRET_RE = re.compile(r"^ags_[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def agent_register(
     ip: str | None = None,
     secret: str = "",
     pod_uid: str = "",
+    proposed_secret: str = "",
 ) -> Registration:
     """Register an agent: a new name in the pool gets a new agent. In a static pool the agent
     is its own execution host; in a k8s pool the name is the pod name, and the agent is
@@ -112,7 +115,11 @@ def agent_register(
     * in a k8s pool, `pod_uid` of a new pod of that name, as the cluster reported it: the old
       identity is retired explicitly (`agent_retire`: its running tasks fail, naming the
       replacement) and the new pod gets a new agent.
-    Anything else is Conflict (409), and changes nothing."""
+    Anything else is Conflict (409), and changes nothing.
+
+    `proposed_secret` (`ags_<64 hex>`, made by the agent) becomes the new secret instead of
+    one made here, so that a registration whose answer was lost can be sent again as it was:
+    the retry proves itself with the secret it proposed, which is already the agent's."""
     name = name.strip()
     if not name or len(name) > MAX_NAME:
         raise InvalidInput(f"name is required (at most {MAX_NAME} characters)", field="name")
@@ -120,13 +127,21 @@ def agent_register(
         raise InvalidInput("version is longer than 64 characters", field="version")
     if len(pod_uid) > 64:
         raise InvalidInput("pod_uid is longer than 64 characters", field="pod_uid")
-    issued = f"{SECRET_PREFIX}{secret_hex(32)}"
+    if proposed_secret and not SECRET_RE.match(proposed_secret):
+        raise InvalidInput(
+            f"agent_secret must be {SECRET_PREFIX} and 64 lowercase hex digits",
+            field="agent_secret",
+        )
+    issued = proposed_secret or f"{SECRET_PREFIX}{secret_hex(32)}"
     secret_hash = sha256_hex(issued)
     now = clock.now()
     retired: Agent | None = None
     with transaction.atomic():
         agent = _agent_named(pool=pool, name=name)
-        if agent is not None and not _secret_matches(agent, secret):
+        proven = agent is not None and (
+            _secret_matches(agent, secret) or _secret_matches(agent, proposed_secret)
+        )
+        if agent is not None and not proven:
             if not _replaced_pod(pool=pool, agent=agent, pod_uid=pod_uid):
                 raise Conflict(
                     f"agent name {name} is taken by agent {agent.agent_id} of this pool: "

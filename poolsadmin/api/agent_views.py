@@ -99,6 +99,9 @@ def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
         # k8s pool a new pod of that name (its uid, as the cluster reports it).
         secret=request.headers.get(AGENT_SECRET_HEADER, "").strip(),
         pod_uid=field_str(data, "pod_uid", required=False),
+        # The agent's own new secret: sent again unchanged, a retry of a registration whose
+        # answer was lost proves itself with it.
+        proposed_secret=field_str(data, "agent_secret", required=False),
     )
     response = JsonResponse(
         {

@@ -16,7 +16,7 @@ from poolsadmin.agents import services
 from poolsadmin.agents.models import Agent
 from poolsadmin.agents.services import Registration, agent_authenticate, agent_register
 from poolsadmin.events.models import Event
-from poolsadmin.lib.errors import Conflict, Forbidden, NotFound
+from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
 from poolsadmin.lib.ids import sha256_hex
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot
 from poolsadmin.pools.services import pod_create
@@ -255,3 +255,43 @@ def test_a_pod_link_is_undone_with_the_registration_that_made_it(
     assert Pod.objects.get(pk=pod.pk).agent_id is None
     assert not Agent.objects.exists()
     assert not Event.objects.filter(kind__in=["pod.agent_linked", "agent.registered"]).exists()
+
+
+# --- a registration whose answer was lost is sent again ----------------------------------------
+
+PROPOSED = "ags_" + "1" * 64
+NEXT = "ags_" + "2" * 64
+
+
+@pytest.mark.django_db
+def test_a_first_registration_whose_answer_was_lost_is_sent_again_and_proves_itself() -> None:
+    """It committed, the answer timed out: the agent sends the same request, with the secret it
+    proposed, and is the agent it registered (not a 409 for a name taken by itself)."""
+    pool = make_pool()
+    first = agent_register(pool=pool, name="P1", proposed_secret=PROPOSED)
+
+    again = agent_register(pool=pool, name="P1", proposed_secret=PROPOSED)
+
+    assert again.agent.agent_id == first.agent.agent_id and again.secret == PROPOSED
+    assert agent_authenticate(pool=pool, agent_id=again.agent.agent_id, secret=PROPOSED)
+
+
+@pytest.mark.django_db
+def test_a_rotation_whose_answer_was_lost_is_sent_again_and_proves_itself() -> None:
+    pool = make_pool()
+    first = agent_register(pool=pool, name="P1", proposed_secret=PROPOSED)
+    agent_register(pool=pool, name="P1", secret=PROPOSED, proposed_secret=NEXT)  # answer lost
+
+    # The agent still holds the old secret; the retry proves itself with the proposed one.
+    again = agent_register(pool=pool, name="P1", secret=PROPOSED, proposed_secret=NEXT)
+
+    assert again.agent.agent_id == first.agent.agent_id
+    assert agent_authenticate(pool=pool, agent_id=first.agent.agent_id, secret=NEXT)
+
+
+@pytest.mark.django_db
+def test_a_proposed_secret_must_look_like_one() -> None:
+    with pytest.raises(InvalidInput) as refused:
+        agent_register(pool=make_pool(), name="P1", proposed_secret="password")
+    assert refused.value.field == "agent_secret"
+    assert not Agent.objects.exists()
