@@ -128,9 +128,6 @@ class ReferenceAgent:
         # The secret this agent proposes at its next registration, kept until one succeeds:
         # a registration whose answer was lost is sent again as it was, and proves itself.
         self._proposed: str | None = None
-        # The secret this agent proposes at its next registration, kept until one succeeds:
-        # a registration whose answer was lost is sent again as it was, and proves itself.
-        self._proposed: str | None = None
         # Guards agent_id and _secret together; reentrant, as re-registering holds it.
         self._identity_lock = threading.RLock()
         self._random = random.Random()
