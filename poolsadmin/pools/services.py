@@ -553,6 +553,30 @@ def _pod_still_there(*, kube: KubeApi, pod: Pod) -> bool:
     return info is not None and not info.deletion_requested
 
 
+def _pod_delete_unconfirmed(*, pod: Pod, actor: str, error: KubeError) -> None:
+    """The delete may or may not have happened (a timeout; or a refusal, and the cluster
+    would not say whether the pod is still there): the pod stays cordoned, marked, until
+    cluster sync sees it gone or lists it again (pod_delete_not_done)."""
+    with transaction.atomic():
+        if not Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
+            delete_unconfirmed_at=clock.now()
+        ):
+            return
+        event_record(
+            actor=actor,
+            kind="pod.delete_unconfirmed",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pod.pool_id,
+            after={"cordoned": True},
+            reason=(
+                f"the delete of pod {pod.name} failed without saying whether it happened "
+                f"({error.message}): it takes no work until the cluster shows it gone or still "
+                "there"
+            ),
+        )
+
+
 def pod_delete_not_done(*, pod: Pod, actor: str) -> bool:
     """A delete whose outcome was unknown did not happen: the cluster has listed the pod, not
     being deleted, longer after the request than the request could take (the caller checks).
@@ -561,7 +585,7 @@ def pod_delete_not_done(*, pod: Pod, actor: str) -> bool:
     if asked is None:
         return False
     with transaction.atomic():
-        changed = Pod.objects.filter(pk=pod.pk, delete_unconfirmed_at=asked).update(
+        changed = Pod.objects.filter(pk=pod.pk, delete_unconfirmed_at__isnull=False).update(
             delete_unconfirmed_at=None,
             cordoned=False,
             cordoned_by="",
@@ -635,12 +659,15 @@ def pod_retire(
     try:
         kube.delete_pod(namespace=pod.pool.namespace, name=pod.name)
     except KubeError as exc:
-        if exc.status is None or exc.status == 504:
-            Pod.objects.filter(pk=pod.pk, cordoned=True).update(delete_unconfirmed_at=clock.now())
-        elif not was_cordoned and _pod_still_there(kube=kube, pod=pod):
-            Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
-                cordoned=False, cordoned_by="", cordoned_reason=""
-            )
+        # Only a cordon set here is lifted or marked: a person's drain stays as it was.
+        if not was_cordoned:
+            refused = exc.status is not None and exc.status != 504
+            if refused and _pod_still_there(kube=kube, pod=pod):
+                Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
+                    cordoned=False, cordoned_by="", cordoned_reason=""
+                )
+            else:
+                _pod_delete_unconfirmed(pod=pod, actor=actor, error=exc)
         raise
     broadcast_pool_changed(pool_id=pod.pool_id, kind="pod", payload={"pod": pod.name})
     return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
 from time import monotonic, sleep
+from typing import Any
 
 import pytest
 
@@ -12,9 +13,10 @@ from poolsadmin.agents.services import agent_heartbeat
 from poolsadmin.autoscaler.models import PoolHold, ScaleAction, ScaleDecision
 from poolsadmin.autoscaler.services import pool_hold, pool_scale
 from poolsadmin.events.models import Event
-from poolsadmin.kube.adapter import KubeClient, KubeConfig
+from poolsadmin.kube.adapter import KubeClient, KubeConfig, KubeError
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput
+from poolsadmin.pools.actions import pod_drain
 from poolsadmin.pools.models import Pod
 from poolsadmin.pools.services import pool_freeze_window_add, pool_unfreeze_once
 from poolsadmin.scheduler.services import scheduler_pass, task_dispatch
@@ -334,3 +336,51 @@ def test_a_delete_that_timed_out_and_did_not_happen_lifts_the_cordon_once_the_po
     pod = Pod.objects.get(pk=pod.pk)
     assert not pod.cordoned and pod.delete_unconfirmed_at is None
     assert Event.objects.filter(kind="pod.delete_not_done", target_id=pod.name).exists()
+
+
+def test_a_person_s_drain_outlives_a_delete_of_unknown_outcome(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    """The autoscaler may retire a drained idle pod; if that delete times out, the drain a
+    person set stays, whatever the cluster later lists."""
+    pool = k8s_pool(min_replicas=1)
+    scale(pool, kube_client)
+    [pod] = adopt_all(pool, fake_kube)
+    pod_drain(pod_id=pod.pk, actor="user:alice", reason="investigating")
+    pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
+    clock.advance(pool.scale_down_idle_seconds)
+    fake_kube.fail_next(1, 504, method="DELETE")
+    scale(pool, kube_client)
+    clock.advance(11)
+
+    cluster_sync(pool=pool, kube=kube_client)
+
+    pod = Pod.objects.get(pk=pod.pk)
+    assert pod.cordoned and pod.cordoned_by == "user:alice" and pod.delete_unconfirmed_at is None
+
+
+def test_a_refused_delete_the_cluster_cannot_confirm_keeps_the_cordon_until_it_can(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    pool = k8s_pool(min_replicas=1)
+    scale(pool, kube_client)
+    [pod] = adopt_all(pool, fake_kube)
+    pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
+    clock.advance(pool.scale_down_idle_seconds)
+    fake_kube.fail_next(1, 429, method="DELETE")  # the delete is throttled...
+
+    class Throttled:  # ...and so is the look that follows it (the real client otherwise)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(kube_client, name)
+
+        def get_pod(self, *, namespace: str, name: str) -> Any:
+            raise KubeError("get pod: 429 TooManyRequests", retryable=True, status=429)
+
+    scale(pool, Throttled())
+
+    pod = Pod.objects.get(pk=pod.pk)
+    assert pod.cordoned and pod.delete_unconfirmed_at is not None
+    assert Event.objects.filter(kind="pod.delete_unconfirmed", target_id=pod.name).exists()
+    clock.advance(11)
+    cluster_sync(pool=pool, kube=kube_client)  # listed: the delete did not happen
+    assert not Pod.objects.get(pk=pod.pk).cordoned
