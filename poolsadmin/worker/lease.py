@@ -6,8 +6,9 @@ Every time in a lease is the database's (`Now()`), never a worker's own clock: t
 hosts whose clocks disagree by a minute must still agree on whether a lease has expired.
 
 A holder that died without releasing its lease (SIGKILL, OOM) is taken over at once, not a TTL
-later, when the taker can tell it is dead: it ran on the same host (a worker restarted in the
-same container or machine) and its process is gone. Across hosts, the TTL decides.
+later, when the taker can tell it is dead: it ran on the same host and in the same PID
+namespace (a worker restarted in its container, or on its machine) and its process is gone.
+Otherwise (another host, another container of the pod) the TTL decides.
 """
 
 from __future__ import annotations
@@ -41,9 +42,19 @@ class LeaseLost(Conflict):
     whatever it was doing must stop before it does it twice with the new holder."""
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux), "" where it cannot be told. Containers of one pod
+    share a hostname but not their pids: a pid means something only within its namespace."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
 def lease_holder_id() -> str:
-    """`hostname:pid:random`: unique per process, and readable on the dashboard."""
-    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    """`hostname:pid:random:pid-namespace`: unique per process, and readable on the
+    dashboard."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}:{_pid_namespace()}"
     with _own_lock:
         _own_ids.add(holder)
     return holder
@@ -51,16 +62,21 @@ def lease_holder_id() -> str:
 
 def lease_holder_dead(holder: str) -> bool:
     """True only if `holder` surely no longer runs: its id (the last word of it: "Reconcile
-    now" holders are `user:alice host:pid:random`) names this host and a process that is gone,
-    or this process's pid without being one of this process's ids."""
-    host, _, rest = holder.rsplit(" ", 1)[-1].partition(":")
-    pid_text, _, token = rest.partition(":")
+    now" holders are `user:alice host:pid:random:ns`) names this host and PID namespace and a
+    process that is gone, or this process's pid without being one of this process's ids."""
+    word = holder.rsplit(" ", 1)[-1]
+    parts = word.split(":")
+    if len(parts) != 4:
+        return False
+    host, pid_text, token, namespace = parts
     if host != socket.gethostname() or not pid_text.isdecimal() or not token:
         return False
+    if not namespace or namespace != _pid_namespace():
+        return False  # another container's pids, or no way to tell
     pid = int(pid_text)
     if pid == os.getpid():
         with _own_lock:
-            return holder.rsplit(" ", 1)[-1] not in _own_ids
+            return word not in _own_ids
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -118,10 +134,14 @@ def lease_acquire_or_renew(*, name: str, holder: str, ttl_seconds: float) -> boo
 
 
 def lease_keep(*, name: str, holder: str, ttl_seconds: float) -> None:
-    """Renew a lease the caller works under, between two steps of its work; LeaseLost if it
-    expired and another holder has it now (the caller stops)."""
-    if not lease_acquire_or_renew(name=name, holder=holder, ttl_seconds=ttl_seconds):
-        raise LeaseLost(f"lease {name} was lost to another holder; this pass stopped")
+    """Renew a lease the caller works under, between two steps of its work; LeaseLost if its
+    term ran out (the caller stops). Never taken back once lapsed: someone may have taken it,
+    done the same work and released it meanwhile, and this caller's view is stale."""
+    renewed = Lease.objects.filter(name=name, holder=holder, expires_at__gte=Now()).update(
+        renewed_at=Now(), expires_at=_expires(ttl_seconds)
+    )
+    if not renewed:
+        raise LeaseLost(f"lease {name} ran out before this pass renewed it; the pass stopped")
 
 
 def lease_release(*, name: str, holder: str) -> bool:

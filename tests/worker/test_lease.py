@@ -80,9 +80,14 @@ def _exited_pid() -> int:
     return process.pid
 
 
+def _here(pid: int) -> str:
+    """A holder id of this host and PID namespace, as lease_holder_id makes them."""
+    return f"{socket.gethostname()}:{pid}:0badf00d:{os.stat('/proc/self/ns/pid').st_ino}"
+
+
 @pytest.mark.django_db
 def test_a_holder_whose_process_is_gone_from_this_host_is_taken_over_at_once() -> None:
-    dead = f"{socket.gethostname()}:{_exited_pid()}:0badf00d"
+    dead = _here(_exited_pid())
     assert lease_holder_dead(dead)
     assert lease_acquire_or_renew(name="reconcile:pool-x", holder=dead, ttl_seconds=120)
     assert lease_acquire_or_renew(name="reconcile:pool-x", holder="w2", ttl_seconds=30)
@@ -94,7 +99,7 @@ def test_an_earlier_process_with_this_processs_pid_is_dead_but_this_process_is_n
     """A worker restarted in its container gets pid 1 again: the lease of the one before it,
     `host:1:<other random>`, is a dead holder's."""
     mine = lease_holder_id()
-    earlier = f"{socket.gethostname()}:{os.getpid()}:0badf00d"
+    earlier = _here(os.getpid())
     assert lease_holder_dead(earlier)
     assert not lease_holder_dead(mine)
     assert not lease_holder_dead(f"user:alice {mine}")
@@ -104,9 +109,12 @@ def test_an_earlier_process_with_this_processs_pid_is_dead_but_this_process_is_n
 
 @pytest.mark.django_db
 def test_live_and_foreign_holders_are_never_taken_for_dead() -> None:
-    parent = f"{socket.gethostname()}:{os.getppid()}:0badf00d"
-    elsewhere = f"another-host:{_exited_pid()}:0badf00d"
-    for holder in (parent, elsewhere, "worker-1", "a"):
+    parent = _here(os.getppid())
+    elsewhere = f"another-host:{_exited_pid()}:0badf00d:{os.stat('/proc/self/ns/pid').st_ino}"
+    # Another container of the pod: the same hostname, pids of its own.
+    sidecar = f"{socket.gethostname()}:{_exited_pid()}:0badf00d:4026531999"
+    old_format = f"{socket.gethostname()}:{_exited_pid()}:0badf00d"
+    for holder in (parent, elsewhere, sidecar, old_format, "worker-1", "a"):
         assert not lease_holder_dead(holder), holder
     assert lease_acquire_or_renew(name="reconciler", holder=elsewhere, ttl_seconds=30)
     assert not lease_acquire_or_renew(name="reconciler", holder="w2", ttl_seconds=30)
@@ -123,6 +131,17 @@ def test_keeping_a_lost_lease_stops_the_work_under_it() -> None:
 
 
 @pytest.mark.django_db
+def test_a_lapsed_lease_is_not_kept_even_if_nobody_holds_it_now() -> None:
+    """Someone took it, did the same work and released it meanwhile: the stale pass stops."""
+    assert lease_acquire_or_renew(name="reconcile:p", holder="w1", ttl_seconds=30)
+    expire_lease("reconcile:p")
+    assert lease_acquire_or_renew(name="reconcile:p", holder="user:bob h:1:a", ttl_seconds=30)
+    assert lease_release(name="reconcile:p", holder="user:bob h:1:a")
+    with pytest.raises(LeaseLost):
+        lease_keep(name="reconcile:p", holder="w1", ttl_seconds=30)
+
+
+@pytest.mark.django_db
 def test_a_released_lease_is_taken_at_once_and_only_its_holder_can_release_it() -> None:
     assert lease_acquire_or_renew(name="reconciler", holder="a", ttl_seconds=30)
     assert not lease_release(name="reconciler", holder="b")
@@ -130,10 +149,10 @@ def test_a_released_lease_is_taken_at_once_and_only_its_holder_can_release_it() 
     assert lease_acquire_or_renew(name="reconciler", holder="b", ttl_seconds=30)
 
 
-def test_holder_ids_name_the_host_and_process_and_differ() -> None:
+def test_holder_ids_name_the_host_process_and_pid_namespace_and_differ() -> None:
     a, b = lease_holder_id(), lease_holder_id()
     assert a != b
-    assert a.count(":") == 2
+    assert a.count(":") == 3 and a.startswith(f"{socket.gethostname()}:{os.getpid()}:")
 
 
 @pytest.mark.django_db(transaction=True)

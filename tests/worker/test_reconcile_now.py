@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -74,7 +75,8 @@ def _dead_holder() -> str:
     """The holder id of a leader that was killed mid-pass on this host."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
-    return f"{socket.gethostname()}:{process.pid}:0badf00d"
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    return f"{socket.gethostname()}:{process.pid}:0badf00d:{namespace}"
 
 
 def test_reconcile_now_takes_over_at_once_from_a_leader_killed_mid_pass_on_this_host() -> None:
