@@ -225,6 +225,8 @@ def agent_retire(*, agent: Agent, actor: str, reason: str) -> bool:
         raise InvalidInput("a reason is required to retire an agent", field="reason")
     now = clock.now()
     with transaction.atomic():
+        # Locked first: a heartbeat of the agent waits, then finds it retired.
+        Agent.objects.select_for_update().filter(pk=agent.pk).first()
         changed = Agent.objects.filter(pk=agent.pk, retired_at__isnull=True).update(
             retired_at=now, retired_reason=reason, status=AgentStatus.OFFLINE, secret_hash=""
         )
@@ -240,8 +242,10 @@ def agent_retire(*, agent: Agent, actor: str, reason: str) -> bool:
             after={"status": AgentStatus.OFFLINE, "retired": True},
             reason=reason,
         )
+        # Acknowledged work only: an unacknowledged dispatch is not lost work, and the
+        # scheduler rolls it back to waiting when its ack timeout passes (I-644).
         for task_id in WorkspaceTask.objects.filter(
-            agent_id=agent.agent_id, status=TaskStatus.RUNNING
+            agent_id=agent.agent_id, status=TaskStatus.RUNNING, acked_at__isnull=False
         ).values_list("id", flat=True):
             task_fail_lost(
                 task_id=task_id,
@@ -310,7 +314,16 @@ def agent_heartbeat(
     reported = sorted(set(running_task_ids))
     answer = HeartbeatAnswer()
     with transaction.atomic():
-        was = Agent.objects.filter(pk=agent.pk).values_list("status", flat=True).first()
+        # Locked, and live: a heartbeat that was on its way while the agent was retired must
+        # not bring the retired identity back online.
+        was = (
+            Agent.objects.select_for_update()
+            .filter(pk=agent.pk, retired_at__isnull=True)
+            .values_list("status", flat=True)
+            .first()
+        )
+        if was is None:
+            raise Forbidden(f"agent {agent.agent_id} was retired", field="agent_secret")
         status = AgentStatus.DRAINING if was == AgentStatus.DRAINING else AgentStatus.ONLINE
         Agent.objects.filter(pk=agent.pk).update(
             last_ping_at=now,

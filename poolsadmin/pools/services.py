@@ -11,6 +11,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models import F
 
+from poolsadmin.agents.liveness import hearing_gap
 from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi, KubeError
 from poolsadmin.lib import clock
@@ -110,6 +111,15 @@ def pool_create(
         max_replicas=max_replicas,
         pod_image=pod_image,
     )
+    timeout = extra.get("heartbeat_timeout_seconds")
+    if timeout is not None and timeout <= hearing_gap().total_seconds():
+        # An outage shorter than the gap is not on record, so it would count as the agents'
+        # silence: the timeout must outlast it (agents/liveness.py).
+        raise InvalidInput(
+            f"heartbeat_timeout_seconds must be longer than {hearing_gap().total_seconds():g} s "
+            "(four POOLSADMIN_HEARING_TICK_SECONDS)",
+            field="heartbeat_timeout_seconds",
+        )
     with transaction.atomic():
         pool_id = pool_id or random_id("pool-")
         if AgentPool.objects.filter(pk=pool_id).exists():

@@ -31,6 +31,7 @@ from poolsadmin.agents.liveness import (
 from poolsadmin.agents.models import Agent, AgentStatus, Hearing
 from poolsadmin.agents.services import agent_heartbeat
 from poolsadmin.events.models import Event
+from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.pools.models import SlotState
 from poolsadmin.scheduler.diagnosis import task_diagnose
 from poolsadmin.scheduler.services import scheduler_pass, task_dispatch
@@ -270,3 +271,12 @@ def test_the_touch_after_a_gap_is_the_only_one_that_says_so() -> None:
     assert Hearing.objects.get(pk=AGENT_API).deaf_from is not None
     kinds = list(Event.objects.filter(kind="hearing.resumed").values_list("reason", flat=True))
     assert len(kinds) == 2 and "started listening" in kinds[0] and "could not hear" in kinds[1]
+
+
+def test_a_pools_heartbeat_timeout_must_outlast_a_gap() -> None:
+    """An outage shorter than the gap (20 s) is not on record: a 15 s timeout would fail work
+    for a 16 s restart of the web."""
+    with pytest.raises(InvalidInput) as refused:
+        make_pool(heartbeat_timeout_seconds=15)
+    assert refused.value.field == "heartbeat_timeout_seconds"
+    assert make_pool(heartbeat_timeout_seconds=21).heartbeat_timeout_seconds == 21

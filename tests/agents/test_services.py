@@ -14,14 +14,32 @@ from django.db.models.signals import pre_save
 
 from poolsadmin.agents import services
 from poolsadmin.agents.models import Agent
-from poolsadmin.agents.services import Registration, agent_authenticate, agent_register
+from poolsadmin.agents.services import (
+    Registration,
+    agent_authenticate,
+    agent_heartbeat,
+    agent_register,
+    agent_retire,
+)
 from poolsadmin.events.models import Event
+from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
 from poolsadmin.lib.ids import sha256_hex
 from poolsadmin.pools.models import AgentPool, Pod, PodPhase, PoolType, Slot
 from poolsadmin.pools.services import pod_create
+from poolsadmin.scheduler.services import scheduler_pass, task_dispatch
+from poolsadmin.tasks.models import TaskStatus
 from tests.conftest import IS_POSTGRES
-from tests.ledger import ADMIN, make_agent, make_agent_with_secret, make_pool
+from tests.ledger import (
+    ADMIN,
+    make_agent,
+    make_agent_with_secret,
+    make_pool,
+    make_workspace,
+    refresh,
+    run,
+    submit,
+)
 
 
 def k8s_pool() -> AgentPool:
@@ -295,3 +313,35 @@ def test_a_proposed_secret_must_look_like_one() -> None:
         agent_register(pool=make_pool(), name="P1", proposed_secret="password")
     assert refused.value.field == "agent_secret"
     assert not Agent.objects.exists()
+
+
+@pytest.mark.django_db
+def test_retiring_an_agent_fails_its_acknowledged_work_and_leaves_a_dispatch_to_the_scheduler() -> (
+    None
+):
+    pool = make_pool()
+    registration = make_agent_with_secret(pool, "P1")
+    acked = run(submit(make_workspace(pool), "plan"))
+    sent = submit(make_workspace(pool), "plan")
+    assert task_dispatch(task_id=sent.pk).dispatched
+
+    agent_retire(agent=registration.agent, actor="user:alice", reason="lost its disk")
+
+    assert refresh(acked).status == TaskStatus.FAILED
+    assert refresh(sent).status == TaskStatus.RUNNING  # rolled back after its ack timeout
+    clock.advance(31)
+    assert scheduler_pass().rolled_back == [sent.pk]
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_after_retirement_does_not_bring_the_agent_back() -> None:
+    pool = make_pool()
+    agent = make_agent(pool, "P1")
+    agent_retire(agent=agent, actor="user:alice", reason="lost its disk")
+
+    with pytest.raises(Forbidden):
+        agent_heartbeat(agent=agent, running_task_ids=[])
+
+    agent.refresh_from_db()
+    assert agent.status == "offline" and agent.retired_at is not None
+    assert not Event.objects.filter(kind="agent.online").exists()

@@ -122,3 +122,15 @@ def test_a_pass_whose_backend_is_killed_fails_alone_and_the_next_pass_works(
     run_loops([LOOPS["scheduler"]], stop=threading.Event(), once=True)
 
     assert refresh(task).status == TaskStatus.RUNNING
+
+
+@pytest.mark.django_db
+def test_a_scheduler_only_worker_needs_no_cluster_configuration(
+    settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cluster_access, "_client", None)
+    make_k8s_pool()
+    settings.KUBE_CONFIG = KubeConfig(
+        mode="kubeconfig", kubeconfig_path=str(tmp_path / "missing-kubeconfig")
+    )
+    call_command("worker", once=True, only="scheduler")  # static pools keep scheduling

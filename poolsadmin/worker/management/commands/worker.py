@@ -9,7 +9,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 
 from poolsadmin.worker.cluster_access import kube_client_check
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_release
@@ -62,10 +62,13 @@ class Command(BaseCommand):
         if unknown:
             raise CommandError(f"unknown loop(s) {unknown}; choose from {list(LOOPS)}")
         loops = [LOOPS[n] for n in names]
-        try:
-            kube_client_check()
-        except ImproperlyConfigured as exc:
-            raise CommandError(f"cannot build the Kubernetes client (KUBE_*): {exc}") from exc
+        if {"reconciler", "autoscaler"} & set(names):  # the loops that talk to a cluster
+            try:
+                kube_client_check()
+            except ImproperlyConfigured as exc:
+                raise CommandError(f"cannot build the Kubernetes client (KUBE_*): {exc}") from exc
+            except DatabaseError as exc:  # a failover under way: the passes will retry
+                logger.warning("could not check the Kubernetes client at start-up: %s", exc)
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
