@@ -15,8 +15,10 @@ Python does and imports nothing of Django. Work travels in heartbeat answers:
 * every call after registration carries the agent secret that registration returned
   (`X-Agent-Secret`), and so does registering again: a name that an agent holds is only
   given back to whoever proves to be that agent (or, in a k8s pool, to a new pod of that
-  name: `pod_uid`). With `state_file` the identity survives a restart of the agent (in a pod:
-  a file on an emptyDir volume, which outlives a container restart);
+  name: `pod_uid`). With `state_file` the identity survives a restart of the agent (a static
+  agent's machine; in a k8s pool a pod never restarts its agent, restart_policy Never). The
+  agent proposes its new secret when it registers, so a registration whose answer was lost is
+  sent again as it was and proves itself;
 * a 403 for the agent's identity (an admin retired it) makes the agent register again, once,
   and retry the call;
 * when the agent stops, work in progress is abandoned unreported: the server fails it after

@@ -32,6 +32,7 @@ from typing import Literal
 
 from django.db.models import Count, OuterRef, Subquery
 
+from poolsadmin.agents.liveness import liveness_read
 from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
 from poolsadmin.pools.grid import PoolSummary, pools_overview
@@ -257,8 +258,28 @@ def _reconciler_families() -> list[Family]:
     return [leader, renewed, duration, last_pass, changes]
 
 
+def _liveness_families() -> list[Family]:
+    """Whether poolsadmin can hear its agents (agents/liveness.py): a record gone stale for
+    good (a keeper that cannot reach the agent API) pauses liveness checks, and must page."""
+    listening = Family(
+        "poolsadmin_liveness_listening",
+        "gauge",
+        "1 if the agent API proved lately that agents can reach it; 0: liveness checks pause.",
+    )
+    listening_for = Family(
+        "poolsadmin_liveness_listening_seconds",
+        "gauge",
+        "How long poolsadmin has heard agents without a gap (since its latest outage).",
+    )
+    liveness = liveness_read()
+    if liveness.listening_for is not None:
+        listening.add(1 if liveness.listening else 0)
+        listening_for.add(liveness.listening_for.total_seconds())
+    return [listening, listening_for]
+
+
 def metrics_collect(*, now: datetime | None = None) -> list[Family]:
-    """Every metric family for `/metrics`. Eight queries, whatever the number of pools."""
+    """Every metric family for `/metrics`. Nine queries, whatever the number of pools."""
     now = now or clock.now()
     summaries = pools_overview(now=now)
     return [
@@ -267,4 +288,5 @@ def metrics_collect(*, now: datetime | None = None) -> list[Family]:
         *_autoscaler_families(summaries),
         _drift_family(),
         *_reconciler_families(),
+        *_liveness_families(),
     ]

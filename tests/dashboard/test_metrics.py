@@ -14,6 +14,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from poolsadmin.agents.liveness import hearing_touch
 from poolsadmin.autoscaler.services import pool_scale
 from poolsadmin.dashboard.metrics import Family, _number, exposition
 from poolsadmin.lib import clock
@@ -25,6 +26,7 @@ from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew
 from poolsadmin.worker.models import Lease
 from poolsadmin.worker.reconcile import ledger_check, reconcile_pass_leader
 from tests.autoscaler.helpers import adopt_all, k8s_pool, scale
+from tests.hearing import down
 from tests.ledger import ADMIN, make_agent, make_pool, make_workspace, plan_with_changes, run
 from tests.ledger import submit as submit_task
 from tests.worker.leases import expire_lease
@@ -352,4 +354,19 @@ def test_metrics_run_the_same_number_of_queries_for_1_and_5_pools(
 
     assert len(family(text, "poolsadmin_queue_length")) == 5
     # Token and permissions (3), then the metrics themselves (9).
-    assert len(one_pool) == 11
+    assert len(one_pool) == 12
+
+
+def test_whether_poolsadmin_can_hear_its_agents_is_a_metric(viewer_client: Client) -> None:
+    """A hearing record gone stale for good pauses every liveness check: it must show."""
+    assert family(scrape(viewer_client), "poolsadmin_liveness_listening") == []
+    hearing_touch(actor="system:web")
+    assert family(scrape(viewer_client), "poolsadmin_liveness_listening") == [
+        "poolsadmin_liveness_listening 1"
+    ]
+    down(60)
+    assert family(scrape(viewer_client), "poolsadmin_liveness_listening") == [
+        "poolsadmin_liveness_listening 0"
+    ]
+    [line] = family(scrape(viewer_client), "poolsadmin_liveness_listening_seconds")
+    assert float(line.split()[1]) >= 60
