@@ -215,7 +215,8 @@ def hearing_url() -> str:
 
 def _keep(stop: threading.Event, interval: float, url: str) -> None:
     failures = 0
-    while not stop.is_set():
+    # One tick first: the keeper starts with the application, before the server listens.
+    while not stop.wait(interval):
         request = urllib.request.Request(
             url, data=b"", method="POST", headers={HEARING_HEADER: hearing_proof()}
         )
@@ -233,7 +234,6 @@ def _keep(stop: threading.Event, interval: float, url: str) -> None:
                     error,
                     failures,
                 )
-        stop.wait(interval)
 
 
 def hearing_keeper_start(
