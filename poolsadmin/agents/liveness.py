@@ -32,15 +32,19 @@ import threading
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import BooleanField, DurationField, ExpressionWrapper, F, Q
+from django.db.models import BooleanField, DurationField, ExpressionWrapper, F, Q, QuerySet
 from django.db.models.functions import Now
 
-from poolsadmin.agents.models import Hearing
+from poolsadmin.agents.models import Agent, AgentStatus, Hearing
 from poolsadmin.events.services import event_record
 from poolsadmin.lib.humanize import duration, stamp
+
+if TYPE_CHECKING:
+    from poolsadmin.pools.models import AgentPool
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +102,10 @@ class Liveness:
     def words(self, *, allowance: timedelta) -> str:
         """For the dashboard and the diagnosis: why silence is not judged now, or ""."""
         if not self.listening:
-            last = stamp(self.heard_at) if self.heard_at else "never"
             return (
                 "Liveness checks are paused: poolsadmin cannot hear agents right now (the "
-                f"agent API last proved it was serving at {last}). No agent is taken offline, "
+                f"agent API last proved it was serving at {stamp(self.heard_at)}). No agent "
+                "is taken offline, "
                 "no task failed and no pod deleted until it hears them again."
             )
         until = self.waiting_until(allowance)
@@ -141,6 +145,26 @@ def liveness_read() -> Liveness:
         since=row.since,
         deaf_from=row.deaf_from,
         heard_at=row.heard_at,
+    )
+
+
+def agents_lost(
+    *, pool: AgentPool, now: datetime, liveness: Liveness, dry_run: bool = False
+) -> QuerySet[Agent]:
+    """The pool's agents lost to silence: offline, no heartbeat for `pool.lost_after`, and
+    never for silence poolsadmin could not hear (`liveness`). A dry run also counts the live
+    agents a pass would take offline first (silent that long is silent past the timeout).
+    The ledger-side steps fail their tasks, cluster sync deletes their pods."""
+    if not liveness.judges(pool.lost_after):
+        return Agent.objects.none()
+    statuses = [AgentStatus.OFFLINE]
+    if dry_run:
+        statuses += [AgentStatus.ONLINE, AgentStatus.DRAINING]
+    return Agent.objects.filter(
+        pool=pool,
+        status__in=statuses,
+        retired_at__isnull=True,
+        last_ping_at__lt=now - pool.lost_after,
     )
 
 

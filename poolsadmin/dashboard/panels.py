@@ -11,7 +11,7 @@ does; none for a static pool), reconciler 4, events 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.db.models import Q
 
@@ -108,14 +108,9 @@ def pool_reconciler_panel(*, pool: AgentPool, now: datetime) -> ReconcilerPanel:
         record=record,
         changes=list(changes[:RECONCILER_CHANGES_LIMIT]),
         last_manual=events.filter(kind=RECONCILED).order_by("-id").first(),
-        liveness=liveness_read().words(allowance=liveness_allowance(pool)),
+        # Until a task could be failed or a pod deleted for silence.
+        liveness=liveness_read().words(allowance=pool.lost_after),
     )
-
-
-def liveness_allowance(pool: AgentPool) -> timedelta:
-    """How long after an outage silence is not held against this pool's agents: until a task
-    could be failed or a pod deleted (heartbeat timeout + task grace)."""
-    return pool.heartbeat_timeout + timedelta(seconds=pool.task_grace_seconds)
 
 
 @dataclass(frozen=True)

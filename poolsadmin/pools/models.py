@@ -82,6 +82,12 @@ class AgentPool(models.Model):
         return timedelta(seconds=self.heartbeat_timeout_seconds)
 
     @property
+    def lost_after(self) -> timedelta:
+        """An agent silent for longer than this is lost: its tasks fail, its reservations
+        go, its pod is deleted (heartbeat timeout + task grace)."""
+        return self.heartbeat_timeout + timedelta(seconds=self.task_grace_seconds)
+
+    @property
     def reservation_ttl(self) -> timedelta:
         return timedelta(seconds=self.reservation_ttl_seconds)
 

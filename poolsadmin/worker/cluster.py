@@ -20,8 +20,8 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 
-from poolsadmin.agents.liveness import Liveness, liveness_read
-from poolsadmin.agents.models import Agent, AgentStatus
+from poolsadmin.agents.liveness import Liveness, agents_lost, liveness_read
+from poolsadmin.agents.models import Agent
 from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi, KubeError, PodInfo
 from poolsadmin.lib import clock
@@ -191,21 +191,12 @@ def _release_pod(*, pod: Pod, why: str, actor: str, dry_run: bool) -> list[Chang
 
 
 def _lost_agent_pods(*, pool: AgentPool, liveness: Liveness, dry_run: bool) -> list[Pod]:
-    """Pods whose agent is lost: offline with no heartbeat for heartbeat timeout + task grace,
-    the same cutoff as the reconciler's ledger-side step (reconcile._lost_agents), and never
-    for silence poolsadmin could not hear (`liveness`): deleting a pod kills its terraform. A
-    dry run also counts agents the pass would mark offline first."""
-    allowance = pool.heartbeat_timeout + timedelta(seconds=pool.task_grace_seconds)
-    cutoff = clock.now() - allowance
-    if not liveness.judges(allowance):
-        return []
-    statuses = [AgentStatus.OFFLINE]
-    if dry_run:
-        statuses += [AgentStatus.ONLINE, AgentStatus.DRAINING]
+    """Pods whose agent is lost (`agents_lost`: the reconciler's ledger-side step judges the
+    same agents), and so never for silence poolsadmin could not hear: deleting a pod kills
+    its terraform."""
+    lost = agents_lost(pool=pool, now=clock.now(), liveness=liveness, dry_run=dry_run)
     return list(
-        Pod.objects.filter(pool=pool, agent__status__in=statuses, agent__last_ping_at__lt=cutoff)
-        .select_related("agent")
-        .order_by("name")
+        Pod.objects.filter(pool=pool, agent__in=lost).select_related("agent").order_by("name")
     )
 
 

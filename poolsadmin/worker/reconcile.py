@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.db import transaction
 
-from poolsadmin.agents.liveness import Liveness, liveness_read
+from poolsadmin.agents.liveness import Liveness, agents_lost, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.agents.services import agents_mark_offline
 from poolsadmin.events.services import event_record
@@ -92,27 +92,6 @@ class ReconcileReport:
         return bool(self.changes) and not self.dry_run
 
 
-def lost_after(pool: AgentPool) -> timedelta:
-    """An agent silent for longer than this is lost: heartbeat timeout + the task grace."""
-    return pool.heartbeat_timeout + timedelta(seconds=pool.task_grace_seconds)
-
-
-def _lost_agents(
-    pool: AgentPool, now: datetime, *, liveness: Liveness, dry_run: bool = False
-) -> list[Agent]:
-    """Offline agents whose last heartbeat is older than timeout + grace, unless poolsadmin
-    itself could not hear them for part of that time (`liveness`). A dry run also counts the
-    agents this pass would mark offline first (older than the cutoff is older than the
-    timeout)."""
-    cutoff = now - lost_after(pool)
-    if not liveness.judges(lost_after(pool)):
-        return []
-    statuses = [AgentStatus.OFFLINE]
-    if dry_run:
-        statuses += [AgentStatus.ONLINE, AgentStatus.DRAINING]
-    return list(Agent.objects.filter(pool=pool, status__in=statuses, last_ping_at__lt=cutoff))
-
-
 def _isolated(what: str, step: Callable[[], object]) -> bool:
     """Run one task's repair: whether it changed something. If it raises, log it and go on
     with the next (SPEC 5: one bad row never stops a loop for everyone else); its transaction
@@ -136,7 +115,7 @@ def _ledger_steps(
     """Steps 2-5 of reconcile_pass for one pool."""
     changes: list[Change] = []
     grace = timedelta(seconds=pool.task_grace_seconds)
-    for agent in _lost_agents(pool, now, liveness=liveness, dry_run=dry_run):
+    for agent in agents_lost(pool=pool, now=now, liveness=liveness, dry_run=dry_run):
         where = f" (pod {agent.agent_name})"
         # Unacknowledged dispatches are not lost work: the scheduler rolls them back.
         for task_id in WorkspaceTask.objects.filter(
