@@ -379,16 +379,19 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
     may own a reserved slot, I-598)."""
     result = PassResult()
     now = clock.now()
-    expired = WorkspaceTask.objects.filter(
-        status=TaskStatus.RUNNING,
-        acked_at__isnull=True,
-        dispatched_at__lt=now - ack_timeout(),
-    ).values_list("id", flat=True)
+    expired = list(
+        WorkspaceTask.objects.filter(
+            status=TaskStatus.RUNNING,
+            acked_at__isnull=True,
+            dispatched_at__lt=now - ack_timeout(),
+        ).values_list("id", flat=True)
+    )
     # An agent cannot acknowledge while poolsadmin cannot hear it: after an outage the ack
-    # timeout counts from when it could again (agents/liveness.py).
-    if not liveness_read().judges(ack_timeout()):
-        expired = expired.none()
-    for task_id in list(expired):
+    # timeout counts from when it could again (agents/liveness.py). Read only when there is
+    # something to roll back: the pass runs twice a second.
+    if expired and not liveness_read().judges(ack_timeout()):
+        expired = []
+    for task_id in expired:
         try:
             if task_dispatch_rollback(task_id=task_id, actor=actor):
                 result.rolled_back.append(task_id)

@@ -280,3 +280,12 @@ def test_a_pools_heartbeat_timeout_must_outlast_a_gap() -> None:
         make_pool(heartbeat_timeout_seconds=15)
     assert refused.value.field == "heartbeat_timeout_seconds"
     assert make_pool(heartbeat_timeout_seconds=21).heartbeat_timeout_seconds == 21
+
+
+def test_a_scheduler_pass_with_nothing_to_roll_back_does_not_read_the_record(
+    django_assert_num_queries: Any,
+) -> None:
+    """The pass runs twice a second: what liveness allows matters only to a dispatch that is
+    late to be acknowledged."""
+    with django_assert_num_queries(2):  # the late dispatches, the pools with waiting work
+        assert not scheduler_pass().did_work
