@@ -253,7 +253,8 @@ def agent_retire(*, agent: Agent, actor: str, reason: str) -> bool:
                 f"task #{task_id} that was running on it was lost.",
                 actor=actor,
             )
-        Pod.objects.filter(agent_id=agent.agent_id).update(agent=None)
+        for pod in Pod.objects.filter(agent_id=agent.agent_id):
+            pod_link_agent(pod=pod, agent_id=None, actor=actor)
         broadcast_pool_changed(
             pool_id=agent.pool_id, kind="agent", payload={"agent": agent.agent_name}
         )

@@ -243,8 +243,9 @@ def pod_create(
     return pod
 
 
-def pod_link_agent(*, pod: Pod, agent_id: str, actor: str) -> bool:
-    """Make `agent_id` the agent of `pod` (they share a name). True if the link changed.
+def pod_link_agent(*, pod: Pod, agent_id: str | None, actor: str) -> bool:
+    """Make `agent_id` the agent of `pod` (they share a name), or, with None, leave the pod
+    without one (its agent was retired). True if the link changed.
 
     Conditional on the agent the caller saw, so a concurrent relink is not overwritten
     silently: the loser changes nothing and writes no event."""
@@ -257,7 +258,7 @@ def pod_link_agent(*, pod: Pod, agent_id: str, actor: str) -> bool:
             return False
         event_record(
             actor=actor,
-            kind="pod.agent_linked",
+            kind="pod.agent_linked" if agent_id else "pod.agent_unlinked",
             target_type="pod",
             target_id=pod.name,
             pool_id=pod.pool_id,

@@ -94,6 +94,24 @@ def pod_phase_set(*, pod: Pod, phase: str, actor: str) -> bool:
     return True
 
 
+def pod_uid_learn(*, pod: Pod, uid: str, actor: str) -> bool:
+    """The cluster's uid of a pod adopted before uids were kept. Only a pod without one: a pod
+    listed with another uid than the ledger's is another pod (cluster_sync releases it)."""
+    with transaction.atomic():
+        if Pod.objects.filter(pk=pod.pk, uid="").update(uid=uid) != 1:
+            return False
+        event_record(
+            actor=actor,
+            kind="pod.uid_learned",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pod.pool_id,
+            after={"uid": uid},
+        )
+    pod.uid = uid
+    return True
+
+
 def pod_remove(*, pod: Pod, actor: str, reason: str) -> bool:
     """Remove a pod and its slots from the ledger. Refused (False) while a slot still holds a
     task: the caller fails or drops those first, and a task that raced in is kept for the
@@ -307,9 +325,7 @@ def cluster_sync(
             changes += _release_pod(pod=pod, why=_gone_reason(seen), actor=actor, dry_run=dry_run)
         else:
             if not pod.uid and seen.uid:
-                # A pod adopted before uids were kept: learn it (an observation of an
-                # immutable fact, not a change of state).
-                Pod.objects.filter(pk=pod.pk, uid="").update(uid=seen.uid)
+                pod_uid_learn(pod=pod, uid=seen.uid, actor=actor)
             if seen.phase != pod.phase and (
                 dry_run or pod_phase_set(pod=pod, phase=seen.phase, actor=actor)
             ):

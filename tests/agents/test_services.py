@@ -345,3 +345,15 @@ def test_a_heartbeat_after_retirement_does_not_bring_the_agent_back() -> None:
     agent.refresh_from_db()
     assert agent.status == "offline" and agent.retired_at is not None
     assert not Event.objects.filter(kind="agent.online").exists()
+
+
+@pytest.mark.django_db
+def test_retiring_an_agent_unlinks_its_pod_through_the_pod_service() -> None:
+    pool = make_pool()
+    agent = make_agent(pool, "P1")
+
+    agent_retire(agent=agent, actor="user:alice", reason="lost its disk")
+
+    assert Pod.objects.get(pool=pool, name="P1").agent_id is None
+    unlinked = Event.objects.get(kind="pod.agent_unlinked", target_id="P1")
+    assert unlinked.before == {"agent_id": agent.agent_id} and unlinked.actor == "user:alice"

@@ -211,3 +211,19 @@ def test_a_pod_whose_slot_holds_a_task_is_not_removed(
     assert Slot.objects.filter(pod=pod).count() == 2
     assert Slot.objects.get(task=task).state == SlotState.RUNNING
     assert not Event.objects.filter(kind="pod.removed").exists()
+
+
+def test_a_pod_adopted_before_uids_were_kept_learns_its_uid_once_with_an_event(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    pool = make_k8s_pool()
+    cluster_pod(fake_kube, pool, "agent-a")
+    cluster_sync(pool=pool, kube=kube_client)
+    Pod.objects.filter(pool=pool).update(uid="")  # as a ledger from before this column has it
+
+    cluster_sync(pool=pool, kube=kube_client)
+    cluster_sync(pool=pool, kube=kube_client)
+
+    uid = fake_kube.pod("agent-a", pool.namespace)["metadata"]["uid"]  # type: ignore[index]
+    assert Pod.objects.get(pool=pool, name="agent-a").uid == uid
+    assert Event.objects.filter(kind="pod.uid_learned", target_id="agent-a").count() == 1
