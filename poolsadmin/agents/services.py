@@ -94,6 +94,35 @@ def _replaced_pod(*, pool: AgentPool, agent: Agent, pod_uid: str) -> bool:
     return Pod.objects.filter(pool=pool, name=agent.agent_name, uid=pod_uid).exists()
 
 
+def _name_claim(
+    *, pool: AgentPool, name: str, secret: str, proposed_secret: str, pod_uid: str
+) -> tuple[Agent | None, Agent | None]:
+    """Who may register under `name`: (the live agent the caller proved to be, or None if the
+    name is free now; the identity this claim retired, if any). Conflict if the caller proves
+    nothing. The agent row stays locked until the transaction ends."""
+    agent = _agent_named(pool=pool, name=name)
+    if agent is None:
+        return None, None
+    # Its current secret, or the one this very request proposed before (a retry).
+    if _secret_matches(agent, secret) or _secret_matches(agent, proposed_secret):
+        return agent, None
+    if not _replaced_pod(pool=pool, agent=agent, pod_uid=pod_uid):
+        k8s = pool.pool_type == PoolType.K8S
+        raise Conflict(
+            f"agent name {name} is taken by agent {agent.agent_id} of this pool: registering "
+            "again needs its X-Agent-Secret"
+            + (", or a new pod of that name (pod_uid)" if k8s else "")
+            + "; an agent that lost its secret is retired by an admin (manage.py agent_retire)",
+            field="name",
+        )
+    agent_retire(
+        agent=agent,
+        actor="system:agent-api",
+        reason=f"its pod {name} was replaced by a new pod of that name (uid {pod_uid})",
+    )
+    return None, agent
+
+
 def agent_register(
     *,
     pool: AgentPool,
@@ -135,29 +164,10 @@ def agent_register(
     issued = proposed_secret or f"{SECRET_PREFIX}{secret_hex(32)}"
     secret_hash = sha256_hex(issued)
     now = clock.now()
-    retired: Agent | None = None
     with transaction.atomic():
-        agent = _agent_named(pool=pool, name=name)
-        proven = agent is not None and (
-            _secret_matches(agent, secret) or _secret_matches(agent, proposed_secret)
+        agent, retired = _name_claim(
+            pool=pool, name=name, secret=secret, proposed_secret=proposed_secret, pod_uid=pod_uid
         )
-        if agent is not None and not proven:
-            if not _replaced_pod(pool=pool, agent=agent, pod_uid=pod_uid):
-                raise Conflict(
-                    f"agent name {name} is taken by agent {agent.agent_id} of this pool: "
-                    "registering again needs its X-Agent-Secret"
-                    + (", or a new pod of that name (pod_uid)" if pool.pool_type == "k8s" else "")
-                    + "; an agent that lost its secret is retired by an admin "
-                    "(manage.py agent_retire)",
-                    field="name",
-                )
-            retired = agent
-            agent_retire(
-                agent=agent,
-                actor="system:agent-api",
-                reason=f"its pod {name} was replaced by a new pod of that name (uid {pod_uid})",
-            )
-            agent = None
         created: Agent | None = None
         if agent is None:
             created = _agent_create(
