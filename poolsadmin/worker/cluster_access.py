@@ -19,22 +19,27 @@ _client: KubeClient | None = None
 _override: KubeApi | None = None
 
 
+def _shared_client() -> KubeClient:
+    """The process's one client, built on first use (ImproperlyConfigured, KubeError)."""
+    global _client
+    with _lock:
+        if _client is None:
+            _client = KubeClient(settings.KUBE_CONFIG)
+        return _client
+
+
 def kube_for_pool(pool: AgentPool) -> KubeApi | None:
     """The client for a k8s pool, or None (static pool, or no usable cluster config: the
     error is logged and the loops keep serving the other pools)."""
-    global _client
     if pool.pool_type != PoolType.K8S:
         return None
     if _override is not None:
         return _override
-    with _lock:
-        if _client is None:
-            try:
-                _client = KubeClient(settings.KUBE_CONFIG)
-            except (ImproperlyConfigured, KubeError) as exc:
-                logger.error("no Kubernetes client for pool %s: %s", pool.pool_id, exc)
-                return None
-        return _client
+    try:
+        return _shared_client()
+    except (ImproperlyConfigured, KubeError) as exc:
+        logger.error("no Kubernetes client for pool %s: %s", pool.pool_id, exc)
+        return None
 
 
 def kube_client_check() -> None:
@@ -43,15 +48,12 @@ def kube_client_check() -> None:
     with ImproperlyConfigured, instead of being logged at every pass while no k8s pool is ever
     synced. A cluster that does not answer yet is no reason not to start: KubeError is left to
     the passes, which retry."""
-    global _client
     if _override is not None or not AgentPool.objects.filter(pool_type=PoolType.K8S).exists():
         return
-    with _lock:
-        if _client is None:
-            try:
-                _client = KubeClient(settings.KUBE_CONFIG)
-            except KubeError as exc:
-                logger.warning("the Kubernetes API does not answer yet: %s", exc)
+    try:
+        _shared_client()
+    except KubeError as exc:
+        logger.warning("the Kubernetes API does not answer yet: %s", exc)
 
 
 def kube_override(client: KubeApi | None) -> None:
