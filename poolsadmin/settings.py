@@ -34,30 +34,26 @@ def env_bool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use true/false, 1/0).")
 
 
-def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+def _env_number(name: str, default: float, *, minimum: float, kind: type[float]) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer.") from None
-    if value < minimum:
-        raise ImproperlyConfigured(f"{name}={value} must be >= {minimum}.")
+        what = "an integer" if kind is int else "a number"
+        raise ImproperlyConfigured(f"{name}={raw!r} is not {what}.") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ImproperlyConfigured(f"{name}={raw} must be >= {minimum}.")
     return value
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    return int(_env_number(name, default, minimum=minimum, kind=int))
 
 
 def env_float(name: str, default: float, *, minimum: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
-    if not math.isfinite(value) or value < minimum:
-        raise ImproperlyConfigured(f"{name}={raw} must be a number >= {minimum}.")
-    return value
+    return _env_number(name, default, minimum=minimum, kind=float)
 
 
 def env_list(name: str, default: list[str]) -> list[str]:
