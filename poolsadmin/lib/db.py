@@ -30,6 +30,8 @@ from django.http.response import HttpResponseBase
 from django.urls import ResolverMatch
 from psycopg_pool import PoolTimeout, TooManyRequests
 
+from poolsadmin.lib.input import answers_json
+
 logger = logging.getLogger("poolsadmin.db")
 
 RETRY_AFTER_SECONDS = 5
@@ -96,7 +98,7 @@ def _drop_unusable_connections() -> None:
 def unavailable(request: HttpRequest, detail: str) -> HttpResponse:
     """503 with Retry-After: JSON under /api/ (the API's error shape), text elsewhere."""
     response: HttpResponse
-    if request.path_info.startswith("/api/"):
+    if answers_json(request):
         response = JsonResponse({"error": "unavailable", "detail": detail}, status=503)
     else:
         response = HttpResponse(

@@ -25,6 +25,12 @@ API_PREFIX = "/api/"
 BAD_INPUT_TEMPLATE = "bad_input.html"
 
 
+def answers_json(request: HttpRequest) -> bool:
+    """Whether an answer poolsadmin makes for this request outside its views (a refusal, a
+    503) is the APIs' JSON rather than a page."""
+    return request.path_info.startswith(API_PREFIX)
+
+
 def text_problem(value: str) -> str | None:
     """What is wrong with `value` as text, or None."""
     if "\x00" in value:
@@ -91,7 +97,7 @@ class InputCheckMiddleware:
 
     @staticmethod
     def _refuse(request: HttpRequest, error: InvalidInput) -> HttpResponse:
-        if request.path_info.startswith(API_PREFIX):
+        if answers_json(request):
             return JsonResponse(error.as_dict(), status=error.http_status)
         in_dialog = is_htmx(request)
         template = f"{BAD_INPUT_TEMPLATE}#bad-input" if in_dialog else BAD_INPUT_TEMPLATE
