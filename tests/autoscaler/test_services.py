@@ -13,11 +13,11 @@ from poolsadmin.agents.services import agent_heartbeat
 from poolsadmin.autoscaler.models import PoolHold, ScaleAction, ScaleDecision
 from poolsadmin.autoscaler.services import pool_hold, pool_scale
 from poolsadmin.events.models import Event
-from poolsadmin.kube.adapter import KubeClient, KubeConfig, KubeError
+from poolsadmin.kube.adapter import KubeApi, KubeClient, KubeConfig, KubeError
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.pools.actions import pod_drain
-from poolsadmin.pools.models import Pod
+from poolsadmin.pools.models import AgentPool, Pod
 from poolsadmin.pools.services import pool_freeze_window_add, pool_unfreeze_once
 from poolsadmin.scheduler.services import scheduler_pass, task_dispatch
 from poolsadmin.tasks.models import TaskStatus
@@ -241,14 +241,21 @@ def test_a_retryable_cluster_error_blocks_and_changes_nothing(
     assert scale(pool, kube_client).action == ScaleAction.SCALE_UP
 
 
+def _idle_pod_due_to_go(fake: FakeKubeServer, kube: KubeApi) -> tuple[AgentPool, Pod]:
+    """A pool of one idle pod that the next autoscaler pass scales down (min 0, idle past
+    the delay)."""
+    pool = k8s_pool(min_replicas=1)
+    scale(pool, kube)
+    [pod] = adopt_all(pool, fake)
+    pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
+    clock.advance(pool.scale_down_idle_seconds)
+    return pool, pod
+
+
 def test_a_failed_delete_lifts_the_cordon(
     fake_kube: FakeKubeServer, kube_client: KubeClient
 ) -> None:
-    pool = k8s_pool(min_replicas=1)
-    scale(pool, kube_client)
-    [pod] = adopt_all(pool, fake_kube)
-    pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
-    clock.advance(pool.scale_down_idle_seconds)
+    pool, pod = _idle_pod_due_to_go(fake_kube, kube_client)
     fake_kube.fail_next(1, 500, method="DELETE")
 
     decision = scale(pool, kube_client)
@@ -263,12 +270,8 @@ def test_a_delete_that_timed_out_but_was_carried_out_keeps_the_pod_cordoned(
 ) -> None:
     """The API server deleted the pod after the client gave up waiting: the pod must take no
     new task (it would fail as "vanished"); the next pass finds it gone."""
-    pool = k8s_pool(min_replicas=1)
     with KubeClient(KubeConfig(mode="url", url=fake_kube.url, timeout_seconds=0.5)) as kube:
-        scale(pool, kube)
-        [pod] = adopt_all(pool, fake_kube)
-        pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
-        clock.advance(pool.scale_down_idle_seconds)
+        pool, pod = _idle_pod_due_to_go(fake_kube, kube)
         fake_kube.delay_next(1, 1.5, method="DELETE")  # answered after the client's timeout
 
         decision = scale(pool, kube)
@@ -318,11 +321,7 @@ def test_pool_hold_is_validated_and_audited() -> None:
 def test_a_delete_that_timed_out_and_did_not_happen_lifts_the_cordon_once_the_pod_is_listed(
     fake_kube: FakeKubeServer, kube_client: KubeClient
 ) -> None:
-    pool = k8s_pool(min_replicas=1)
-    scale(pool, kube_client)
-    [pod] = adopt_all(pool, fake_kube)
-    pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
-    clock.advance(pool.scale_down_idle_seconds)
+    pool, pod = _idle_pod_due_to_go(fake_kube, kube_client)
     fake_kube.fail_next(1, 504, method="DELETE")  # a gateway timeout: done or not, who knows
     scale(pool, kube_client)
     assert Pod.objects.get(pk=pod.pk).cordoned
@@ -343,12 +342,8 @@ def test_a_person_s_drain_outlives_a_delete_of_unknown_outcome(
 ) -> None:
     """The autoscaler may retire a drained idle pod; if that delete times out, the drain a
     person set stays, whatever the cluster later lists."""
-    pool = k8s_pool(min_replicas=1)
-    scale(pool, kube_client)
-    [pod] = adopt_all(pool, fake_kube)
+    pool, pod = _idle_pod_due_to_go(fake_kube, kube_client)
     pod_drain(pod_id=pod.pk, actor="user:alice", reason="investigating")
-    pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
-    clock.advance(pool.scale_down_idle_seconds)
     fake_kube.fail_next(1, 504, method="DELETE")
     scale(pool, kube_client)
     clock.advance(11)
@@ -362,11 +357,7 @@ def test_a_person_s_drain_outlives_a_delete_of_unknown_outcome(
 def test_a_refused_delete_the_cluster_cannot_confirm_keeps_the_cordon_until_it_can(
     fake_kube: FakeKubeServer, kube_client: KubeClient
 ) -> None:
-    pool = k8s_pool(min_replicas=1)
-    scale(pool, kube_client)
-    [pod] = adopt_all(pool, fake_kube)
-    pool_scale(pool=pool, min_replicas=0, max_replicas=5, actor=ADMIN, reason="quiet")
-    clock.advance(pool.scale_down_idle_seconds)
+    pool, pod = _idle_pod_due_to_go(fake_kube, kube_client)
     fake_kube.fail_next(1, 429, method="DELETE")  # the delete is throttled...
 
     class Throttled:  # ...and so is the look that follows it (the real client otherwise)
