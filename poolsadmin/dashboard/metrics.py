@@ -1,10 +1,12 @@
-"""SPEC 8's `/metrics`: the ledger's state per pool in the Prometheus text exposition format,
-version 0.0.4.
+"""SPEC 8's `/metrics`: the ledger's state per pool, and the serving process's own figures, in
+the Prometheus text exposition format, version 0.0.4.
 
-Every value is read from the database on each scrape, in a fixed number of queries whatever
-the number of pools, pods or slots, so any web replica answers the same. The format is written
-here by hand: a dozen families read from the ledger need no registry, collectors or
-multiprocess mode, which is what prometheus_client adds.
+`LedgerCollector` reads every ledger value from the database on each scrape, in a fixed
+number of queries whatever the number of pools, pods or slots, so any web replica answers the
+same; prometheus_client writes the format and adds the process (`process_*`: CPU, memory,
+open files of this web process) and `python_*` collectors. One module-level registry holds
+them: the ledger collector keeps no state between scrapes, so nothing needs multiprocess
+mode, and the process figures are those of the replica that answered.
 
 Choices:
 
@@ -25,12 +27,18 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Literal
 
 from django.db.models import Count, OuterRef, Subquery
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from poolsadmin.agents.liveness import liveness_read
 from poolsadmin.events.models import Event
@@ -39,8 +47,6 @@ from poolsadmin.pools.grid import PoolSummary, pools_overview
 from poolsadmin.pools.models import PoolType, SlotState
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_record
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 DISPATCH_WINDOW = timedelta(minutes=15)
 QUANTILES = (0.5, 0.9, 0.99)
 # The events after which a task waits for a slot (tasks.models.QUEUED): a plan from its
@@ -48,55 +54,6 @@ QUANTILES = (0.5, 0.9, 0.99)
 # acknowledge in time (scheduler.services.task_dispatch_rollback).
 QUEUE_ENTRY_KINDS = ("task.submitted", "task.apply_confirmed", "task.dispatch_expired")
 DRIFT_PREFIX = "drift."
-
-Labels = tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class Family:
-    """One metric family: its `# HELP` and `# TYPE` lines and its samples."""
-
-    name: str
-    type: Literal["gauge", "counter"]
-    help: str
-    samples: list[tuple[Labels, float]] = field(default_factory=list)
-
-    def add(self, value: float, **labels: str) -> None:
-        self.samples.append((tuple(labels.items()), value))
-
-
-# --- the text format -----------------------------------------------------------------------------
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
-
-
-def exposition(families: Iterable[Family]) -> str:
-    """The families in the text format: each family's lines together, after its HELP and TYPE."""
-    lines: list[str] = []
-    for family in families:
-        lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
-        lines.append(f"# TYPE {family.name} {family.type}")
-        for labels, value in family.samples:
-            pairs = ",".join(f'{key}="{_escape_label(text)}"' for key, text in labels)
-            selector = f"{{{pairs}}}" if pairs else ""
-            lines.append(f"{family.name}{selector} {_number(value)}")
-    return "\n".join(lines) + "\n"
 
 
 # --- reads -------------------------------------------------------------------------------------
@@ -129,45 +86,49 @@ def _dispatch_latencies(*, since: datetime) -> dict[str, list[float]]:
     return latencies
 
 
-def _pool_families(summaries: list[PoolSummary], now: datetime) -> list[Family]:
-    info = Family("poolsadmin_pool_info", "gauge", "A pool's name and type; always 1.")
-    slots = Family("poolsadmin_slots", "gauge", "Slots per pool and state.")
-    queue = Family(
-        "poolsadmin_queue_length",
-        "gauge",
-        "Tasks waiting for a slot: pending tasks and confirmed applies.",
+def _pool_families(summaries: list[PoolSummary], now: datetime) -> list[Metric]:
+    info = GaugeMetricFamily(
+        "poolsadmin_pool_info", "A pool's name and type; always 1.", labels=["pool", "name", "type"]
     )
-    oldest = Family(
+    slots = GaugeMetricFamily(
+        "poolsadmin_slots", "Slots per pool and state.", labels=["pool", "state"]
+    )
+    queue = GaugeMetricFamily(
+        "poolsadmin_queue_length",
+        "Tasks waiting for a slot: pending tasks and confirmed applies.",
+        labels=["pool"],
+    )
+    oldest = GaugeMetricFamily(
         "poolsadmin_queue_oldest_wait_seconds",
-        "gauge",
         "Age of the oldest task waiting for a slot, from its creation (a confirmed apply: its "
         "confirmation), as on the pools page; "
         "0 when none waits.",
+        labels=["pool"],
     )
     for s in summaries:
         pool_id = s.pool.pool_id
-        info.add(1, pool=pool_id, name=s.pool.name, type=s.pool.pool_type)
+        info.add_metric([pool_id, s.pool.name, s.pool.pool_type], 1)
         for state in SlotState.values:
-            slots.add(s.slots[state], pool=pool_id, state=state)
-        queue.add(s.queue_length, pool=pool_id)
+            slots.add_metric([pool_id, state], s.slots[state])
+        queue.add_metric([pool_id], s.queue_length)
         waited = (now - s.queue_oldest_at).total_seconds() if s.queue_oldest_at else 0.0
-        oldest.add(max(0.0, waited), pool=pool_id)
+        oldest.add_metric([pool_id], max(0.0, waited))
     return [info, slots, queue, oldest]
 
 
-def _dispatch_families(summaries: list[PoolSummary], now: datetime) -> list[Family]:
+def _dispatch_families(summaries: list[PoolSummary], now: datetime) -> list[Metric]:
     minutes = int(DISPATCH_WINDOW.total_seconds() // 60)
-    latency = Family(
+    latency = GaugeMetricFamily(
         "poolsadmin_dispatch_latency_seconds",
-        "gauge",
         "Seconds from a task entering the queue (submitted, apply confirmed, or put back after "
         f"an unacknowledged dispatch) to its dispatch: nearest-rank quantiles over the "
         f"dispatches of the last {minutes} minutes.",
+        labels=["pool", "quantile"],
     )
-    count = Family(
+    count = GaugeMetricFamily(
         "poolsadmin_dispatch_latency_window_dispatches",
-        "gauge",
         f"Dispatches in the last {minutes} minutes that the latency quantiles are taken over.",
+        labels=["pool"],
     )
     latencies = _dispatch_latencies(since=now - DISPATCH_WINDOW)
     for s in summaries:
@@ -175,38 +136,38 @@ def _dispatch_families(summaries: list[PoolSummary], now: datetime) -> list[Fami
         ordered = sorted(latencies.get(pool_id, []))
         for q in QUANTILES:
             if ordered:
-                latency.add(_quantile(ordered, q), pool=pool_id, quantile=str(q))
-        count.add(len(ordered), pool=pool_id)
+                latency.add_metric([pool_id, str(q)], _quantile(ordered, q))
+        count.add_metric([pool_id], len(ordered))
     return [latency, count]
 
 
-def _autoscaler_families(summaries: list[PoolSummary]) -> list[Family]:
-    desired = Family(
+def _autoscaler_families(summaries: list[PoolSummary]) -> list[Metric]:
+    desired = GaugeMetricFamily(
         "poolsadmin_autoscaler_desired_pods",
-        "gauge",
         "Pods the latest autoscaler decision wanted (k8s pools with a decision).",
+        labels=["pool"],
     )
-    actual = Family(
+    actual = GaugeMetricFamily(
         "poolsadmin_autoscaler_actual_pods",
-        "gauge",
         "Pods of the pool in the ledger that have not finished (k8s pools), as the autoscaler "
         "and the pool page count them.",
+        labels=["pool"],
     )
     for s in summaries:
         if s.pool.pool_type != PoolType.K8S:
             continue
         pool_id = s.pool.pool_id
         if s.desired_pods is not None:
-            desired.add(s.desired_pods, pool=pool_id)
-        actual.add(s.pods_alive, pool=pool_id)
+            desired.add_metric([pool_id], s.desired_pods)
+        actual.add_metric([pool_id], s.pods_alive)
     return [desired, actual]
 
 
-def _drift_family() -> Family:
-    drift = Family(
+def _drift_family() -> Metric:
+    drift = CounterMetricFamily(
         "poolsadmin_drift_repairs_total",
-        "counter",
         "Ledger drift the reconciler repaired, per pool and drift.* event kind.",
+        labels=["pool", "kind"],
     )
     rows = (
         Event.objects.filter(kind__startswith=DRIFT_PREFIX)
@@ -215,70 +176,70 @@ def _drift_family() -> Family:
         .order_by("pool_id", "kind")
     )
     for row in rows:
-        drift.add(row["n"], pool=row["pool_id"], kind=row["kind"])
+        drift.add_metric([row["pool_id"], row["kind"]], row["n"])
     return drift
 
 
-def _reconciler_families() -> list[Family]:
-    leader = Family(
+def _reconciler_families() -> list[Metric]:
+    leader = GaugeMetricFamily(
         "poolsadmin_reconciler_leader_info",
-        "gauge",
         "The worker holding the reconciler lease now; always 1, absent when nobody leads.",
+        labels=["holder"],
     )
-    renewed = Family(
+    renewed = GaugeMetricFamily(
         "poolsadmin_reconciler_lease_renewed_timestamp_seconds",
-        "gauge",
         "Unix time the reconciler lease was last renewed; every reconciler and autoscaler pass "
         "of the leader renews it.",
+        labels=[],
     )
-    duration = Family(
+    duration = GaugeMetricFamily(
         "poolsadmin_reconcile_duration_seconds",
-        "gauge",
         "How long the leader's latest reconcile pass over every pool took.",
+        labels=[],
     )
-    last_pass = Family(
+    last_pass = GaugeMetricFamily(
         "poolsadmin_reconcile_last_pass_timestamp_seconds",
-        "gauge",
         "Unix time the leader's latest reconcile pass ended.",
+        labels=[],
     )
-    changes = Family(
+    changes = GaugeMetricFamily(
         "poolsadmin_reconcile_last_pass_changes",
-        "gauge",
         "Changes the leader's latest reconcile pass made, over every pool.",
+        labels=[],
     )
     lease, held = lease_record(RECONCILER_LEASE)
     if lease is not None:
         if held:
-            leader.add(1, holder=lease.holder)
-        renewed.add(lease.renewed_at.timestamp())
+            leader.add_metric([lease.holder], 1)
+        renewed.add_metric([], lease.renewed_at.timestamp())
         if lease.last_pass_at is not None and lease.last_pass_seconds is not None:
-            duration.add(lease.last_pass_seconds)
-            last_pass.add(lease.last_pass_at.timestamp())
-            changes.add(lease.last_pass_changes)
+            duration.add_metric([], lease.last_pass_seconds)
+            last_pass.add_metric([], lease.last_pass_at.timestamp())
+            changes.add_metric([], lease.last_pass_changes)
     return [leader, renewed, duration, last_pass, changes]
 
 
-def _liveness_families() -> list[Family]:
+def _liveness_families() -> list[Metric]:
     """Whether poolsadmin can hear its agents (agents/liveness.py): a record gone stale for
     good (a keeper that cannot reach the agent API) pauses liveness checks, and must page."""
-    listening = Family(
+    listening = GaugeMetricFamily(
         "poolsadmin_liveness_listening",
-        "gauge",
         "1 if the agent API proved lately that agents can reach it; 0: liveness checks pause.",
+        labels=[],
     )
-    listening_for = Family(
+    listening_for = GaugeMetricFamily(
         "poolsadmin_liveness_listening_seconds",
-        "gauge",
         "How long poolsadmin has heard agents without a gap (since its latest outage).",
+        labels=[],
     )
     liveness = liveness_read()
     if liveness.listening_for is not None:
-        listening.add(1 if liveness.listening else 0)
-        listening_for.add(liveness.listening_for.total_seconds())
+        listening.add_metric([], 1 if liveness.listening else 0)
+        listening_for.add_metric([], liveness.listening_for.total_seconds())
     return [listening, listening_for]
 
 
-def metrics_collect(*, now: datetime | None = None) -> list[Family]:
+def metrics_collect(*, now: datetime | None = None) -> list[Metric]:
     """Every metric family for `/metrics`. Nine queries, whatever the number of pools."""
     now = now or clock.now()
     summaries = pools_overview(now=now)
@@ -290,3 +251,27 @@ def metrics_collect(*, now: datetime | None = None) -> list[Family]:
         *_reconciler_families(),
         *_liveness_families(),
     ]
+
+
+class LedgerCollector(Collector):
+    """The ledger's families, read anew on every scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from metrics_collect()
+
+    def describe(self) -> Iterator[Metric]:
+        # Nothing to describe ahead: registering must not query a database that may not be
+        # there yet (the registry is built at import).
+        return iter(())
+
+
+def metrics_registry() -> CollectorRegistry:
+    """The ledger and the serving process: prometheus_client's own process, platform
+    (`python_info`) and garbage-collector collectors, which read this process only."""
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR, LedgerCollector()):
+        registry.register(collector)
+    return registry
+
+
+REGISTRY = metrics_registry()

@@ -1,6 +1,7 @@
 """`/metrics` (SPEC 8): access for sessions and bearer tokens, the exact lines of each metric
-family for ledgers built through the services, and a query count that does not grow with
-the number of pools."""
+family for ledgers built through the services, the process metrics beside them, and a query
+count that does not grow with the number of pools. Every scrape must parse with
+prometheus_client's own parser."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from prometheus_client.parser import text_string_to_metric_families
 
 from poolsadmin.agents.liveness import hearing_touch
 from poolsadmin.autoscaler.services import pool_scale
-from poolsadmin.dashboard.metrics import Family, _number, exposition
 from poolsadmin.lib import clock
 from poolsadmin.pools.models import AgentPool
 from poolsadmin.scheduler.services import task_dispatch, task_dispatch_rollback
@@ -47,12 +48,26 @@ def _frozen_clock() -> Any:
 def scrape(client: Client, **headers: str) -> str:
     response = client.get(reverse("metrics"), headers=headers)
     assert response.status_code == 200, response.content
-    return response.content.decode()
+    text = response.content.decode()
+    assert list(text_string_to_metric_families(text))  # Prometheus can read all of it
+    return text
+
+
+def _number(value: float) -> str:
+    """A sample's value as the expected lines write it: 2, not prometheus_client's 2.0."""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
 
 
 def family(text: str, name: str) -> list[str]:
-    """The sample lines of one metric family, in order."""
-    return [line for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name]
+    """The sample lines of one metric family, in order, each value written by `_number`."""
+    lines = []
+    for line in text.splitlines():
+        if line.split("{")[0].split(" ")[0] == name:
+            series, value = line.rsplit(" ", 1)
+            lines.append(f"{series} {_number(float(value))}")
+    return lines
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -126,24 +141,40 @@ def test_metrics_refuse_post(viewer_client: Client) -> None:
 # --- the text format ---------------------------------------------------------------------------
 
 
-def test_label_values_and_help_text_are_escaped() -> None:
-    metric = Family("x_info", "gauge", "a \\ help\nwith a newline")
-    metric.add(1, name='say "hi"\\\n')
-    metric.add(0.25)
+def test_a_pool_name_with_quotes_backslashes_and_a_newline_reads_back_unchanged(
+    viewer_client: Client,
+) -> None:
+    make_pool(pool_id=POOL, name='say "hi" \\ to\nops')
 
-    assert exposition([metric]) == (
-        "# HELP x_info a \\\\ help\\nwith a newline\n"
-        "# TYPE x_info gauge\n"
-        'x_info{name="say \\"hi\\"\\\\\\n"} 1\n'
-        "x_info 0.25\n"
-    )
+    [info] = [
+        sample
+        for metric in text_string_to_metric_families(scrape(viewer_client))
+        for sample in metric.samples
+        if sample.name == "poolsadmin_pool_info"
+    ]
+
+    assert info.labels == {"pool": POOL, "name": 'say "hi" \\ to\nops', "type": "static"}
+    assert info.value == 1
+
+
+def test_the_process_metrics_come_with_the_ledger_metrics(viewer_client: Client) -> None:
+    """Prometheus's own collectors for the web process that answered: CPU, memory, Python."""
+    metrics = {m.name: m for m in text_string_to_metric_families(scrape(viewer_client))}
+
+    assert metrics["process_cpu_seconds"].type == "counter"
+    [resident] = metrics["process_resident_memory_bytes"].samples
+    assert resident.value > 0
+    [python] = metrics["python_info"].samples
+    assert python.labels["implementation"] == "CPython"
+    assert metrics["python_gc_collections"].samples
+    assert metrics["poolsadmin_drift_repairs"].type == "counter"
 
 
 def test_the_pool_name_is_escaped_in_the_info_metric(viewer_client: Client) -> None:
     make_pool(pool_id=POOL, name='ops "blue" \\ eu')
 
     assert family(scrape(viewer_client), "poolsadmin_pool_info") == [
-        f'poolsadmin_pool_info{{pool="{POOL}",name="ops \\"blue\\" \\\\ eu",type="static"}} 1'
+        f'poolsadmin_pool_info{{name="ops \\"blue\\" \\\\ eu",pool="{POOL}",type="static"}} 1'
     ]
 
 
@@ -283,8 +314,8 @@ def test_drift_repairs_are_counted_per_pool_and_kind(viewer_client: Client) -> N
         ledger_check(pool=pool, dry_run=True)  # a dry run repairs and counts nothing
 
     assert family(scrape(viewer_client), "poolsadmin_drift_repairs_total") == [
-        f'poolsadmin_drift_repairs_total{{pool="{POOL}",kind="drift.slot_mismatch"}} 2',
-        f'poolsadmin_drift_repairs_total{{pool="{OTHER}",kind="drift.slot_mismatch"}} 1',
+        f'poolsadmin_drift_repairs_total{{kind="drift.slot_mismatch",pool="{POOL}"}} 2',
+        f'poolsadmin_drift_repairs_total{{kind="drift.slot_mismatch",pool="{OTHER}"}} 1',
     ]
 
 
