@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# DEBUG is off unless asked for (settings.py): the development targets ask for it.
 demo: install
-	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py demo
+	DEBUG=true $(BIN)/python manage.py migrate --noinput
+	DEBUG=true $(BIN)/python manage.py demo
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 test: install
@@ -29,14 +30,14 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy poolsadmin tests
+	DEBUG=true $(BIN)/mypy poolsadmin tests
 
 fmt: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 worker: install
-	$(BIN)/python manage.py worker
+	DEBUG=true $(BIN)/python manage.py worker
 
 # Figures, not assertions: the pool page with 2 pods against 500 pods x 4 slots; 200 agents
 # heartbeating once a second against one web process on PostgreSQL (docs/benchmarks.md). The

@@ -196,9 +196,13 @@ def start_web(source: Path, env: dict[str, str], port: int, log: Path) -> subpro
     while time.monotonic() < deadline:
         if web.poll() is not None:
             raise SystemExit(f"daphne exited with {web.returncode}:\n{log.read_text()}")
+        # Any answer of the API is a server up: pages need collected static files with DEBUG
+        # off, and the API is never redirected to HTTPS.
         try:
-            with urllib.request.urlopen(f"http://{HOST}:{port}/login/", timeout=5):
+            with urllib.request.urlopen(f"http://{HOST}:{port}/api/v1/", timeout=5):
                 return web
+        except urllib.error.HTTPError:
+            return web
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.3)
     web.kill()

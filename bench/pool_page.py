@@ -36,6 +36,7 @@ def main() -> None:
     os.environ.setdefault("DATABASE_URL", f"sqlite:///{scratch}/bench.sqlite3")
     os.environ["POOLSADMIN_VAR_DIR"] = scratch
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "poolsadmin.settings")
+    os.environ.setdefault("DEBUG", "true")  # a scratch database with the test client
     import django
 
     django.setup()

@@ -1,14 +1,17 @@
 """One settings module, configured from the environment.
 
 Every variable is listed in `.env.example`. Bad values fail at start-up with a message that
-names the variable; with nothing set, the zero-setup default runs (SQLite file in `var/`,
-in-memory channel layer, DEBUG on).
+names the variable. DEBUG is off unless asked for (`DEBUG=true`, which `make demo` sets): with
+DEBUG off a SECRET_KEY is required and the production defaults hold (secure cookies, HSTS, SSL
+redirect, manifest static files). With only DEBUG=true set, the zero-setup default runs
+(SQLite file in `var/`, in-memory channel layer).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -63,18 +66,83 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-DEBUG = env_bool("DEBUG", default=True)
+def env_origins(name: str) -> list[str]:
+    """Origins as Django compares them with a request's Origin header: scheme://host[:port]."""
+    origins = env_list(name, [])
+    for origin in origins:
+        scheme, _, rest = origin.partition("://")
+        if scheme not in {"http", "https"} or not rest or "/" in rest:
+            raise ImproperlyConfigured(
+                f"{name}: {origin!r} is not an origin (use https://host or https://host:port)."
+            )
+    return origins
+
+
+def env_proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """`HTTP_X_FORWARDED_PROTO,https`: the request header (as Django names it in META) and the
+    value that means the client spoke HTTPS to the proxy."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    header, _, value = (part.strip() for part in raw.partition(","))
+    if not re.fullmatch(r"HTTP_[A-Z0-9_]+", header) or not value:
+        raise ImproperlyConfigured(
+            f"{name}={raw!r}: use HEADER,VALUE with the header as Django names it in META, "
+            "e.g. HTTP_X_FORWARDED_PROTO,https."
+        )
+    return header, value
+
+
+# Off unless asked for: a process started without configuration must not show tracebacks
+# and settings to the world. `make demo` and the tests (pytest-env in pyproject) ask for it.
+DEBUG = env_bool("DEBUG", default=False)
 
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off (DEBUG is off unless DEBUG=true; "
+            "`make demo` sets it for development)."
+        )
     SECRET_KEY = "insecure-development-key-only-for-debug"
 
 ALLOWED_HOSTS = env_list(
     "ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"] if DEBUG else []
 )
-CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+# Only for origins other than the site's own (same-origin POSTs pass on their Host): for
+# example a dashboard reached under a second name through another proxy.
+CSRF_TRUSTED_ORIGINS = env_origins("CSRF_TRUSTED_ORIGINS")
+
+# --- HTTPS --------------------------------------------------------------------------------------
+# With DEBUG off every one defaults to what `check --deploy` asks for; each can be turned off.
+# TLS ends at the Ingress. `daphne --proxy-headers` (the image's command) already takes the
+# scheme from X-Forwarded-Proto; SECURE_PROXY_SSL_HEADER is for a server that does not.
+SECURE_PROXY_SSL_HEADER = env_proxy_ssl_header("SECURE_PROXY_SSL_HEADER")
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", default=not DEBUG)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=not DEBUG)
+# Browsers are sent to HTTPS; machine clients are not. Inside the cluster the kubelet probes
+# the pod, agents (POOLSADMIN_PUBLIC_URL), scrapers and scripts reach the Service by plain
+# HTTP; a redirect would protect none of them (the token has crossed the network before the
+# 301 comes back) and most clients turn a redirected POST into a GET. From outside, the
+# Ingress serves HTTPS only. Django matches these against the path without its leading slash.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$", r"^api/"]
+# Browsers remember HSTS for this long: a year, as `check --deploy` and the preload list ask.
+# A first roll-out that may still need plain HTTP can start lower (3600).
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", default=False)
+if SECURE_HSTS_PRELOAD and not (
+    SECURE_HSTS_INCLUDE_SUBDOMAINS and SECURE_HSTS_SECONDS >= 31_536_000
+):
+    raise ImproperlyConfigured(
+        "SECURE_HSTS_PRELOAD=true needs SECURE_HSTS_INCLUDE_SUBDOMAINS=true and "
+        "SECURE_HSTS_SECONDS >= 31536000: the preload list refuses anything less."
+    )
+# Preloading is the domain owner's decision, made by submitting the apex domain to the
+# browsers' list; it binds every other site on that domain. poolsadmin offers the setting and
+# does not nag (security.W021) when the operator has left it off.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
 
 INSTALLED_APPS = [
     "daphne",
@@ -102,6 +170,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files before sessions and the database: a stylesheet costs no query. After
+    # security, so they get the HTTPS redirect and HSTS too.
+    "servestatic.middleware.ServeStaticMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -290,9 +361,26 @@ TIME_ZONE = "UTC"
 USE_I18N = False
 USE_TZ = True
 
+# Served by ServeStatic (whitenoise's fork with an async middleware, so files stream under
+# ASGI without a thread per response). With DEBUG on it serves the source files as they
+# change; with DEBUG off it serves what `manage.py collectstatic` put in STATIC_ROOT, under
+# hashed names from the manifest (cached for good) and gzipped. htmx is django-htmx's copy.
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = VAR_DIR / "staticfiles"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or VAR_DIR / "staticfiles")
+if DEBUG:
+    # Only collectstatic fills it, for DEBUG off; ServeStatic warns on every start without it.
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "django.contrib.staticfiles.storage.StaticFilesStorage"
+            if DEBUG
+            else "servestatic.storage.CompressedManifestStaticFilesStorage"
+        )
+    },
+}
 
 LOGGING = {
     "version": 1,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +17,7 @@ from django.test import Client
 from poolsadmin.api.roles import ROLE_ADMIN, ROLE_VIEWER
 from poolsadmin.api.services import api_token_create
 from poolsadmin.lib import clock
+from tests.processes import collect_static
 
 IS_POSTGRES = settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 
@@ -40,6 +42,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def collected_static(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A STATIC_ROOT filled by collectstatic, once per run, for processes started with DEBUG
+    off (set it as their STATIC_ROOT)."""
+    root = tmp_path_factory.mktemp("static")
+    collect_static(root)
+    return root
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,9 +38,7 @@ from django.conf import settings
 from poolsadmin.agents.reference import ReferenceAgent
 from poolsadmin.kube.fake_api import FakeKubeServer, start_fake_kube
 from tests.conftest import IS_POSTGRES
-
-ROOT = Path(__file__).resolve().parents[2]
-MANAGE = [sys.executable, str(ROOT / "manage.py")]
+from tests.processes import MANAGE, ROOT, free_port
 
 HEARTBEAT_TIMEOUT, GRACE = 4, 3  # seconds: an outage of 12 s is far longer than both
 OUTAGE_SECONDS = 12.0
@@ -95,17 +92,16 @@ print(json.dumps({
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
-def database_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Environment for the processes: a database of their own, on this run's engine."""
+def database_env(tmp_path: Path, collected_static: Path) -> Iterator[dict[str, str]]:
+    """Environment for the processes: a database of their own, on this run's engine (and the
+    collected static files, which the pages need with DEBUG off)."""
     if not IS_POSTGRES:
-        yield {"DATABASE_URL": "", "POOLSADMIN_VAR_DIR": str(tmp_path)}
+        yield {
+            "DATABASE_URL": "",
+            "POOLSADMIN_VAR_DIR": str(tmp_path),
+            "STATIC_ROOT": str(collected_static),
+        }
         return
     db = settings.DATABASES["default"]
     name = f"poolsadmin_outage_{os.getpid()}_{secrets.token_hex(3)}"
@@ -115,7 +111,11 @@ def database_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield {"DATABASE_URL": f"{server}/{name}", "POOLSADMIN_VAR_DIR": str(tmp_path)}
+        yield {
+            "DATABASE_URL": f"{server}/{name}",
+            "POOLSADMIN_VAR_DIR": str(tmp_path),
+            "STATIC_ROOT": str(collected_static),
+        }
     finally:
         with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -125,7 +125,7 @@ class Stack:
     """The web and worker processes, the fake cluster, and a reference agent per pod."""
 
     def __init__(self, env: dict[str, str], fake: FakeKubeServer, logs: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.fake = fake
         self.logs = logs
@@ -135,6 +135,8 @@ class Stack:
             "DEBUG": "false",
             "SECRET_KEY": "outage-test-" + secrets.token_hex(16),
             "ALLOWED_HOSTS": "127.0.0.1",
+            # No TLS in front: the test reads pages over plain HTTP.
+            "SECURE_SSL_REDIRECT": "false",
             "CHANNEL_LAYER_URL": "",
             "KUBE_MODE": "url",
             "KUBE_API_URL": fake.url,
