@@ -152,6 +152,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "servestatic",  # its system checks of the middleware and storage settings
     "django_htmx",
     "template_partials",
     "axes",

@@ -7,6 +7,7 @@ One web process for the module, with no database: nothing here reads one.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import secrets
@@ -73,67 +74,95 @@ class _Assets(HTMLParser):
             self.scripts.append(str(found["src"]))
 
 
-@pytest.fixture(scope="module")
-def web(collected_static: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    var = tmp_path_factory.mktemp("production-var")
+@contextlib.contextmanager
+def daphne(var: Path, **env: str) -> Iterator[Web]:
+    """daphne as the image starts it, with this environment over a database-less default."""
     port = free_port()
-    env = {
+    environment = {
         **os.environ,
-        "DEBUG": "false",
-        "SECRET_KEY": secrets.token_urlsafe(50),
         "ALLOWED_HOSTS": HOST,
-        "STATIC_ROOT": str(collected_static),
         "POOLSADMIN_VAR_DIR": str(var),
         "DATABASE_URL": "",
         "CHANNEL_LAYER_URL": "",
+        **env,
     }
     for name in ("SECURE_SSL_REDIRECT", "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE"):
-        env.pop(name, None)  # the defaults of DEBUG off, whatever this shell has
-    log = (var / "web.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "--proxy-headers", "-b", "127.0.0.1", "-p", str(port),
-         "poolsadmin.asgi:application"],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    server = Web(port)
-    deadline = time.monotonic() + 60
-    while True:
+        environment.pop(name, None)  # the defaults, whatever this shell has
+    with (var / "web.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "--proxy-headers", "-b", "127.0.0.1", "-p",
+             str(port), "poolsadmin.asgi:application"],
+            env=environment, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
         try:
-            server.get("/metrics")
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError((var / "web.log").read_text()) from None
-            time.sleep(0.2)
-    yield server
-    process.terminate()
-    process.wait(timeout=15)
-    log.close()
+            server = Web(port)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    server.get("/metrics")
+                    break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise AssertionError((var / "web.log").read_text()) from None
+                    time.sleep(0.2)
+            yield server
+        finally:
+            process.terminate()
+            process.wait(timeout=15)
 
 
-def test_the_login_page_links_the_css_and_htmx_that_daphne_serves_with_debug_off(
-    web: Web,
-) -> None:
+@pytest.fixture(scope="module")
+def web(collected_static: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    """DEBUG off, after collectstatic: production."""
+    var = tmp_path_factory.mktemp("production-var")
+    secret = secrets.token_urlsafe(50)
+    with daphne(var, DEBUG="false", SECRET_KEY=secret, STATIC_ROOT=str(collected_static)) as web:
+        yield web
+
+
+def stylesheet_and_htmx(web: Web) -> tuple[Answer, Answer]:
+    """What the login page links, fetched as a browser would through the Ingress."""
     page = assets(web)
     [css] = page.stylesheets
     [htmx] = [src for src in page.scripts if "django_htmx/htmx" in src]
+    return web.get(css, HTTPS), web.get(htmx, HTTPS)
 
-    stylesheet = web.get(css, HTTPS)
-    script = web.get(htmx, HTTPS)
 
-    # Hashed names from the manifest: a new release never meets an old file in a cache.
-    assert css.startswith("/static/css/app.") and css.count(".") == 2
+def assert_css_and_javascript(stylesheet: Answer, script: Answer) -> None:
     assert stylesheet.status == 200
     assert stylesheet.headers["Content-Type"].startswith("text/css")
     assert b"{" in stylesheet.body
-    assert "immutable" in stylesheet.headers["Cache-Control"]
     assert script.status == 200
     assert script.headers["Content-Type"].split(";")[0] in {
         "text/javascript",
         "application/javascript",
     }
     assert b"htmx" in script.body
+
+
+def test_the_login_page_links_the_css_and_htmx_that_daphne_serves_with_debug_off(
+    web: Web,
+) -> None:
+    [css] = assets(web).stylesheets
+
+    stylesheet, script = stylesheet_and_htmx(web)
+
+    assert_css_and_javascript(stylesheet, script)
+    # Hashed names from the manifest: a new release never meets an old file in a cache.
+    assert css.startswith("/static/css/app.") and css.count(".") == 2
+    assert "immutable" in stylesheet.headers["Cache-Control"]
+
+
+def test_with_debug_on_daphne_serves_them_from_the_source_tree_without_collectstatic(
+    tmp_path: Path,
+) -> None:
+    """`make demo` and a developer's daphne: nothing collected, files as they are edited."""
+    with daphne(tmp_path, DEBUG="true", STATIC_ROOT=str(tmp_path / "never-collected")) as web:
+        [css] = assets(web).stylesheets
+        stylesheet, script = stylesheet_and_htmx(web)
+
+    assert css == "/static/css/app.css"
+    assert_css_and_javascript(stylesheet, script)
 
 
 def test_static_files_are_sent_compressed_to_a_client_that_accepts_it(web: Web) -> None:
