@@ -19,6 +19,7 @@ from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
+from poolsadmin.lib.wake import wake
 from poolsadmin.pools.models import (
     MAX_REPLICAS,
     MAX_SLOTS_PER_POD,
@@ -451,6 +452,7 @@ def slot_free_for_task(
         after={"state": SlotState.IDLE, "task_id": None},
         reason=reason,
     )
+    wake()  # capacity came free: the scheduler places waiting work now
     broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
     return slot
 
