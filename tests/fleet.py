@@ -35,9 +35,11 @@ def fleet_build(
     workspaces: int = 500,
     plan_and_apply_per_pod: int = 1,
     prefix: str = "fleet",
+    heartbeat_timeout_seconds: int = 3600,
 ) -> Fleet:
     """`pools` static pools of `pods_per_pool` online agents each; `workspaces` in all, spread
-    evenly over the pools."""
+    evenly over the pools. The agents never heartbeat after registering: the long heartbeat
+    timeout keeps the first of a thousand online while the last registers."""
     built: list[AgentPool] = []
     spaces: dict[str, list[Workspace]] = {}
     per_pool = max(1, workspaces // pools)
@@ -47,6 +49,7 @@ def fleet_build(
             name=f"{prefix}-{p:02d}",
             slots_per_pod=slots_per_pod,
             plan_and_apply_per_pod=plan_and_apply_per_pod,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
         )
         for i in range(pods_per_pool):
             agent_register(pool=pool, name=f"{prefix}-{p:02d}-pod-{i:04d}", version="fleet")
