@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint fmt worker bench clean
+.PHONY: install demo test lint fmt worker bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,13 +39,21 @@ fmt: install
 worker: install
 	DEBUG=true $(BIN)/python manage.py worker
 
-# Figures, not assertions: the pool page with 2 pods against 500 pods x 4 slots; 200 agents
-# heartbeating once a second against one web process on PostgreSQL (docs/benchmarks.md). The
-# heartbeat script creates and drops its own databases on the server of BENCH_ADMIN_URL.
+# Figures, not assertions (docs/benchmarks.md): the pool page with 2 pods against 500 pods x 4
+# slots; 200 agents heartbeating once a second against one web process; the scheduler's
+# dispatches/s against `pgbench -N` on the same server. The PostgreSQL scripts create and drop
+# their own databases on the server of BENCH_ADMIN_URL. `bench-smoke` runs each at a tiny size
+# (CI runs it, so the scripts cannot rot) and records nothing.
 BENCH_ADMIN_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 bench: install
 	$(BIN)/python bench/pool_page.py
 	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL)
+	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL)
+
+bench-smoke: install
+	$(BIN)/python bench/pool_page.py --pods 5 --running 3 --rounds 1
+	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL) --agents 5 --seconds 3 --runs 1
+	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL) --smoke
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import re
 import secrets
 import socket
@@ -55,9 +54,20 @@ from typing import Any
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.common import (  # noqa: E402
+    PGBENCH_DB,
+    drop,
+    machine,
+    pgbench,
+    pgbench_init,
+    recreate,
+    server_facts,
+    url_for,
+)
+
 BIN = Path(sys.executable).parent
 BENCH_DB = "poolsadmin_bench"
-PGBENCH_DB = "poolsadmin_pgbench"
 HOST = "127.0.0.1"
 REQUEST_TIMEOUT_S = 30.0
 BODY = json.dumps({"running_task_ids": [], "cpu": 0.25, "memory": 256.0}).encode()
@@ -103,49 +113,6 @@ class Run:
 
 
 # --- the server and its databases --------------------------------------------------------------
-
-
-def url_for(admin_url: str, database: str) -> str:
-    return urllib.parse.urlsplit(admin_url)._replace(path=f"/{database}").geturl()
-
-
-def drop(admin_url: str, database: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-
-
-def recreate(admin_url: str, database: str) -> None:
-    drop(admin_url, database)
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {database}")
-
-
-def server_facts(admin_url: str) -> tuple[str, int]:
-    with psycopg.connect(admin_url) as admin:
-        version = admin.execute("SHOW server_version").fetchone()
-        limit = admin.execute("SHOW max_connections").fetchone()
-    assert version is not None and limit is not None
-    return str(version[0]), int(limit[0])
-
-
-def pg_args(admin_url: str) -> list[str]:
-    parts = urllib.parse.urlsplit(admin_url)
-    args = ["-h", parts.hostname or HOST, "-p", str(parts.port or 5432)]
-    return [*args, "-U", parts.username] if parts.username else args
-
-
-def pgbench(admin_url: str) -> float:
-    """tps of `pgbench -N -T 15 -c 8` (no updates of the small tables, so no lock
-    contention: what the server does with 8 clients on this machine)."""
-    done = subprocess.run(
-        ["pgbench", *pg_args(admin_url), "-N", "-T", "15", "-c", "8", "-j", "2", PGBENCH_DB],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    found = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
-    assert found, done.stdout + done.stderr
-    return float(found.group(1))
 
 
 def backends_sampler(admin_url: str, samples: list[int], stop: threading.Event) -> None:
@@ -371,19 +338,6 @@ def measure(args: argparse.Namespace, env: dict[str, str], setup: dict[str, Any]
     return runs
 
 
-def machine() -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB RAM"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=200)
@@ -421,12 +375,7 @@ def main() -> None:
         args.source, env, "shell", "--no-imports", "-c", SETUP.format(agents=args.agents)
     )
     setup = json.loads(printed.strip().splitlines()[-1])
-    recreate(args.admin_url, PGBENCH_DB)
-    subprocess.run(
-        ["pgbench", *pg_args(args.admin_url), "-i", "-q", "-s", "10", PGBENCH_DB],
-        capture_output=True,
-        check=True,
-    )
+    pgbench_init(args.admin_url)
     print(f"{args.agents} agents x 1 heartbeat/s x {args.seconds:.0f} s, {args.runs} runs\n")
 
     try:

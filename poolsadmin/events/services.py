@@ -19,9 +19,13 @@ def event_record(
     after: dict[str, Any] | None = None,
     reason: str = "",
     data: dict[str, Any] | None = None,
+    batch: list[Event] | None = None,
 ) -> Event:
-    """Append one event. Call it inside the transaction of the change it describes."""
-    return Event.objects.create(
+    """Append one event. Call it inside the transaction of the change it describes.
+
+    With `batch`, the event is built and appended to it instead, for a caller that makes many
+    changes in one transaction and writes their events with one INSERT (`events_write`)."""
+    event = Event(
         at=clock.now(),
         actor=actor,
         kind=kind,
@@ -35,3 +39,14 @@ def event_record(
         reason=reason,
         data=data or {},
     )
+    if batch is None:
+        event.save(force_insert=True)
+    else:
+        batch.append(event)
+    return event
+
+
+def events_write(batch: list[Event]) -> None:
+    """Write a batch of events, in the order they were recorded."""
+    Event.objects.bulk_create(batch)
+    batch.clear()

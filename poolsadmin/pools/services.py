@@ -12,12 +12,14 @@ from django.db import transaction
 from django.db.models import F
 
 from poolsadmin.agents.liveness import hearing_gap
+from poolsadmin.events.models import Event
 from poolsadmin.events.services import event_record
 from poolsadmin.kube.adapter import KubeApi, KubeError
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
+from poolsadmin.lib.wake import wake
 from poolsadmin.pools.models import (
     MAX_REPLICAS,
     MAX_SLOTS_PER_POD,
@@ -82,6 +84,19 @@ def pool_validate(
             raise InvalidInput("need 0 <= min_replicas <= max_replicas", field="min_replicas")
         if not pod_image:
             raise InvalidInput("a k8s pool needs a pod image", field="pod_image")
+
+
+def pool_claim(*, pool_id: str, wait: bool) -> AgentPool | None:
+    """Hold the pool row (`SELECT ... FOR NO KEY UPDATE`) until the transaction ends: what
+    places tasks into a pool's slots, and what retires its pods, hold it, so each sees the
+    others' committed work. With `wait=False` (`SKIP LOCKED`) None means another scheduler holds
+    it: several scheduler processes then take different pools instead of queueing on one. NO
+    KEY: new tasks and pods, whose foreign keys take KEY SHARE on the row, are not blocked.
+    On SQLite every write transaction is IMMEDIATE and the lock is the database's."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("pool_claim holds the pool row for a transaction: call it in one")
+    rows = AgentPool.objects.select_for_update(no_key=True, skip_locked=not wait)
+    return rows.filter(pk=pool_id).first()
 
 
 def pool_create(
@@ -284,36 +299,74 @@ def pod_for_static_agent(*, pool: AgentPool, agent_id: str, name: str, actor: st
 # --- slots -------------------------------------------------------------------------------------
 
 
-def slot_take(*, slot: Slot, task_id: int, task_type: str, actor: str, pool_id: str) -> bool:
-    """idle -> running for `task_id`. False if the slot is no longer idle."""
+@dataclass(frozen=True)
+class SlotClaim:
+    slot: Slot  # as the caller read it: idle, with its pod
+    task_id: int
+    task_type: str
+
+
+def slots_take(
+    *, claims: list[SlotClaim], actor: str, pool_id: str, batch: list[Event]
+) -> list[SlotClaim]:
+    """idle -> running for each claim's task, only where the slot is still idle and empty:
+    the scheduler's batch of dispatches (a dispatch of one is a batch of one). Returns the
+    claims that took their slot; their events join `batch`, and the caller publishes the
+    pool's change once, after commit.
+
+    One `UPDATE ... FROM (VALUES ...) RETURNING` rather than an UPDATE per slot: the same
+    conditional update, row by row, in one statement (PostgreSQL; SQLite 3.33+)."""
+    if not claims:
+        return []
     now = clock.now()
-    changed = Slot.objects.filter(pk=slot.pk, state=SlotState.IDLE, task__isnull=True).update(
-        state=SlotState.RUNNING,
-        task_id=task_id,
-        task_type=task_type,
-        since=now,
-        reserved_until=None,
-        version=F("version") + 1,
-    )
-    if changed != 1:
-        return False
-    event_record(
-        actor=actor,
-        kind="slot.taken",
-        target_type="slot",
-        target_id=slot_label(slot),
-        pool_id=pool_id,
-        task_id=task_id,
-        before=_slot_snapshot(slot),
-        after={"state": SlotState.RUNNING, "task_id": task_id, "task_type": task_type},
-    )
-    broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
-    return True
+    rows = ", ".join(["(%s, %s, %s)"] * len(claims))
+    params: list[Any] = [now]
+    for claim in claims:
+        params += [claim.slot.pk, claim.task_id, claim.task_type]
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(
+            f"UPDATE slots SET state = 'running', task_id = v.column2, task_type = v.column3, "
+            f"since = %s, reserved_until = NULL, version = slots.version + 1 "
+            f"FROM (VALUES {rows}) AS v "
+            f"WHERE slots.id = v.column1 AND slots.state = 'idle' AND slots.task_id IS NULL "
+            f"RETURNING slots.id",
+            params,
+        )
+        taken = {row[0] for row in cursor.fetchall()}
+    won = [c for c in claims if c.slot.pk in taken]
+    for claim in won:
+        event_record(
+            actor=actor,
+            kind="slot.taken",
+            target_type="slot",
+            target_id=slot_label(claim.slot),
+            pool_id=pool_id,
+            task_id=claim.task_id,
+            before=_slot_snapshot(claim.slot),
+            after={
+                "state": SlotState.RUNNING,
+                "task_id": claim.task_id,
+                "task_type": claim.task_type,
+            },
+            batch=batch,
+        )
+    return won
 
 
-def slot_resume_reserved(*, task_id: int, actor: str, pool_id: str) -> Slot | None:
-    """reserved -> running for the confirmed apply that owns the reservation (I-598)."""
-    slot = Slot.objects.select_related("pod").filter(task_id=task_id).first()
+def slot_resume_reserved(
+    *,
+    task_id: int,
+    actor: str,
+    pool_id: str,
+    slot: Slot | None = None,
+    batch: list[Event] | None = None,
+) -> Slot | None:
+    """reserved -> running for the confirmed apply that owns the reservation (I-598).
+
+    `slot` is the reservation as the caller read it (else it is read here). With `batch` (a
+    scheduler batch) the event joins it and the caller publishes the pool's change once."""
+    if slot is None:
+        slot = Slot.objects.select_related("pod").filter(task_id=task_id).first()
     if slot is None or slot.state != SlotState.RESERVED:
         return None
     changed = Slot.objects.filter(pk=slot.pk, state=SlotState.RESERVED, task_id=task_id).update(
@@ -331,8 +384,10 @@ def slot_resume_reserved(*, task_id: int, actor: str, pool_id: str) -> Slot | No
         before=_slot_snapshot(slot),
         after={"state": SlotState.RUNNING, "task_id": task_id},
         reason="confirmed apply reuses the plan's reserved slot",
+        batch=batch,
     )
-    broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
+    if batch is None:
+        broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
     return slot
 
 
@@ -397,6 +452,7 @@ def slot_free_for_task(
         after={"state": SlotState.IDLE, "task_id": None},
         reason=reason,
     )
+    wake()  # capacity came free: the scheduler places waiting work now
     broadcast_pool_changed(pool_id=pool_id, kind="slot", payload={"slot": slot_label(slot)})
     return slot
 
@@ -636,10 +692,11 @@ def pod_retire(
     """Cordon a pod and delete it from the cluster, unless one of its slots is in
     `blocking_states`. False (nothing changed) when a slot blocks or a scheduler holds the pod.
 
-    The scheduler locks a pod row before taking one of its slots and re-reads the slots, so
-    checking the slots under the same row lock and cordoning in that transaction means no task
-    can be placed on the pod once it is decided. The ledger row goes when the reconciler sees
-    the pod gone from the cluster.
+    Every dispatch holds its pool's row (`FOR NO KEY UPDATE`, scheduler/services.py) from the
+    capacity snapshot it places with to its commit, so taking the same lock here, then checking
+    the slots and cordoning in that transaction, means no task can be placed on the pod once it
+    is decided (a batch that started first commits first, and its slots are then seen here).
+    The ledger row goes when the reconciler sees the pod gone from the cluster.
 
     A failed delete re-raises the KubeError. A delete the server refused lifts the cordon
     again if the pod is still there. A delete whose outcome is unknown (timeout, lost
@@ -647,6 +704,7 @@ def pod_retire(
     terminates loses it ("vanished"): the cordon stays, marked `delete_unconfirmed_at`, until
     cluster sync lists the pod again later and lifts it (pod_delete_not_done), or sees it gone."""
     with transaction.atomic():
+        pool_claim(pool_id=pod.pool_id, wait=True)
         locked = Pod.objects.select_for_update(skip_locked=True).filter(pk=pod.pk).first()
         if locked is None:
             return False

@@ -6,6 +6,7 @@ Nothing here writes. `placement_candidates` is pure: it works on a capacity snap
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -84,8 +85,28 @@ def _since(task: WorkspaceTask) -> datetime | None:
     return task.created_at
 
 
-def workspace_block(*, task: WorkspaceTask, workspace: Workspace) -> Diagnosis | None:
-    """Rules 1, 2 and 5 for one task of one workspace."""
+OPEN_STATUSES = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.APPLY_PENDING)
+
+
+def serial_heads(*, workspace_ids: Collection[str]) -> dict[str, WorkspaceTask]:
+    """Rule 2's reference: the earliest plan_and_apply of each workspace that is pending,
+    running or apply_pending. One query for any number of workspaces (a scheduler batch)."""
+    heads: dict[str, WorkspaceTask] = {}
+    rows = WorkspaceTask.objects.filter(
+        workspace_id__in=list(workspace_ids),
+        task_type=TaskType.PLAN_AND_APPLY,
+        status__in=OPEN_STATUSES,
+    ).only("id", "workspace_id", "status", "created_at", "planned_at", "started_at")
+    for task in rows.order_by("workspace_id", "id"):
+        heads.setdefault(task.workspace_id, task)
+    return heads
+
+
+def workspace_block(
+    *, task: WorkspaceTask, workspace: Workspace, heads: dict[str, WorkspaceTask] | None = None
+) -> Diagnosis | None:
+    """Rules 1, 2 and 5 for one task of one workspace. `heads` is `serial_heads` of the
+    workspace, when the caller read it for many tasks at once."""
     if task.status == TaskStatus.APPLY_PENDING and not task.apply_confirmed_by:
         # Rule 5: no path may apply an unconfirmed plan.
         planner = (
@@ -100,18 +121,12 @@ def workspace_block(*, task: WorkspaceTask, workspace: Workspace) -> Diagnosis |
             blocker=f"task:{task.pk}",
         )
     if task.task_type == TaskType.PLAN_AND_APPLY and task.status == TaskStatus.PENDING:
-        # Rule 2: plan_and_apply tasks of one workspace are strictly serial.
-        earlier = (
-            WorkspaceTask.objects.filter(
-                workspace_id=workspace.pk,
-                task_type=TaskType.PLAN_AND_APPLY,
-                status__in=[TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.APPLY_PENDING],
-                id__lt=task.pk,
-            )
-            .order_by("id")
-            .first()
-        )
-        if earlier is not None:
+        # Rule 2: plan_and_apply tasks of one workspace are strictly serial: a pending one
+        # waits while an earlier one of its workspace is open.
+        if heads is None:
+            heads = serial_heads(workspace_ids=[workspace.pk])
+        earlier = heads.get(workspace.pk)
+        if earlier is not None and earlier.pk < task.pk:
             return Diagnosis(
                 "blocked_by_task",
                 f"plan_and_apply #{earlier.pk} of this workspace is {earlier.status} "

@@ -1,13 +1,20 @@
 """Dispatch: pending task -> slot, written to the ledger before the agent hears of it.
 
+A pass works in batches, one per pool (issue 9): read the pool's capacity once, place its
+waiting tasks against it in memory with the rule functions (placement.py, rules.py), then
+claim every placement in the same transaction. Queries per dispatch stay constant whatever
+the size of the pool.
+
 Concurrency (SPEC 4, I-W4). Any number of scheduler processes may run `scheduler_pass` at once:
-* the task row is claimed with `SELECT ... FOR UPDATE SKIP LOCKED` (PostgreSQL) and changed
-  by a conditional update on its expected status, so a task is dispatched once;
-* the workspace row is locked (blocking) so the workspace rules are checked against committed
-  state: a plan cannot slip in while another transaction locks the workspace for an apply;
-* the chosen pod row is locked (`SKIP LOCKED`: a busy pod is skipped, not waited for) before
-  its slots are re-read, so the plan_and_apply-per-pod limit holds across schedulers; the slot
-  itself moves idle -> running by a conditional update, and `Slot.task` is unique;
+* a batch holds its pool's row (`pool_claim`: `FOR NO KEY UPDATE`, `SKIP LOCKED` in a pass)
+  from the snapshot to the commit, so nobody else places tasks into the pool's slots or
+  retires one of its pods meanwhile; another scheduler takes another pool instead;
+* each task row is locked (`FOR UPDATE SKIP LOCKED`) and changed by a conditional update on
+  its expected status, so a task is dispatched once;
+* the workspace rows are locked (blocking, in key order) and rule 1 checked again on them: a
+  task cannot slip in while another transaction locks its workspace for an apply;
+* each slot moves idle -> running by a conditional update (idle and empty), and `Slot.task`
+  is unique: a slot never holds two tasks, even if the snapshot were wrong;
 * on SQLite every transaction is IMMEDIATE, so writers are serialised by the database lock.
 """
 
@@ -19,30 +26,34 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import Q
 
 from poolsadmin.agents.liveness import liveness_read
-from poolsadmin.events.services import event_record
+from poolsadmin.events.models import Event
+from poolsadmin.events.services import event_record, events_write
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, NotFound
 from poolsadmin.lib.humanize import stamp
-from poolsadmin.pools.models import Pod, Slot, SlotState
+from poolsadmin.pools.models import AgentPool, Slot
 from poolsadmin.pools.selectors import pool_capacity
 from poolsadmin.pools.services import (
+    SlotClaim,
+    pool_claim,
     slot_free_for_task,
     slot_reserve_for_task,
     slot_resume_reserved,
-    slot_take,
+    slots_take,
 )
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
+from poolsadmin.scheduler.placement import Placement, PoolSnapshot
 from poolsadmin.scheduler.rules import (
     POOL_EXHAUSTED,
     Diagnosis,
     backoff_block,
     in_dispatch_order,
-    placement_candidates,
     pool_block,
+    serial_heads,
     workspace_block,
 )
 from poolsadmin.tasks.models import (
@@ -74,11 +85,6 @@ class DispatchOutcome:
     contended: bool = False  # another scheduler holds the task row
 
 
-class _Abort(Exception):
-    def __init__(self, diagnosis: Diagnosis) -> None:
-        self.diagnosis = diagnosis
-
-
 def ack_timeout() -> timedelta:
     return timedelta(seconds=settings.POOLSADMIN_ACK_TIMEOUT_SECONDS)
 
@@ -88,129 +94,224 @@ def retry_delay(retry_count: int) -> timedelta:
     return timedelta(seconds=steps[min(max(retry_count, 1), len(steps)) - 1])
 
 
+def _refusal(task: WorkspaceTask) -> DispatchRefused | None:
+    """Rule 5 and the state machine: only pending tasks and confirmed applies dispatch."""
+    if task.status == TaskStatus.PENDING:
+        return None
+    if task.status == TaskStatus.APPLY_PENDING:
+        if task.apply_confirmed_by:
+            return None
+        return DispatchRefused(
+            f"task #{task.pk} is apply_pending without a confirmation; "
+            "an unconfirmed plan is never applied"
+        )
+    return DispatchRefused(f"task #{task.pk} is {task.status}; only waiting tasks dispatch")
+
+
 def task_dispatch(*, task_id: int, actor: str = SCHEDULER) -> DispatchOutcome:
-    """Dispatch one task if the rules and capacity allow, in one transaction.
+    """Dispatch one task if the rules and capacity allow, in one transaction: a batch of one
+    (`_dispatch_batch`), after waiting for a scheduler that holds the pool to finish.
 
     Raises DispatchRefused (and changes nothing) for a task that may never be dispatched in
     its state, such as an apply_pending task nobody confirmed (I-500).
     """
-    try:
-        with transaction.atomic():
-            return _dispatch_locked(task_id=task_id, actor=actor)
-    except _Abort as abort:
-        return DispatchOutcome(task_id=task_id, dispatched=False, diagnosis=abort.diagnosis)
-
-
-def _dispatch_locked(*, task_id: int, actor: str) -> DispatchOutcome:
     now = clock.now()
-    task = (
-        WorkspaceTask.objects.select_for_update(skip_locked=True, of=("self",))
-        .select_related("pool")
-        .filter(pk=task_id)
-        .first()
-    )
-    if task is None:
-        if not WorkspaceTask.objects.filter(pk=task_id).exists():
+    with transaction.atomic():
+        task = WorkspaceTask.objects.select_related("pool").filter(pk=task_id).first()
+        if task is None:
             raise NotFound(f"task {task_id} does not exist")
-        return DispatchOutcome(task_id=task_id, dispatched=False, contended=True)
+        refusal = _refusal(task)
+        if refusal is not None:
+            raise refusal
+        backoff = backoff_block(task=task, now=now)
+        if backoff:
+            return DispatchOutcome(task_id=task_id, dispatched=False, diagnosis=backoff)
+        pool = pool_claim(pool_id=task.pool_id, wait=True)
+        assert pool is not None  # the task's foreign key keeps its pool
+        outcomes = _dispatch_batch(pool=pool, tasks=[task], now=now, actor=actor)
+    return outcomes[0]
 
-    if task.status == TaskStatus.PENDING:
-        is_apply = False
-    elif task.status == TaskStatus.APPLY_PENDING:
-        if not task.apply_confirmed_by:
-            raise DispatchRefused(
-                f"task #{task_id} is apply_pending without a confirmation; "
-                "an unconfirmed plan is never applied"
-            )
-        is_apply = True
-    else:
-        raise DispatchRefused(f"task #{task_id} is {task.status}; only waiting tasks dispatch")
-    backoff = backoff_block(task=task, now=now)
-    if backoff:
-        raise _Abort(backoff)
 
-    pool = task.pool
+def _dispatch_batch(
+    *, pool: AgentPool, tasks: list[WorkspaceTask], now: datetime, actor: str
+) -> list[DispatchOutcome]:
+    """Place `tasks` (waiting tasks of `pool`, in dispatch order) and claim the placements, in
+    the caller's transaction, which holds the pool row (`pool_claim`). One outcome per task
+    tried; once the pool has no room for a kind of task, later tasks of that kind are skipped
+    (confirmed applies are still tried: they may own a reserved slot, I-598).
+
+    Cost: a constant number of queries for the batch (pool state, workspaces, rule 2's heads,
+    the capacity snapshot, the row locks, the events) plus two per dispatch (the slot's and the
+    task's conditional updates), whatever the number of pods."""
     blocked = pool_block(pool=pool, now=now)
     if blocked:
-        raise _Abort(blocked)
-    workspace = Workspace.objects.select_for_update().get(pk=task.workspace_id)
-    blocked = workspace_block(task=task, workspace=workspace)
-    if blocked:
-        raise _Abort(blocked)
+        return [DispatchOutcome(task_id=tasks[0].pk, dispatched=False, diagnosis=blocked)]
+    workspace_ids = {t.workspace_id for t in tasks}
+    workspaces = Workspace.objects.in_bulk(list(workspace_ids))
+    heads = serial_heads(workspace_ids=workspace_ids)
+    snapshot = PoolSnapshot(pool=pool, views=pool_capacity(pool=pool, now=now), now=now)
 
-    own_slot = Slot.objects.filter(task_id=task.pk).first() if is_apply else None
-    views = pool_capacity(pool=pool, now=now)
-    candidates, diagnosis = placement_candidates(
-        task=task, pool=pool, views=views, own_slot=own_slot, now=now
-    )
-    if diagnosis:
-        raise _Abort(diagnosis)
-
-    for view, reserved in candidates:
-        if reserved is not None:
-            slot = slot_resume_reserved(task_id=task.pk, actor=actor, pool_id=pool.pool_id)
-            if slot is None:
-                continue
-            return _record_dispatch(task, view.pod, slot, reuse=True, actor=actor, now=now)
-        # Lock the pod, then re-read its slots: the per-pod plan_and_apply count must be
-        # checked against what other schedulers have committed, not against the snapshot.
-        locked = Pod.objects.select_for_update(skip_locked=True).filter(pk=view.pod.pk).first()
-        if locked is None:
+    outcomes: list[DispatchOutcome] = []
+    placements: list[Placement] = []
+    exhausted = no_plan_and_apply_room = False
+    for task in tasks:
+        if task.status == TaskStatus.PENDING and (
+            exhausted or (task.task_type == TaskType.PLAN_AND_APPLY and no_plan_and_apply_room)
+        ):
             continue
-        slots = list(Slot.objects.filter(pod_id=locked.pk).order_by("index"))
-        if task.task_type == TaskType.PLAN_AND_APPLY:
-            held = sum(
-                1 for s in slots if s.state != SlotState.IDLE and s.task_type == "plan_and_apply"
-            )
-            if held >= pool.plan_and_apply_per_pod:
-                continue
-        for slot in slots:
-            if slot.state != SlotState.IDLE:
-                continue
-            slot.pod = view.pod
-            if slot_take(
-                slot=slot,
-                task_id=task.pk,
-                task_type=task.task_type,
-                actor=actor,
-                pool_id=pool.pool_id,
-            ):
-                return _record_dispatch(task, view.pod, slot, reuse=False, actor=actor, now=now)
-    # Every candidate was taken by a concurrent scheduler between snapshot and lock.
-    raise _Abort(Diagnosis("no_free_slot", "Every free slot was taken by a concurrent dispatch."))
+        placed = workspace_block(
+            task=task, workspace=workspaces[task.workspace_id], heads=heads
+        ) or snapshot.place(task)
+        if isinstance(placed, Placement):
+            placements.append(placed)
+            continue
+        outcomes.append(DispatchOutcome(task_id=task.pk, dispatched=False, diagnosis=placed))
+        if placed.code in POOL_EXHAUSTED and task.status == TaskStatus.PENDING:
+            exhausted = True
+        elif placed.code == "plan_and_apply_capacity":
+            no_plan_and_apply_room = True
+    if placements:
+        outcomes.extend(_claim(placements=placements, heads=heads, actor=actor, now=now))
+    return outcomes
 
 
-def _record_dispatch(
-    task: WorkspaceTask, pod: Pod, slot: Slot, *, reuse: bool, actor: str, now: datetime
-) -> DispatchOutcome:
-    is_apply = task.status == TaskStatus.APPLY_PENDING
-    changes: dict[str, Any] = {
-        "status": TaskStatus.RUNNING,
-        "stage": Stage.APPLYING if is_apply else Stage.PLANNING,
-        "agent_id": pod.agent_id,
-        "pod_id": pod.pk,
-        "pod_name": pod.name,
-        "slot_index": slot.index,
-        "dispatched_at": now,
-        "acked_at": None,
-        "reuse_workdir": reuse,
-        "unreported_since": None,
-    }
-    if is_apply:
-        changes["apply_started_at"] = now
-    else:
-        changes.update(
-            started_at=now,
-            plan_agent_id=pod.agent_id or "",
-            plan_pod_name=pod.name,
-            plan_slot_index=slot.index,
+def _claim(
+    *, placements: list[Placement], heads: dict[str, WorkspaceTask], actor: str, now: datetime
+) -> list[DispatchOutcome]:
+    """Write the placements, each only where the ledger still agrees with the snapshot:
+
+    1. lock the tasks (`SKIP LOCKED`: one that another transaction holds, say a cancel, waits
+       for the next pass) and keep those still in the status they were placed in;
+    2. lock their workspaces (blocking, in key order: batches of other pools lock them in the
+       same order) and check rule 1 again on the committed rows: a workspace locked for an
+       apply since it was read runs nothing new;
+    3. the slots' conditional updates (idle -> running where still idle and empty, in one
+       statement; a confirmed apply's own reservation -> running); a slot lost to a race
+       leaves its task waiting for the next pass;
+    4. the tasks' conditional update on their expected status, in one statement;
+    5. the batch's events in one INSERT, and one realtime publish for the pool."""
+    task_ids = [p.task.pk for p in placements]
+    statuses = dict(
+        WorkspaceTask.objects.select_for_update(skip_locked=True)
+        .filter(pk__in=task_ids)
+        .values_list("id", "status")
+    )
+    outcomes = [
+        DispatchOutcome(task_id=p.task.pk, dispatched=False, contended=True)
+        for p in placements
+        if statuses.get(p.task.pk) != p.task.status
+    ]
+    still = [p for p in placements if statuses.get(p.task.pk) == p.task.status]
+    locked = Workspace.objects.select_for_update(no_key=True).filter(
+        pk__in={p.task.workspace_id for p in still}
+    )
+    workspaces = {w.pk: w for w in locked.order_by("pk")}
+    pool_id = placements[0].task.pool_id
+    events: list[Event] = []
+    allowed: list[Placement] = []
+    for placement in still:
+        task = placement.task
+        blocked = workspace_block(task=task, workspace=workspaces[task.workspace_id], heads=heads)
+        if blocked:
+            outcomes.append(DispatchOutcome(task_id=task.pk, dispatched=False, diagnosis=blocked))
+        else:
+            allowed.append(placement)
+    won = {
+        claim.task_id
+        for claim in slots_take(
+            claims=[
+                SlotClaim(slot=p.slot, task_id=p.task.pk, task_type=p.task.task_type)
+                for p in allowed
+                if not p.reuse
+            ],
+            actor=actor,
+            pool_id=pool_id,
+            batch=events,
         )
-    before = {"status": task.status, "stage": task.stage}
-    updated = WorkspaceTask.objects.filter(pk=task.pk, status=task.status).update(**changes)
-    if updated != 1:
-        # Unreachable while we hold the row lock; if it happens, roll back everything.
-        raise Conflict(f"task #{task.pk} changed during dispatch")
-    label = f"{pod.name}[{slot.index}]"
+    }
+    for placement in allowed:
+        if placement.reuse and slot_resume_reserved(
+            task_id=placement.task.pk,
+            actor=actor,
+            pool_id=pool_id,
+            slot=placement.slot,
+            batch=events,
+        ):
+            won.add(placement.task.pk)
+    taken = [p for p in allowed if p.task.pk in won]
+    outcomes.extend(
+        DispatchOutcome(task_id=p.task.pk, dispatched=False, contended=True)
+        for p in allowed
+        if p.task.pk not in won
+    )
+    _tasks_running(taken, now=now)
+    for placement in taken:
+        outcomes.append(_dispatch_recorded(placement, actor=actor, batch=events))
+    events_write(events)
+    dispatched = [p.task.pk for p in taken]
+    if dispatched:
+        broadcast_pool_changed(pool_id=pool_id, kind="task", payload={"dispatched": dispatched})
+    return outcomes
+
+
+# The dispatch's task update, for a batch in one statement: running, on the pod and slot it
+# was placed on, written before the agent hears of it (I-644). An apply keeps the plan's
+# fields; a plan starts now and records where it planned. Each row only from the status it
+# was placed in (the batch holds the row locks, so all of them change or none).
+TASKS_RUNNING_SQL = """
+UPDATE workspace_tasks SET
+    status = 'running',
+    stage = v.column3,
+    agent_id = v.column4,
+    pod_id = v.column5,
+    pod_name = v.column6,
+    slot_index = v.column7,
+    dispatched_at = %(now)s,
+    acked_at = NULL,
+    reuse_workdir = (v.column8 = 1),
+    unreported_since = NULL,
+    apply_started_at = CASE WHEN v.column9 = 1 THEN %(now)s ELSE apply_started_at END,
+    started_at = CASE WHEN v.column9 = 1 THEN started_at ELSE %(now)s END,
+    plan_agent_id = CASE WHEN v.column9 = 1 THEN plan_agent_id ELSE v.column4 END,
+    plan_pod_name = CASE WHEN v.column9 = 1 THEN plan_pod_name ELSE v.column6 END,
+    plan_slot_index = CASE WHEN v.column9 = 1 THEN plan_slot_index ELSE v.column7 END
+FROM (VALUES {rows}) AS v
+WHERE workspace_tasks.id = v.column1 AND workspace_tasks.status = v.column2
+RETURNING workspace_tasks.id
+"""
+
+
+def _tasks_running(placements: list[Placement], *, now: datetime) -> None:
+    if not placements:
+        return
+    params: dict[str, Any] = {"now": now}
+    rows = []
+    for n, p in enumerate(placements):
+        is_apply = p.task.status == TaskStatus.APPLY_PENDING
+        values = {
+            "id": p.task.pk,
+            "expected": p.task.status,
+            "stage": Stage.APPLYING if is_apply else Stage.PLANNING,
+            "agent": p.view.pod.agent_id,
+            "pod": p.view.pod.pk,
+            "pod_name": p.view.pod.name,
+            "slot": p.slot.index,
+            "reuse": int(p.reuse),
+            "apply": int(is_apply),
+        }
+        rows.append("(" + ", ".join(f"%({key}_{n})s" for key in values) + ")")
+        params.update({f"{key}_{n}": value for key, value in values.items()})
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(TASKS_RUNNING_SQL.format(rows=", ".join(rows)), params)
+        updated = len(cursor.fetchall())
+    if updated != len(placements):
+        # Unreachable while the batch holds the row locks; if it happens, roll back the batch.
+        raise Conflict(f"{len(placements) - updated} tasks changed during their dispatch")
+
+
+def _dispatch_recorded(placement: Placement, *, actor: str, batch: list[Event]) -> DispatchOutcome:
+    task, pod, slot, reuse = placement.task, placement.view.pod, placement.slot, placement.reuse
+    is_apply = task.status == TaskStatus.APPLY_PENDING
     event_record(
         actor=actor,
         kind="task.dispatched",
@@ -219,20 +320,20 @@ def _record_dispatch(
         pool_id=task.pool_id,
         workspace_id=task.workspace_id,
         task_id=task.pk,
-        before=before,
+        before={"status": task.status, "stage": task.stage},
         after={
             "status": TaskStatus.RUNNING,
-            "stage": changes["stage"],
+            "stage": Stage.APPLYING if is_apply else Stage.PLANNING,
             "agent_id": pod.agent_id,
             "pod": pod.name,
             "slot": slot.index,
         },
         data={"reuse_workdir": reuse, "action": "apply" if is_apply else "plan"},
+        batch=batch,
     )
-    broadcast_pool_changed(
-        pool_id=task.pool_id, kind="task", payload={"task_id": task.pk, "status": "running"}
+    return DispatchOutcome(
+        task_id=task.pk, dispatched=True, slot=f"{pod.name}[{slot.index}]", reuse_workdir=reuse
     )
-    return DispatchOutcome(task_id=task.pk, dispatched=True, slot=label, reuse_workdir=reuse)
 
 
 def task_dispatch_rollback(*, task_id: int, actor: str = SCHEDULER) -> bool:
@@ -362,21 +463,23 @@ def _waiting(now: datetime) -> Q:
     return QUEUED & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
 
 
-def dispatch_candidates(*, pool_id: str, now: datetime, limit: int) -> list[tuple[int, str, str]]:
+def dispatch_candidates(*, pool_id: str, now: datetime, limit: int) -> list[WorkspaceTask]:
     """A pool's waiting tasks in dispatch order (rules 4 and 7): confirmed applies first, then
     FIFO by creation, drift checks last."""
     rows = in_dispatch_order(WorkspaceTask.objects.filter(_waiting(now), pool_id=pool_id))
-    return list(rows.values_list("id", "task_type", "status")[:limit])
+    return list(rows[:limit])
 
 
 def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> PassResult:
-    """One pass: 1. roll back unacknowledged dispatches; 2. per pool with waiting work,
-    dispatch as many waiting tasks as fit, in priority order.
+    """One pass: 1. roll back unacknowledged dispatches; 2. per pool with waiting work that no
+    other scheduler holds, dispatch a batch of its waiting tasks, as many as fit, in priority
+    order, in one transaction.
 
     Pools are independent (their capacity is their own), so each is walked separately: a
-    long queue in one pool never starves another. Once a pool has no free slot for anyone,
-    its remaining pending tasks are not tried in this pass (confirmed applies still are: they
-    may own a reserved slot, I-598)."""
+    long queue in one pool never starves another, and several scheduler processes take
+    different pools (`pool_claim`, SKIP LOCKED) rather than queue on the same rows. Once a
+    pool has no free slot for anyone, its remaining pending tasks are not tried in this pass
+    (confirmed applies still are: they may own a reserved slot, I-598)."""
     result = PassResult()
     now = clock.now()
     expired = list(
@@ -407,45 +510,53 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
     )
     for pool_id in sorted(pool_ids):
         try:
-            _pass_pool(pool_id=pool_id, now=now, limit=limit_per_pool, actor=actor, result=result)
+            outcomes = _pass_pool(pool_id=pool_id, now=now, limit=limit_per_pool, actor=actor)
         except Exception:  # one broken pool must not stop every pool sorting after it
             logger.exception("scheduler pass of pool %s failed", pool_id)
+            continue
+        for outcome in outcomes:
+            if outcome.dispatched:
+                result.dispatched.append(outcome.task_id)
+            elif outcome.diagnosis is not None:
+                result.waiting[outcome.task_id] = outcome.diagnosis
     if result.dispatched:
         logger.info("dispatched %s", result.dispatched)
     return result
 
 
-def _pass_pool(*, pool_id: str, now: datetime, limit: int, actor: str, result: PassResult) -> None:
+def _pass_pool(*, pool_id: str, now: datetime, limit: int, actor: str) -> list[DispatchOutcome]:
+    """One batch for the pool, unless another scheduler holds it. If the batch raises, its
+    transaction is rolled back and its tasks go one at a time, so that a bad row (say, a name
+    no column can hold) fails only its own task's dispatch: that task waits out a back-off,
+    and its diagnosis says why."""
+    try:
+        with transaction.atomic():
+            pool = pool_claim(pool_id=pool_id, wait=False)
+            if pool is None:  # another scheduler is placing this pool's tasks
+                return []
+            tasks = dispatch_candidates(pool_id=pool_id, now=now, limit=limit)
+            return _dispatch_batch(pool=pool, tasks=tasks, now=now, actor=actor) if tasks else []
+    except (OperationalError, InterfaceError):
+        raise  # the database, not a row: the next pass tries again
+    except Exception:
+        logger.exception("the dispatch batch of pool %s failed; dispatching one at a time", pool_id)
+    outcomes: list[DispatchOutcome] = []
     exhausted = False
-    no_plan_and_apply_room = False
-    for task_id, task_type, status in dispatch_candidates(pool_id=pool_id, now=now, limit=limit):
-        if status == TaskStatus.PENDING:
-            if exhausted:
-                continue
-            if task_type == TaskType.PLAN_AND_APPLY and no_plan_and_apply_room:
-                continue
+    for task in dispatch_candidates(pool_id=pool_id, now=now, limit=limit):
+        if exhausted and task.status == TaskStatus.PENDING:
+            continue
         try:
-            outcome = task_dispatch(task_id=task_id, actor=actor)
+            outcome = task_dispatch(task_id=task.pk, actor=actor)
         except (DispatchRefused, NotFound) as exc:  # changed under us since the listing
-            logger.debug("not dispatching task %s: %s", task_id, exc)
+            logger.debug("not dispatching task %s: %s", task.pk, exc)
             continue
         except Exception as exc:
-            # A bad row (say, a name no column can hold) fails this task's dispatch, not the
-            # pass: the dispatch was rolled back; the task waits out a back-off, and its
-            # diagnosis says why.
-            logger.exception("dispatching task %s failed", task_id)
-            task_dispatch_failed(task_id=task_id, error=exc, actor=actor)
+            logger.exception("dispatching task %s failed", task.pk)
+            task_dispatch_failed(task_id=task.pk, error=exc, actor=actor)
             continue
-        if outcome.dispatched:
-            result.dispatched.append(task_id)
-            continue
-        if outcome.diagnosis is None:
-            continue
-        result.waiting[task_id] = outcome.diagnosis
-        code = outcome.diagnosis.code
+        outcomes.append(outcome)
+        code = outcome.diagnosis.code if outcome.diagnosis else ""
         if code in {"pool_paused", "pool_frozen"}:
-            return
-        if code in POOL_EXHAUSTED and status == TaskStatus.PENDING:
-            exhausted = True
-        elif code == "plan_and_apply_capacity":
-            no_plan_and_apply_room = True
+            break
+        exhausted = exhausted or (code in POOL_EXHAUSTED and task.status == TaskStatus.PENDING)
+    return outcomes

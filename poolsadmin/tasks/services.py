@@ -18,6 +18,7 @@ from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.ids import WORKSPACE_ID_RE, random_id
+from poolsadmin.lib.wake import wake
 from poolsadmin.pools.models import AgentPool, PoolAllowedWorkspace, SlotState
 from poolsadmin.pools.services import slot_free_for_task, slot_reserve_for_task
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
@@ -274,6 +275,7 @@ def task_submit(
         broadcast_pool_changed(
             pool_id=pool.pool_id, kind="task", payload={"task_id": task.pk, "status": task.status}
         )
+        wake()  # the scheduler dispatches it now, not at its next poll
     return task
 
 
@@ -289,6 +291,7 @@ def task_confirm_apply(*, task_id: int, actor: str, description: str = "") -> Wo
                 f"task #{task_id} was already confirmed by {task.apply_confirmed_by} "
                 f"at {stamp(task.apply_confirmed_at)}"
             )
+        wake()  # the apply is dispatchable: the scheduler sends it now (I-523)
         return _transition(
             task,
             expected=TaskStatus.APPLY_PENDING,

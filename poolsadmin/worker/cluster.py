@@ -121,7 +121,7 @@ def pod_remove(*, pod: Pod, actor: str, reason: str) -> bool:
         if locked is None:
             return False
         # Only idle slots go, and the pod only if none is left: a dispatch that takes a slot
-        # between the caller's release and this delete (slot_take does not lock the pod) keeps
+        # between the caller's release and this delete (slots_take does not lock the pod) keeps
         # its slot, and the pod stays until the next pass.
         slots, _ = Slot.objects.filter(pod=locked, state=SlotState.IDLE).delete()
         if Slot.objects.filter(pod=locked).exists():

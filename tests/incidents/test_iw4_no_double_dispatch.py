@@ -7,7 +7,11 @@ the conditional updates; on SQLite the IMMEDIATE transactions.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -20,6 +24,7 @@ from poolsadmin.pools.models import AgentPool, PoolStatus, Slot, SlotState
 from poolsadmin.scheduler.services import PassResult, scheduler_pass
 from poolsadmin.tasks.models import TaskStatus, TaskType, Workspace, WorkspaceTask
 from tests.conftest import IS_POSTGRES
+from tests.fleet import fleet_build, tasks_queue
 from tests.ledger import make_agent, make_pool, make_workspace, submit
 
 ROUNDS = 20 if IS_POSTGRES else 5
@@ -143,3 +148,71 @@ def test_two_passes_at_the_same_instant_dispatch_a_single_task_once() -> None:
         _assert_ledger_consistent(pool, results)
         _retire(pool)
     assert connection.vendor in {"postgresql", "sqlite"}
+
+
+# Four scheduler processes, each with its own connections, as four workers run them.
+SCHEDULER_PROCESS = """
+import sys, time
+import django
+django.setup()
+from poolsadmin.scheduler.services import scheduler_pass
+start = float(sys.argv[1])
+while time.time() < start:
+    time.sleep(0.001)
+idle = 0
+while idle < 20:  # another process may hold the pools that are left: look again a while
+    idle = 0 if scheduler_pass().dispatched else idle + 1
+    time.sleep(0.01 * idle)
+"""
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_four_scheduler_processes_over_5000_tasks_dispatch_each_task_once() -> None:
+    """The batch claim (issue 9) under real concurrency: 4 processes, 5,000 waiting tasks of
+    every kind in 10 pools of 5,000 slots, all passes started at the same instant."""
+    fleet = fleet_build(pools=10, pods_per_pool=25, slots_per_pod=20, workspaces=500)
+    kinds = (TaskType.PLAN,) * 6 + (TaskType.PLAN_AND_APPLY, TaskType.DRIFT_CHECK)
+    tasks_queue(fleet, count=5000, kinds=kinds)
+    database = connection.settings_dict
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}"
+        f"/{database['NAME']}",
+        "POOLSADMIN_HEARING_KEEPER": "false",
+        "POOLSADMIN_ACK_TIMEOUT_SECONDS": "86400",  # nothing acknowledges: roll nothing back
+    }
+    start = time.time() + 5  # every process has imported Django and connected by then
+    processes = [
+        subprocess.Popen([sys.executable, "-c", SCHEDULER_PROCESS, str(start)], env=env)
+        for _ in range(4)
+    ]
+    try:
+        assert [p.wait(timeout=600) for p in processes] == [0, 0, 0, 0]
+    finally:
+        for p in processes:
+            p.kill()
+
+    for pool in fleet.pools:
+        dispatched = [
+            task_id
+            for task_id in Event.objects.filter(
+                pool_id=pool.pool_id, kind="task.dispatched"
+            ).values_list("task_id", flat=True)
+            if task_id is not None
+        ]
+        _assert_ledger_consistent(pool, [PassResult(dispatched=dispatched)])
+        # Rule 2 held across processes: one open plan_and_apply per workspace at a time.
+        serial = Counter(
+            WorkspaceTask.objects.filter(
+                pool=pool, task_type=TaskType.PLAN_AND_APPLY, status=TaskStatus.RUNNING
+            ).values_list("workspace_id", flat=True)
+        )
+        assert all(n == 1 for n in serial.values())
+    # Every slot that could take a task took one: plans alone outnumber the slots left.
+    left = WorkspaceTask.objects.filter(status=TaskStatus.PENDING, task_type=TaskType.PLAN)
+    assert not left.exists() or not Slot.objects.filter(state=SlotState.IDLE).exists()
+    assert (
+        Event.objects.filter(kind="task.dispatched").count()
+        == WorkspaceTask.objects.filter(status=TaskStatus.RUNNING).count()
+    )

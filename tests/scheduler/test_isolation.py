@@ -58,14 +58,14 @@ def test_a_task_whose_dispatch_raises_waits_out_a_back_off_and_the_pass_goes_on(
     broken = submit(make_workspace(first), "plan")
     fine = submit(make_workspace(first), "plan")
     elsewhere = submit(make_workspace(second), "plan")
-    real = pool_services.slot_take
+    real = pool_services.slots_take
 
-    def slot_take(**kwargs: Any) -> bool:
-        if kwargs["task_id"] == broken.pk:
+    def slots_take(**kwargs: Any) -> Any:
+        if any(claim.task_id == broken.pk for claim in kwargs["claims"]):
             raise ValueError("a row no column can hold")
         return real(**kwargs)
 
-    monkeypatch.setattr(scheduler, "slot_take", slot_take)
+    monkeypatch.setattr(scheduler, "slots_take", slots_take)
 
     result = scheduler_pass()
 

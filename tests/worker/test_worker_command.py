@@ -57,6 +57,7 @@ def test_sigterm_stops_the_worker_cleanly(tmp_path: Path) -> None:
         **os.environ,
         "POOLSADMIN_VAR_DIR": str(tmp_path),
         "DATABASE_URL": "",
+        "PYTHONUNBUFFERED": "1",
     }
     manage = [sys.executable, str(ROOT / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, check=True, timeout=300)
@@ -64,7 +65,12 @@ def test_sigterm_stops_the_worker_cleanly(tmp_path: Path) -> None:
         [*manage, "worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        time.sleep(2)
+        # Signal it once its handlers are installed: it says so as its loops start (on a busy
+        # machine importing Django alone can take longer than any fixed sleep).
+        assert worker.stdout is not None
+        started = worker.stdout.readline()
+        assert "worker: running" in started, started
+        time.sleep(1)
         assert worker.poll() is None, "the worker must keep running until told to stop"
         worker.send_signal(signal.SIGTERM)
         out, _ = worker.communicate(timeout=30)

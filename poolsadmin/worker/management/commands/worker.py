@@ -11,6 +11,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DatabaseError, close_old_connections, connection
 
+from poolsadmin.lib.wake import Listener
 from poolsadmin.worker.cluster_access import kube_client_check
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_release
 from poolsadmin.worker.loops import HOLDER, LOOPS, Loop
@@ -18,9 +19,16 @@ from poolsadmin.worker.loops import HOLDER, LOOPS, Loop
 logger = logging.getLogger("poolsadmin.worker")
 
 
-def run_loops(loops: list[Loop], *, stop: threading.Event, once: bool = False) -> None:
+def run_loops(
+    loops: list[Loop],
+    *,
+    stop: threading.Event,
+    once: bool = False,
+    listener: Listener | None = None,
+) -> None:
     """Run each loop when it is due until `stop` is set. A failing pass is logged and retried
-    on the next turn: one bad row must not stop the control plane."""
+    on the next turn: one bad row must not stop the control plane. With a `listener`, a
+    notice that work arrived (lib/wake.py) makes the scheduler due at once."""
     next_due = {loop.name: 0.0 for loop in loops}
     while not stop.is_set():
         for loop in loops:
@@ -41,8 +49,11 @@ def run_loops(loops: list[Loop], *, stop: threading.Event, once: bool = False) -
             next_due[loop.name] = time.monotonic() + (0.05 if did_work else loop.interval_seconds)
         if once:
             return
-        wait = max(0.0, min(next_due.values()) - time.monotonic())
-        stop.wait(min(wait, 1.0))
+        wait = min(1.0, max(0.0, min(next_due.values()) - time.monotonic()))
+        if listener is None:
+            stop.wait(wait)
+        elif listener.wait(wait, stop) and "scheduler" in next_due:
+            next_due["scheduler"] = 0.0
 
 
 class Command(BaseCommand):
@@ -80,7 +91,12 @@ class Command(BaseCommand):
         self.stdout.write(
             f"worker: running {', '.join(names)}" + (" once" if options["once"] else "")
         )
-        run_loops(loops, stop=stop, once=options["once"])
+        listener = Listener() if "scheduler" in names and not options["once"] else None
+        try:
+            run_loops(loops, stop=stop, once=options["once"], listener=listener)
+        finally:
+            if listener is not None:
+                listener.close()
         # Hand the reconciler lease over at once instead of making the next worker wait out
         # its TTL.
         lease_release(name=RECONCILER_LEASE, holder=HOLDER)

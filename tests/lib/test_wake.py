@@ -1,0 +1,82 @@
+"""Work wakes the scheduler (lib/wake.py): a committed submission is a notice on PostgreSQL, a
+rolled-back one is not, and the worker's scheduler loop runs at the notice instead of at its
+next poll."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import connections, transaction
+
+from poolsadmin.lib.wake import Listener
+from poolsadmin.scheduler.services import scheduler_pass
+from poolsadmin.tasks.models import TaskStatus
+from poolsadmin.worker.loops import Loop
+from poolsadmin.worker.management.commands.worker import run_loops
+from tests.ledger import make_agent, make_pool, make_workspace, refresh, submit
+
+LONG = 30.0  # longer than any test here waits: only a notice can make the loop run in time
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_a_committed_submission_wakes_the_listener_and_a_rolled_back_one_does_not() -> None:
+    pool = make_pool()
+    workspace = make_workspace(pool)
+    listener, stop = Listener(), threading.Event()
+    try:
+        assert not listener.wait(0.2, stop)  # LISTEN is set up, nothing pending
+        with transaction.atomic():
+            submit(workspace, "plan")
+            transaction.set_rollback(True)
+        assert not listener.wait(0.5, stop)
+        submit(workspace, "plan")
+        assert listener.wait(LONG, stop)
+        assert not listener.wait(0.2, stop)  # the notices of one commit fold into one
+    finally:
+        listener.close()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_an_idle_scheduler_loop_dispatches_a_submitted_task_at_the_notice() -> None:
+    pool = make_pool()
+    make_agent(pool, "P1")
+    workspace = make_workspace(pool)
+    dispatched = threading.Event()
+
+    def scheduler() -> bool:
+        did = scheduler_pass().did_work
+        if did:
+            dispatched.set()
+        return did
+
+    stop, listener = threading.Event(), Listener()
+
+    def worker() -> None:
+        try:
+            run_loops(
+                [Loop("scheduler", scheduler, interval_seconds=LONG)], stop=stop, listener=listener
+            )
+        finally:
+            listener.close()
+            connections.close_all()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert not dispatched.wait(1.0)  # its first pass found nothing: now it idles
+        task = submit(workspace, "plan")
+        assert dispatched.wait(LONG - 5)
+        assert refresh(task).status == TaskStatus.RUNNING
+    finally:
+        stop.set()
+        thread.join(LONG)
+
+
+@pytest.mark.sqlite_only
+def test_on_sqlite_the_listener_only_waits() -> None:
+    stop = threading.Event()
+    stop.set()
+    assert Listener().wait(5.0, stop) is False
