@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
 from collections import Counter
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import redis
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -51,6 +49,7 @@ from tests.ledger import (
     pod_of,
     submit,
 )
+from tests.redis_server import redis_or_skip
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -480,16 +479,8 @@ def test_each_socket_renders_the_buttons_its_own_user_may_use(
 
 @pytest.fixture
 def redis_layer(settings: Any) -> Iterator[None]:
-    """CHANNEL_LAYERS on Redis (db 13, flushed around the test). Under CI=true a missing Redis
-    fails the test: CI must prove the production layer, not skip it."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        reason = f"Redis does not answer at {REDIS_URL}: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    """CHANNEL_LAYERS on Redis (db 13, flushed around the test)."""
+    client = redis_or_skip(REDIS_URL)
     client.flushdb()
     # The production configuration (settings.py), pointed at the tests' database.
     settings.CHANNEL_LAYERS = {"default": redis_channel_layer(REDIS_URL)}
