@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,8 @@ def env_for(source: Path, url: str, var_dir: str) -> dict[str, str]:
         **os.environ,
         "PYTHONPATH": str(source),
         "DJANGO_SETTINGS_MODULE": "poolsadmin.settings",
+        "DEBUG": "false",
+        "SECRET_KEY": secrets.token_hex(32),
         "DATABASE_URL": url,
         "CHANNEL_LAYER_URL": "",
         "LOG_LEVEL": "WARNING",
