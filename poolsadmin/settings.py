@@ -20,6 +20,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from poolsadmin.kube.config import kube_config_from_env
+from poolsadmin.lib.logs import LOG_FORMATS, logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("POOLSADMIN_VAR_DIR", BASE_DIR / "var"))
@@ -383,20 +384,18 @@ STORAGES = {
     },
 }
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {
-        "django.db.backends": {"level": "WARNING"},
-        # Lockouts are warnings; its start-up banner in every process is not news.
-        "axes": {"level": "WARNING"},
-        # Django's own console handler would print every line a second time via the root.
-        "django": {"handlers": [], "level": "INFO"},
-    },
-}
+# LOG_FORMAT=json: one JSON object per line (python-json-logger), with the task, pool, pod and
+# agent ids as fields on the lines about them (lib/logs.py); plain by default. Both mask any
+# token or secret of ours that reaches a line.
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain").strip().lower() or "plain"
+if LOG_FORMAT not in LOG_FORMATS:
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r} is not one of {', '.join(LOG_FORMATS)}.")
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
+if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL={LOG_LEVEL!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL."
+    )
+LOGGING = logging_config(log_format=LOG_FORMAT, level=LOG_LEVEL)
 
 # --- poolsadmin -------------------------------------------------------------------------------
 # How long an agent has to acknowledge a dispatch before it is rolled back (SPEC 4).

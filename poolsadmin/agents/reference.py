@@ -1,8 +1,11 @@
 """The reference agent (SPEC 7): registers, heartbeats, accepts work and runs it, either with a
 configurable command or as a simulation. The demo and the end-to-end tests use it.
 
-It speaks the agent API over HTTP with the standard library only, so it runs anywhere
-Python does and imports nothing of Django. Work travels in heartbeat answers:
+It speaks the agent API over HTTP with the standard library only (and `lib/logs.py` for the
+ids on its log lines), so it runs anywhere Python does and imports nothing of Django. Its log
+lines carry `agent_id`, `pool_id` and, about a task, `task_id` and `pod`; no line carries the
+pool token or the agent secret, and a task's command does not get the token in its
+environment. Work travels in heartbeat answers:
 
 * an assignment is accepted, then run in its own thread;
 * every heartbeat lists the tasks still held (running, or finished with the outcome not yet
@@ -46,6 +49,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+from poolsadmin.lib.logs import log_ids
+
 logger = logging.getLogger("poolsadmin.agent")
 
 STDERR_TAIL_CHARS = 2000
@@ -53,6 +58,9 @@ STDERR_TAIL_CHARS = 2000
 # before its process group is killed.
 KILL_AFTER_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 30.0
+# Variables holding this agent's credentials (`manage.py agent` reads the pool token from the
+# first), kept out of a task command's environment.
+CREDENTIAL_ENV = frozenset({"POOLSADMIN_AGENT_TOKEN", "POOLSADMIN_AGENT_STATE_FILE"})
 # Exit code of `terraform plan -detailed-exitcode` when the plan has changes.
 EXIT_CHANGES = 2
 
@@ -124,6 +132,7 @@ class ReferenceAgent:
         self.command = command
         self.simulation = simulation or Simulation()
         self.agent_id: str | None = None
+        self.pool_id: str | None = None
         self.timeout = 10.0
         self._token = token
         self._secret: str | None = None
@@ -153,10 +162,17 @@ class ReferenceAgent:
                 body["pod_uid"] = self.pod_uid
             answer = self._call("POST", "/api/v1/agents/register", body, proof=self._secret or None)
             self.agent_id = str(answer["agent_id"])
+            self.pool_id = str(answer["pool_id"])
             self._secret = str(answer["agent_secret"])
             self._proposed = None
             self._save_identity()
-        logger.info("registered %s as %s in pool %s", self.name, self.agent_id, answer["pool_id"])
+        logger.info(
+            "registered %s as %s in pool %s",
+            self.name,
+            self.agent_id,
+            self.pool_id,
+            extra=self._ids(),
+        )
 
     def _load_identity(self) -> None:
         if self.state_file is None or not self.state_file.exists():
@@ -164,7 +180,9 @@ class ReferenceAgent:
         try:
             state = json.loads(self.state_file.read_text())
         except (OSError, ValueError) as error:
-            logger.warning("ignoring the agent state in %s: %s", self.state_file, error)
+            logger.warning(
+                "ignoring the agent state in %s: %s", self.state_file, error, extra=self._ids()
+            )
             return
         if isinstance(state, dict) and state.get("name") == self.name:
             self.agent_id = str(state.get("agent_id") or "") or None
@@ -203,7 +221,9 @@ class ReferenceAgent:
                 if error.status in (403, 404):
                     # The server no longer knows this agent in the token's pool (database
                     # reset, token of another pool): register again on the next step.
-                    logger.warning("heartbeat refused (%s); registering again", error)
+                    logger.warning(
+                        "heartbeat refused (%s); registering again", error, extra=self._ids()
+                    )
                     self.agent_id = None
                 raise
             agent_id = self.agent_id
@@ -234,11 +254,12 @@ class ReferenceAgent:
                         failures,
                         delay,
                         exc_info=not expected,
+                        extra=self._ids(),
                     )
                     stop.wait(delay)
                     continue
                 if failures:
-                    logger.info("agent %s: server reachable again", self.name)
+                    logger.info("agent %s: server reachable again", self.name, extra=self._ids())
                 failures = 0
                 stop.wait(self.heartbeat_interval)
         finally:
@@ -262,6 +283,10 @@ class ReferenceAgent:
             self._cancel(task_id, "agent stopping")
 
     # --- HTTP ---------------------------------------------------------------------------------
+
+    def _ids(self, task_id: int | None = None, *, pod: str = "") -> dict[str, Any]:
+        """The ids of this agent's log lines (`lib/logs.py`), and of the task one is about."""
+        return log_ids(task=task_id, pool=self.pool_id, pod=pod, agent=self.agent_id)
 
     def _identity(self) -> tuple[str, str] | None:
         with self._identity_lock:
@@ -288,7 +313,7 @@ class ReferenceAgent:
         except AgentApiError as error:
             if not _identity_refused(error):
                 raise
-            logger.warning("agent %s: %s; registering again", self.name, error)
+            logger.warning("agent %s: %s; registering again", self.name, error, extra=self._ids())
         with self._identity_lock:
             # Another thread (a report, the step) may have registered again meanwhile: one
             # new secret is enough, and a second registration would void the first's.
@@ -344,7 +369,7 @@ class ReferenceAgent:
             )
         except AgentApiError as error:
             # The dispatch was rolled back, cancelled or given to another agent meanwhile.
-            logger.info("task #%s not accepted: %s", task_id, error)
+            logger.info("task #%s not accepted: %s", task_id, error, extra=self._ids(task_id))
             return
         with self._lock:
             held = self._jobs.get(task_id)
@@ -375,6 +400,7 @@ class ReferenceAgent:
             assignment.get("pod"),
             assignment.get("slot"),
             " reusing the plan's working directory" if job.reuse_workdir else "",
+            extra=self._ids(task_id, pod=str(assignment.get("pod") or "")),
         )
         threading.Thread(
             target=self._work, args=(job,), name=f"agent-{self.name}-task-{task_id}", daemon=True
@@ -384,7 +410,7 @@ class ReferenceAgent:
         try:
             outcome = self._run_command(job) if self.command else self._simulate(job)
         except Exception as error:  # the task fails, the agent lives on
-            logger.exception("task #%s crashed", job.task_id)
+            logger.exception("task #%s crashed", job.task_id, extra=self._ids(job.task_id))
             outcome = Outcome("failed", f"reference agent error: {error}")
         if outcome is None or job.cancelled.is_set():
             return
@@ -409,8 +435,10 @@ class ReferenceAgent:
 
     def _run_command(self, job: _Job) -> Outcome | None:
         assert self.command is not None
+        # The command (terraform, a user's script) gets no credential of this agent: what it
+        # prints ends up in the task's error message, and it has no business with the token.
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV},
             "TASK_ID": str(job.task_id),
             "WORKSPACE_ID": job.workspace_id,
             "ACTION": job.action,
@@ -460,7 +488,12 @@ class ReferenceAgent:
                 return
             job.cancelled.set()
             process = job.process
-        logger.info("task #%s cancelled: %s", task_id, reason or "by the server")
+        logger.info(
+            "task #%s cancelled: %s",
+            task_id,
+            reason or "by the server",
+            extra=self._ids(task_id),
+        )
         if process is not None:
             _terminate(process)
 
@@ -481,6 +514,7 @@ class ReferenceAgent:
             job.reporting = True
             outcome = job.outcome
         done = False
+        ids = self._ids(job.task_id)
         try:
             self._call_as_agent(
                 "PUT",
@@ -491,21 +525,27 @@ class ReferenceAgent:
                     "error_message": outcome.error_message,
                 },
             )
-            logger.info("task #%s: reported %s", job.task_id, outcome.status)
+            logger.info("task #%s: reported %s", job.task_id, outcome.status, extra=ids)
             done = True
         except AgentApiError as error:
             if error.status == 409:
-                logger.info("task #%s: the server already decided (%s)", job.task_id, error)
+                logger.info(
+                    "task #%s: the server already decided (%s)", job.task_id, error, extra=ids
+                )
                 done = True
             elif error.status >= 500 or error.status == 401 or _identity_refused(error):
-                logger.warning("task #%s: report failed, will retry: %s", job.task_id, error)
+                logger.warning(
+                    "task #%s: report failed, will retry: %s", job.task_id, error, extra=ids
+                )
             else:
-                logger.error("task #%s: report refused, dropping it: %s", job.task_id, error)
+                logger.error(
+                    "task #%s: report refused, dropping it: %s", job.task_id, error, extra=ids
+                )
                 done = True
         except AgentTransportError as error:
-            logger.warning("task #%s: report failed, will retry: %s", job.task_id, error)
+            logger.warning("task #%s: report failed, will retry: %s", job.task_id, error, extra=ids)
         except Exception:
-            logger.exception("task #%s: report failed, will retry", job.task_id)
+            logger.exception("task #%s: report failed, will retry", job.task_id, extra=ids)
         finally:
             with self._lock:
                 job.reporting = False

@@ -34,6 +34,7 @@ from poolsadmin.kube.adapter import TEMPLATE_HASH_LABEL, KubeApi, KubeError, Pod
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.lib.humanize import duration, stamp
+from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import (
     FINISHED_PHASES,
     MAX_REPLICAS,
@@ -438,5 +439,10 @@ def _store(actor: str, decision: ScaleDecision) -> ScaleDecision:
             pool_id=decision.pool_id, kind="pool", payload={"scale": decision.action}
         )
     if decision.action == ScaleAction.BLOCKED:
-        logger.warning("autoscaler %s: %s", decision.pool_id, decision.reason)
+        logger.warning(
+            "autoscaler %s: %s",
+            decision.pool_id,
+            decision.reason,
+            extra=log_ids(pool=decision.pool_id),
+        )
     return decision

@@ -9,6 +9,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from poolsadmin.lib.logs import log_ids
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,7 +27,12 @@ def _send(pool_id: str, kind: str, payload: dict[str, object]) -> None:
             pool_group(pool_id), {"type": "pool.changed", "kind": kind, **payload}
         )
     except Exception:  # a dashboard nudge must never break a state change
-        logger.warning("realtime publish to %s failed", pool_group(pool_id), exc_info=True)
+        logger.warning(
+            "realtime publish to %s failed",
+            pool_group(pool_id),
+            exc_info=True,
+            extra=log_ids(pool=pool_id),
+        )
 
 
 def broadcast_pool_changed(*, pool_id: str, kind: str, payload: dict[str, object]) -> None:

@@ -22,6 +22,7 @@ from poolsadmin.api.roles import PERM_VIEW
 from poolsadmin.dashboard.live import pool_live_html
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.lib.input import text_problem
+from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool
 from poolsadmin.realtime.broadcast import pool_group
 
@@ -115,7 +116,9 @@ class PoolConsumer(AsyncWebsocketConsumer):
             except Exception:
                 # A channel layer blip (Redis restarting): log it and try again next time;
                 # the render below still runs, and the page still says what it knows.
-                logger.exception("re-joining %s failed", self.group)
+                logger.exception(
+                    "re-joining %s failed", self.group, extra=log_ids(pool=self.pool_id)
+                )
             self._mark_stale()
 
     async def _refusal(self) -> int | None:
@@ -174,5 +177,7 @@ class PoolConsumer(AsyncWebsocketConsumer):
             return False
         except Exception:
             # Keep the socket: the next change tries again (at most once per window).
-            logger.exception("live update of pool %s failed", self.pool_id)
+            logger.exception(
+                "live update of pool %s failed", self.pool_id, extra=log_ids(pool=self.pool_id)
+            )
         return True

@@ -16,6 +16,7 @@ from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.autoscaler.models import ScaleAction, ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import duration, stamp
+from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool, PodPhase, PoolType, Slot, SlotState
 from poolsadmin.pools.selectors import PodView, pool_capacity
 from poolsadmin.scheduler.rules import (
@@ -264,7 +265,9 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
             if diagnosis_record(task=task, diagnosis=diagnosis, now=now):
                 changed += 1
         except Exception:  # one broken task must not leave every other undiagnosed
-            logger.exception("diagnosing task %s failed", task.pk)
+            logger.exception(
+                "diagnosing task %s failed", task.pk, extra=log_ids(task=task.pk, pool=task.pool_id)
+            )
     stale = WaitReason.objects.filter(ended_at__isnull=True).exclude(
         task__in=WorkspaceTask.objects.filter(tasks_waiting_filter())
     )

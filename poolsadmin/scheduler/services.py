@@ -35,6 +35,7 @@ from poolsadmin.events.services import event_record, events_write
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, NotFound
 from poolsadmin.lib.humanize import stamp
+from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool, Slot
 from poolsadmin.pools.selectors import pool_capacity
 from poolsadmin.pools.services import (
@@ -83,6 +84,8 @@ class DispatchOutcome:
     slot: str = ""
     reuse_workdir: bool = False
     contended: bool = False  # another scheduler holds the task row
+    pod: str = ""
+    agent_id: str = ""
 
 
 def ack_timeout() -> timedelta:
@@ -332,7 +335,12 @@ def _dispatch_recorded(placement: Placement, *, actor: str, batch: list[Event]) 
         batch=batch,
     )
     return DispatchOutcome(
-        task_id=task.pk, dispatched=True, slot=f"{pod.name}[{slot.index}]", reuse_workdir=reuse
+        task_id=task.pk,
+        dispatched=True,
+        slot=f"{pod.name}[{slot.index}]",
+        reuse_workdir=reuse,
+        pod=pod.name,
+        agent_id=pod.agent_id or "",
     )
 
 
@@ -442,7 +450,11 @@ def task_dispatch_failed(*, task_id: int, error: Exception, actor: str = SCHEDUL
                 data={"retry_count": retry_count, "next_attempt_at": stamp(next_attempt)},
             )
     except Exception:
-        logger.exception("recording the failed dispatch of task %s failed too", task_id)
+        logger.exception(
+            "recording the failed dispatch of task %s failed too",
+            task_id,
+            extra=log_ids(task=task_id),
+        )
         return False
     return True
 
@@ -499,7 +511,9 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
             if task_dispatch_rollback(task_id=task_id, actor=actor):
                 result.rolled_back.append(task_id)
         except Exception:  # one broken task must not stop the pass for every other
-            logger.exception("rolling back the dispatch of task %s failed", task_id)
+            logger.exception(
+                "rolling back the dispatch of task %s failed", task_id, extra=log_ids(task=task_id)
+            )
 
     # order_by() clears the model's default ordering, which would make DISTINCT per row.
     pool_ids = (
@@ -512,15 +526,24 @@ def scheduler_pass(*, actor: str = SCHEDULER, limit_per_pool: int = 500) -> Pass
         try:
             outcomes = _pass_pool(pool_id=pool_id, now=now, limit=limit_per_pool, actor=actor)
         except Exception:  # one broken pool must not stop every pool sorting after it
-            logger.exception("scheduler pass of pool %s failed", pool_id)
+            logger.exception(
+                "scheduler pass of pool %s failed", pool_id, extra=log_ids(pool=pool_id)
+            )
             continue
         for outcome in outcomes:
             if outcome.dispatched:
                 result.dispatched.append(outcome.task_id)
+                logger.info(
+                    "dispatched task %s to %s (agent %s)",
+                    outcome.task_id,
+                    outcome.slot,
+                    outcome.agent_id,
+                    extra=log_ids(
+                        task=outcome.task_id, pool=pool_id, pod=outcome.pod, agent=outcome.agent_id
+                    ),
+                )
             elif outcome.diagnosis is not None:
                 result.waiting[outcome.task_id] = outcome.diagnosis
-    if result.dispatched:
-        logger.info("dispatched %s", result.dispatched)
     return result
 
 
@@ -539,7 +562,11 @@ def _pass_pool(*, pool_id: str, now: datetime, limit: int, actor: str) -> list[D
     except (OperationalError, InterfaceError):
         raise  # the database, not a row: the next pass tries again
     except Exception:
-        logger.exception("the dispatch batch of pool %s failed; dispatching one at a time", pool_id)
+        logger.exception(
+            "the dispatch batch of pool %s failed; dispatching one at a time",
+            pool_id,
+            extra=log_ids(pool=pool_id),
+        )
     outcomes: list[DispatchOutcome] = []
     exhausted = False
     for task in dispatch_candidates(pool_id=pool_id, now=now, limit=limit):
@@ -548,10 +575,17 @@ def _pass_pool(*, pool_id: str, now: datetime, limit: int, actor: str) -> list[D
         try:
             outcome = task_dispatch(task_id=task.pk, actor=actor)
         except (DispatchRefused, NotFound) as exc:  # changed under us since the listing
-            logger.debug("not dispatching task %s: %s", task.pk, exc)
+            logger.debug(
+                "not dispatching task %s: %s",
+                task.pk,
+                exc,
+                extra=log_ids(task=task.pk, pool=pool_id),
+            )
             continue
         except Exception as exc:
-            logger.exception("dispatching task %s failed", task.pk)
+            logger.exception(
+                "dispatching task %s failed", task.pk, extra=log_ids(task=task.pk, pool=pool_id)
+            )
             task_dispatch_failed(task_id=task.pk, error=exc, actor=actor)
             continue
         outcomes.append(outcome)

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from poolsadmin.kube.adapter import KubeApi, KubeClient, KubeError
+from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool, PoolType
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,12 @@ def kube_for_pool(pool: AgentPool) -> KubeApi | None:
     try:
         return _shared_client()
     except (ImproperlyConfigured, KubeError) as exc:
-        logger.error("no Kubernetes client for pool %s: %s", pool.pool_id, exc)
+        logger.error(
+            "no Kubernetes client for pool %s: %s",
+            pool.pool_id,
+            exc,
+            extra=log_ids(pool=pool.pool_id),
+        )
         return None
 
 

@@ -16,6 +16,7 @@ from django.conf import settings
 
 from poolsadmin.autoscaler.services import autoscale_pool
 from poolsadmin.lib import clock
+from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool, PoolType
 from poolsadmin.scheduler.diagnosis import diagnosis_record_all
 from poolsadmin.scheduler.services import scheduler_pass
@@ -67,7 +68,9 @@ def _autoscaler() -> bool:
                 ),
             )
         except Exception:  # one pool's failure must not stop the others
-            logger.exception("autoscaling %s failed", pool.pool_id)
+            logger.exception(
+                "autoscaling %s failed", pool.pool_id, extra=log_ids(pool=pool.pool_id)
+            )
             continue
         changed = changed or decision.action in {"scale_up", "scale_down"}
     return changed

@@ -22,6 +22,7 @@ from poolsadmin.kube.adapter import KubeApi
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound
 from poolsadmin.lib.humanize import stamp
+from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool, PoolType, Slot, SlotState
 from poolsadmin.pools.services import slot_free_for_task, slot_label
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
@@ -92,14 +93,14 @@ class ReconcileReport:
         return bool(self.changes) and not self.dry_run
 
 
-def _isolated(what: str, step: Callable[[], object]) -> bool:
+def _isolated(what: str, step: Callable[[], object], *, ids: dict[str, object]) -> bool:
     """Run one task's repair: whether it changed something. If it raises, log it and go on
     with the next (SPEC 5: one bad row never stops a loop for everyone else); its transaction
     was rolled back, and the next pass tries again."""
     try:
         return bool(step())
     except Exception:
-        logger.exception("reconciler: %s failed", what)
+        logger.exception("reconciler: %s failed", what, extra=ids)
         return False
 
 
@@ -128,6 +129,7 @@ def _ledger_steps(
             if dry_run or _isolated(
                 f"failing task #{task_id}",
                 functools.partial(task_fail_lost, task_id=task_id, message=message, actor=actor),
+                ids=log_ids(task=task_id, pool=pool.pool_id, agent=agent.agent_id),
             ):
                 result.tasks_failed.append(task_id)
                 changes.append(Change("task.fail", f"task #{task_id}", message))
@@ -141,6 +143,7 @@ def _ledger_steps(
                 functools.partial(
                     task_reservation_drop, task_id=task_id, actor=actor, reason=reason
                 ),
+                ids=log_ids(task=task_id, pool=pool.pool_id, agent=agent.agent_id),
             ):
                 result.reservations_dropped.append(task_id)
                 changes.append(Change("reservation.drop", f"task #{task_id}", reason))
@@ -161,6 +164,7 @@ def _ledger_steps(
         if dry_run or _isolated(
             f"failing task #{task_id}",
             functools.partial(task_fail_lost, task_id=task_id, message=message, actor=actor),
+            ids=log_ids(task=task_id, pool=pool.pool_id, agent=agent_id),
         ):
             result.tasks_failed.append(task_id)
             changes.append(Change("task.fail", f"task #{task_id}", message))
@@ -181,6 +185,7 @@ def _ledger_steps(
                 reason=reason,
                 expired_only=True,
             ),
+            ids=log_ids(task=task_id, pool=pool.pool_id),
         ):
             result.reservations_expired.append(task_id)
             changes.append(Change("reservation.expire", f"task #{task_id}", reason))
@@ -383,7 +388,12 @@ def reconcile_pool(
             # Retryable or not, nothing was changed for this pool's pods: the next pass
             # starts again from the list. Non-retryable errors are worth a human's look.
             log = logger.warning if exc.error.retryable else logger.error
-            log("cluster sync of %s skipped: %s", pool.pool_id, exc.error.message)
+            log(
+                "cluster sync of %s skipped: %s",
+                pool.pool_id,
+                exc.error.message,
+                extra=log_ids(pool=pool.pool_id),
+            )
             report.cluster_error = exc.error.message
     result = ReconcileResult()
     keep()
@@ -471,7 +481,9 @@ def reconcile_pass_leader(
             )
         except Exception:
             # One broken pool must not stop the others; the next pass tries it again.
-            logger.exception("reconcile of %s failed", pool.pool_id)
+            logger.exception(
+                "reconcile of %s failed", pool.pool_id, extra=log_ids(pool=pool.pool_id)
+            )
         finally:
             lease_release(name=pool_lease(pool.pool_id), holder=holder)
     lease_record_pass(

@@ -61,6 +61,7 @@ from poolsadmin.kube.adapter import (
 from poolsadmin.kube.fake_api import FakeKubeServer, start_fake_kube
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import DomainError
+from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import FINISHED_PHASES, AgentPool, Pod, PoolType
 from poolsadmin.tasks.models import TaskStatus, TaskType, Workspace, WorkspaceTask
 from poolsadmin.tasks.services import task_confirm_apply, task_submit
@@ -236,9 +237,17 @@ class Kubelet:
                     logger.exception("demo kubelet: sync failed")
                     started, stopped = [], []
                 for name in started:
-                    logger.info("demo kubelet: pod %s runs; started its agent", name)
+                    logger.info(
+                        "demo kubelet: pod %s runs; started its agent",
+                        name,
+                        extra=log_ids(pod=name),
+                    )
                 for name in stopped:
-                    logger.info("demo kubelet: pod %s is gone; stopped its agent", name)
+                    logger.info(
+                        "demo kubelet: pod %s is gone; stopped its agent",
+                        name,
+                        extra=log_ids(pod=name),
+                    )
                 stop.wait(KUBELET_INTERVAL_SECONDS)
         finally:
             self.stop_all()
@@ -277,7 +286,9 @@ def traffic_step(*, rng: random.Random) -> list[str]:
             )
             done.append(f"confirmed the apply of #{task_id}")
         except DomainError as exc:  # cancelled or confirmed meanwhile
-            logger.info("demo traffic: not confirming #%s: %s", task_id, exc)
+            logger.info(
+                "demo traffic: not confirming #%s: %s", task_id, exc, extra=log_ids(task=task_id)
+            )
 
     # The backlog counts what waits for capacity. Tasks parked in a locked workspace wait for
     # a person (598's confirmation, an admin's unlock after a lost apply) and would otherwise
