@@ -171,6 +171,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost, so the line has the status the client got (LOG_REQUESTS; lib/request_log.py).
+    "poolsadmin.lib.request_log.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Static files before sessions and the database: a stylesheet costs no query. After
     # security, so they get the HTTPS redirect and HSTS too.
@@ -395,6 +397,9 @@ if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
     raise ImproperlyConfigured(
         f"LOG_LEVEL={LOG_LEVEL!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL."
     )
+# One line per request through logging (so JSON with LOG_FORMAT=json), with the ids of the URL.
+# daphne's own access log is plain text on stdout: run daphne with `-v 0` when this is on.
+LOG_REQUESTS = env_bool("LOG_REQUESTS", default=False)
 LOGGING = logging_config(log_format=LOG_FORMAT, level=LOG_LEVEL)
 
 # --- poolsadmin -------------------------------------------------------------------------------
