@@ -407,6 +407,24 @@ LOGGING = logging_config(log_format=LOG_FORMAT, level=LOG_LEVEL)
 POOLSADMIN_ACK_TIMEOUT_SECONDS = env_int("POOLSADMIN_ACK_TIMEOUT_SECONDS", 30, minimum=1)
 # Back-off between dispatch attempts after unacknowledged dispatches (SPEC 4).
 POOLSADMIN_RETRY_BACKOFF_SECONDS = (5, 10, 20, 40, 60)
+# Retention (manage.py prune, and the worker once a day; worker/prune.py). Days; what an open
+# task needs is kept whatever its age. No history is kept shorter than a week: SPEC 2 promises
+# "why did my apply wait yesterday" an answer, and SPEC 11 a moment's link that support pastes
+# into a ticket, which is read in the days after. Admin actions (the audit log) are kept at
+# least RETENTION_AUDIT_DAYS, never less than the events' retention.
+RETENTION_MIN_DAYS = 7
+RETENTION_EVENTS_DAYS = env_int("RETENTION_EVENTS_DAYS", 90, minimum=RETENTION_MIN_DAYS)
+RETENTION_WAIT_HISTORY_DAYS = env_int("RETENTION_WAIT_HISTORY_DAYS", 30, minimum=RETENTION_MIN_DAYS)
+RETENTION_SCALE_DECISIONS_DAYS = env_int(
+    "RETENTION_SCALE_DECISIONS_DAYS", 30, minimum=RETENTION_MIN_DAYS
+)
+RETENTION_AUDIT_DAYS = env_int("RETENTION_AUDIT_DAYS", 365, minimum=RETENTION_MIN_DAYS)
+if RETENTION_AUDIT_DAYS < RETENTION_EVENTS_DAYS:
+    raise ImproperlyConfigured(
+        f"RETENTION_AUDIT_DAYS={RETENTION_AUDIT_DAYS} must be >= "
+        f"RETENTION_EVENTS_DAYS={RETENTION_EVENTS_DAYS}: admin actions are kept at least as "
+        "long as other events."
+    )
 # Kubernetes (KUBE_*): read here so that a bad value stops start-up, naming the variable, rather
 # than surfacing when the first k8s pool is reconciled (kube/config.py).
 KUBE_CONFIG = kube_config_from_env()

@@ -3,7 +3,8 @@
 The worker runs them round-robin in one process; any number of workers may run at once. The
 scheduler is safe under concurrency (scheduler/services.py); the reconciler and the
 autoscaler act only in the worker that holds the `reconciler` lease (worker/lease.py), and
-another worker takes over within the lease TTL when that one dies.
+another worker takes over within the lease TTL when that one dies. The daily prune runs in
+whichever worker takes the `prune` lease once a day has passed (worker/prune.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from poolsadmin.scheduler.diagnosis import diagnosis_record_all
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.worker.cluster_access import kube_for_pool
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_acquire_or_renew, lease_holder_id
+from poolsadmin.worker.prune import prune_daily
 from poolsadmin.worker.reconcile import LEASE_TTL_SECONDS, reconcile_pass_leader
 
 logger = logging.getLogger(__name__)
@@ -80,9 +82,17 @@ def _diagnosis() -> bool:
     return diagnosis_record_all() > 0
 
 
+def _prune() -> bool:
+    """Once a day, in one worker (worker/prune.py)."""
+    report = prune_daily(holder=HOLDER)
+    return report is not None and report.total > 0
+
+
 LOOPS: dict[str, Loop] = {
     "scheduler": Loop("scheduler", _scheduler, interval_seconds=0.5),
     "reconciler": Loop("reconciler", _reconciler, interval_seconds=3.0),
     "autoscaler": Loop("autoscaler", _autoscaler, interval_seconds=5.0),
     "diagnosis": Loop("diagnosis", _diagnosis, interval_seconds=5.0),
+    # Asks every minute whether a day has passed since the last prune (one query).
+    "prune": Loop("prune", _prune, interval_seconds=60.0),
 }
