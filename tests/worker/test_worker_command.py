@@ -34,7 +34,7 @@ def test_once_runs_one_pass_of_each_loop(capsys: pytest.CaptureFixture[str]) -> 
     task = submit(make_workspace(pool), "plan")
     call_command("worker", once=True)
     assert refresh(task).status == TaskStatus.RUNNING
-    assert "scheduler, reconciler, autoscaler, diagnosis once" in capsys.readouterr().out
+    assert "scheduler, reconciler, autoscaler, diagnosis, prune once" in capsys.readouterr().out
 
 
 @pytest.mark.django_db

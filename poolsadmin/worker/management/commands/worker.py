@@ -57,7 +57,10 @@ def run_loops(
 
 
 class Command(BaseCommand):
-    help = "Run the background loops (scheduler, reconciler, diagnosis) until SIGTERM."
+    help = (
+        "Run the background loops (scheduler, reconciler, autoscaler, diagnosis, prune) "
+        "until SIGTERM."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--once", action="store_true", help="run one pass of each and exit")
