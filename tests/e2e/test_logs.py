@@ -30,12 +30,10 @@ from typing import Any
 
 from poolsadmin.kube.fake_api import start_fake_kube
 from tests.e2e.test_control_plane_outage import (  # noqa: F401 (database_env is a fixture)
-    MANAGE,
-    ROOT,
-    _free_port,
     database_env,
     until,
 )
+from tests.processes import MANAGE, ROOT, free_port
 
 WORK = (
     'if [ -n "$POOLSADMIN_AGENT_TOKEN" ]; then echo "token leaked" >&2; exit 1; fi; '
@@ -80,7 +78,7 @@ def test_a_run_logs_json_lines_with_the_ids_and_no_token_or_secret(
     tmp_path: Path,
 ) -> None:
     fake = start_fake_kube(auto_run=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     kube_token = "kube-" + secrets.token_hex(16)
     env = {
@@ -89,6 +87,10 @@ def test_a_run_logs_json_lines_with_the_ids_and_no_token_or_secret(
         "DEBUG": "false",
         "SECRET_KEY": "logs-test-" + secrets.token_hex(16),
         "ALLOWED_HOSTS": "127.0.0.1",
+        # Plain HTTP on loopback, with the login form's cookies.
+        "SECURE_SSL_REDIRECT": "false",
+        "CSRF_COOKIE_SECURE": "false",
+        "SESSION_COOKIE_SECURE": "false",
         "CHANNEL_LAYER_URL": "",
         "KUBE_MODE": "url",
         "KUBE_API_URL": fake.url,
@@ -243,6 +245,8 @@ def test_a_run_logs_json_lines_with_the_ids_and_no_token_or_secret(
     ), dispatched
     agent_lines = [f for f in lines if f["_file"].startswith("agent-") and "task_id" in f]
     assert all(f.get("agent_id") in agent_ids for f in agent_lines), agent_lines
+    # The failed login reached django-axes, which masks the username it logs.
+    assert any(f["logger"].startswith("axes") and "login failure" in f["message"] for f in lines)
     # Django's request log came out as JSON too, with the path instead of the request.
     refused = [f for f in lines if f["logger"] == "django.request"]
     assert any(f.get("path") == "/api/v1/agents/register" for f in refused), refused
