@@ -29,10 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from poolsadmin.kube.fake_api import start_fake_kube
-from tests.e2e.test_control_plane_outage import (  # noqa: F401 (database_env is a fixture)
-    database_env,
-    until,
-)
+from tests.e2e.processes import until
 from tests.processes import MANAGE, ROOT, free_port
 
 WORK = (
@@ -74,8 +71,7 @@ def _call(
 
 
 def test_a_run_logs_json_lines_with_the_ids_and_no_token_or_secret(
-    database_env: dict[str, str],  # noqa: F811 (the fixture imported above)
-    tmp_path: Path,
+    database_env: dict[str, str], tmp_path: Path
 ) -> None:
     fake = start_fake_kube(auto_run=True)
     port = free_port()
