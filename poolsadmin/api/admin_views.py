@@ -19,6 +19,7 @@ from django.utils.dateparse import parse_datetime
 from poolsadmin.api import roles
 from poolsadmin.api.http import field_bool, field_int, field_str, json_body, json_errors
 from poolsadmin.api.serializers import (
+    POOL_DETAIL_FIELDS,
     iso,
     lease_json,
     pool_detail_json,
@@ -43,7 +44,7 @@ from poolsadmin.pools.actions import (
     slot_release_impact,
     slot_release_undo,
 )
-from poolsadmin.pools.grid import pool_get, pool_slot_grid, pools_overview
+from poolsadmin.pools.grid import pool_get, pool_pod_count, pool_slot_grid, pools_overview
 from poolsadmin.pools.models import AgentPool, Pod, PoolToken, PoolType, Slot
 from poolsadmin.pools.services import (
     pool_create,
@@ -121,17 +122,70 @@ def pools_create(request: HttpRequest) -> JsonResponse:
     return JsonResponse(pool_json(pool), status=201)
 
 
+# A page of the JSON pool detail: at most this many pods (`pods_limit`).
+PODS_LIMIT_MAX = 1000
+
+
+def _query_int(request: HttpRequest, name: str, *, low: int, high: int) -> int | None:
+    raw = request.GET.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidInput(f"{name} must be a whole number from {low} to {high}", field=name)
+    return int(raw)
+
+
+def _detail_fields(request: HttpRequest) -> set[str] | None:
+    """`?fields=name,pods`: the top-level keys wanted (None: all of them)."""
+    raw = request.GET.get("fields")
+    if raw is None:
+        return None
+    wanted = {name.strip() for name in raw.split(",") if name.strip()}
+    unknown = sorted(wanted - set(POOL_DETAIL_FIELDS))
+    if not wanted or unknown:
+        raise InvalidInput(
+            f"fields must name some of {', '.join(POOL_DETAIL_FIELDS)}"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
+            field="fields",
+        )
+    return wanted
+
+
 @api_user(roles.PERM_VIEW)
 @json_errors
 def pools_detail(request: HttpRequest, pool_id: str) -> JsonResponse:
+    """The pool with its pods and slots. Without parameters every pod (the shape since the
+    start); a big pool is read a page at a time (`pods_limit`, `pods_page`) or without its
+    pods (`fields`), and each answer says how many pods there are (`pods_total`)."""
+    fields = _detail_fields(request)
+    limit = _query_int(request, "pods_limit", low=1, high=PODS_LIMIT_MAX)
+    page = _query_int(request, "pods_page", low=1, high=2**31 - 1) or 1
+    if limit is None and page > 1:
+        raise InvalidInput("pods_page needs pods_limit", field="pods_page")
     pool = pool_get(pool_id=pool_id)
+
+    def wants(name: str) -> bool:
+        return fields is None or name in fields
+
     # Only k8s pools have an autoscaler: a static pool's page costs no extra query.
     decision = (
         ScaleDecision.objects.filter(pool=pool).order_by("-at", "-id").first()
-        if pool.pool_type == PoolType.K8S
+        if pool.pool_type == PoolType.K8S and wants("autoscaler")
         else None
     )
-    return JsonResponse(pool_detail_json(pool, pool_slot_grid(pool=pool), decision))
+    offset = (page - 1) * (limit or 0)
+    grid = pool_slot_grid(pool=pool, offset=offset, limit=limit) if wants("pods") else []
+    total = pool_pod_count(pool=pool) if limit is not None or not wants("pods") else len(grid)
+    body = pool_detail_json(pool, grid, decision, pods_total=total)
+    if limit is not None:
+        body["pods_page"] = {
+            "page": page,
+            "limit": limit,
+            "next_page": page + 1 if offset + limit < total else None,
+        }
+    if fields is not None:
+        body = {key: value for key, value in body.items() if key in fields or key == "pods_page"}
+    return JsonResponse(body)
 
 
 @api_user(roles.PERM_VIEW)

@@ -119,14 +119,45 @@ def scale_decision_json(decision: ScaleDecision | None) -> Json | None:
 
 
 def pool_detail_json(
-    pool: AgentPool, grid: list[PodRow], decision: ScaleDecision | None = None
+    pool: AgentPool,
+    grid: list[PodRow],
+    decision: ScaleDecision | None = None,
+    *,
+    pods_total: int | None = None,
 ) -> Json:
     return {
         **pool_json(pool),
         "pods": [pod_json(row) for row in grid],
+        # How many pods the pool has: `pods` may be one page of them.
+        "pods_total": len(grid) if pods_total is None else pods_total,
         # The latest autoscaler decision (SPEC 6), null for a pool that has none.
         "autoscaler": scale_decision_json(decision),
     }
+
+
+# The top-level keys of the pool detail, which `?fields=` chooses from.
+POOL_DETAIL_FIELDS = (
+    "pool_id",
+    "name",
+    "description",
+    "pool_type",
+    "status",
+    "paused_by",
+    "paused_reason",
+    "paused_until",
+    "slots_per_pod",
+    "plan_and_apply_per_pod",
+    "reservation_ttl_seconds",
+    "heartbeat_timeout_seconds",
+    "namespace",
+    "pod_image",
+    "min_replicas",
+    "max_replicas",
+    "created_at",
+    "pods",
+    "pods_total",
+    "autoscaler",
+)
 
 
 def lease_json(lease: Lease | None) -> Json:

@@ -21,6 +21,7 @@ from poolsadmin.dashboard.panels import (
     pool_recent_events,
     pool_reconciler_panel,
 )
+from poolsadmin.dashboard.pool_view import SHOW, SORT, PoolView
 from poolsadmin.dashboard.selectors import PoolPage, dashboard_pool
 
 POOL_TEMPLATE = "dashboard/pool.html"
@@ -29,10 +30,13 @@ LIVE_FRAGMENTS = f"{POOL_TEMPLATE}#{LIVE_PARTIAL}"
 
 
 def pool_page_context(*, page: PoolPage) -> dict[str, Any]:
-    """The pool page's context: the grid and queue, and the autoscaler, reconciler and
-    recent-events panels (a fixed number of queries each)."""
+    """The pool page's context: the slot map, cards and queue, and the autoscaler,
+    reconciler and recent-events panels (a fixed number of queries each)."""
     return {
         "page": page,
+        "view_query": page.view.query(),
+        "show_choices": SHOW.items(),
+        "sort_choices": SORT.items(),
         "autoscaler": pool_autoscaler_panel(pool=page.pool, now=page.now),
         "reconciler": pool_reconciler_panel(pool=page.pool, now=page.now),
         "events": pool_recent_events(pool=page.pool),
@@ -40,11 +44,16 @@ def pool_page_context(*, page: PoolPage) -> dict[str, Any]:
 
 
 def pool_live_html(
-    *, pool_id: str, user: AbstractBaseUser | AnonymousUser, now: datetime | None = None
+    *,
+    pool_id: str,
+    user: AbstractBaseUser | AnonymousUser,
+    view: PoolView | None = None,
+    now: datetime | None = None,
 ) -> str:
-    """Every live region of the pool page as `user` sees it (buttons depend on permissions).
-    Raises NotFound when the pool does not exist."""
-    page = dashboard_pool(pool_id=pool_id, now=now)
+    """Every live region of the pool page as `user` sees it (buttons depend on permissions)
+    in `view` (which cards; the other regions are the same for every view). Raises NotFound
+    when the pool does not exist."""
+    page = dashboard_pool(pool_id=pool_id, view=view, now=now)
     context = pool_page_context(page=page)
     context.update({"user": user, "perms": PermWrapper(user)})
     return render_to_string(LIVE_FRAGMENTS, context)

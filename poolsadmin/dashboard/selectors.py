@@ -3,8 +3,8 @@
 The pool page is the hot one (operators keep it open, it refreshes every few seconds), so it
 runs a fixed number of queries whatever the number of pods: the capacity snapshot the
 scheduler places tasks with (`pool_capacity`, two queries), one batched lookup of the tasks
-in the slots, one of the queue. Only the diagnosis of each queued task costs a query or two,
-and the queue shown is capped.
+in the shown cards and the reserved slots, one of the queue. Only the diagnosis of each
+queued task costs a query or two, and the queue shown is capped.
 """
 
 from __future__ import annotations
@@ -13,13 +13,27 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.db.models import prefetch_related_objects
+from django.utils.safestring import SafeString, mark_safe
 
 from poolsadmin.agents.models import Agent
+from poolsadmin.dashboard.pool_view import (
+    CardSelection,
+    Owner,
+    PoolView,
+    pod_cards_select,
+    pod_is_draining,
+    slot_map_html,
+)
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.pools.grid import PoolSummary, pools_overview
 from poolsadmin.pools.models import AgentPool, PoolStatus, Slot, SlotState
-from poolsadmin.pools.selectors import PodView, pool_capacity, pool_freeze_state
+from poolsadmin.pools.selectors import (
+    PodView,
+    agent_is_online,
+    pool_capacity,
+    pool_freeze_state,
+)
 from poolsadmin.scheduler.diagnosis import task_diagnose
 from poolsadmin.scheduler.rules import Diagnosis, in_dispatch_order
 from poolsadmin.tasks.detail import TaskDetail, task_detail
@@ -113,31 +127,46 @@ class QueueEntry:
 class PoolPage:
     pool: AgentPool
     now: datetime
-    pods: list[PodCard]
+    view: PoolView  # what was asked for (`selection.view` has the defaults filled in)
+    pods_total: int
+    slot_counts: dict[str, int]  # every slot of the pool, by state
+    draining: int  # pods draining
+    offline: int  # pods whose agent is offline or missing
+    slot_map: SafeString  # one cell per slot of every pod (`pool_view.slot_map_html`)
+    cards: list[PodCard]  # the pods `view` shows a card for, this page of them
+    selection: CardSelection  # how many match, pages, labels
+    pinned: PodCard | None  # one pod's card on demand (`?pod=`)
     queue: list[QueueEntry]
     queue_length: int
     awaiting_confirmation: list[QueueEntry]
 
-    @property
-    def slot_counts(self) -> dict[str, int]:
-        counts = {state: 0 for state in SlotState.values}
-        for card in self.pods:
-            for cell in card.cells:
-                counts[cell.state] += 1
-        return counts
 
-
-def dashboard_pool(*, pool_id: str, now: datetime | None = None) -> PoolPage:
+def dashboard_pool(
+    *, pool_id: str, view: PoolView | None = None, now: datetime | None = None
+) -> PoolPage:
+    """The pool page: the slot map of every pod, full cards for the pods `view` selects, the
+    queue. A fixed number of queries whatever the number of pods (pinned by a test); only
+    the cards and the reserved cells read their tasks."""
     now = now or clock.now()
+    view = view or PoolView()
     pool = AgentPool.objects.filter(pk=pool_id).prefetch_related("freeze_windows").first()
     if pool is None:
         raise NotFound(f"pool {pool_id} does not exist")
     views = pool_capacity(pool=pool, now=now)
-    # The scheduler's order is by load; cards keep a stable order (oldest pod first) so they
-    # do not jump around between refreshes.
+    # The scheduler's order is by load; the map and the cards keep a stable order (oldest pod
+    # first) so they do not jump around between refreshes.
     views.sort(key=lambda v: (v.pod.created_at, v.pod.pk))
+    selection = pod_cards_select(views=views, pool=pool, view=view, now=now)
+    carded = selection.shown + ([selection.pinned] if selection.pinned else [])
 
-    task_ids = [s.task_id for v in views for s in v.slots if s.task_id is not None]
+    # Tasks of the cards' slots, and of every reserved slot (its map cell names its owner).
+    task_ids = {s.task_id for v in carded for s in v.slots if s.task_id is not None}
+    task_ids |= {
+        s.task_id
+        for v in views
+        for s in v.slots
+        if s.state == SlotState.RESERVED and s.task_id is not None
+    }
     tasks = {
         t.pk: t for t in WorkspaceTask.objects.filter(pk__in=task_ids).select_related("workspace")
     }
@@ -147,8 +176,9 @@ def dashboard_pool(*, pool_id: str, now: datetime | None = None) -> PoolPage:
         agent_names.update(
             Agent.objects.filter(pk__in=missing).values_list("agent_id", "agent_name")
         )
-    pods = [
-        PodCard(
+
+    def card(v: PodView) -> PodCard:
+        return PodCard(
             view=v,
             cells=[
                 SlotCell(
@@ -159,8 +189,15 @@ def dashboard_pool(*, pool_id: str, now: datetime | None = None) -> PoolPage:
                 for s in v.slots
             ],
         )
-        for v in views
-    ]
+
+    owners = {
+        t.pk: Owner(task_id=t.pk, workspace_id=t.workspace_id, workspace_name=t.workspace.name)
+        for t in tasks.values()
+    }
+    counts = {state: 0 for state in SlotState.values}
+    for v in views:
+        for s in v.slots:
+            counts[s.state] += 1
 
     # The queue's diagnoses reuse this page's capacity snapshot and pool instance.
     cache = {pool.pool_id: views}
@@ -176,7 +213,16 @@ def dashboard_pool(*, pool_id: str, now: datetime | None = None) -> PoolPage:
     return PoolPage(
         pool=pool,
         now=now,
-        pods=pods,
+        view=view,
+        pods_total=len(views),
+        slot_counts=counts,
+        draining=sum(1 for v in views if pod_is_draining(v)),
+        offline=sum(1 for v in views if not agent_is_online(agent=v.agent, pool=pool, now=now)),
+        # slot_map_html escapes every name and label it writes.
+        slot_map=mark_safe(slot_map_html(views=views, pool=pool, owners=owners, now=now)),
+        cards=[card(v) for v in selection.shown],
+        selection=selection,
+        pinned=card(selection.pinned) if selection.pinned else None,
         queue=[
             QueueEntry(position, t, task_diagnose(task=t, now=now, cache=cache))
             for position, t in enumerate(queued, start=1)

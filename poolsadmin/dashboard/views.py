@@ -15,9 +15,11 @@ from django.views.decorators.http import require_safe
 
 from poolsadmin.api.roles import PERM_VIEW
 from poolsadmin.dashboard.live import LIVE_PARTIAL, POOL_TEMPLATE, pool_page_context
+from poolsadmin.dashboard.pool_view import pool_view_parse
 from poolsadmin.dashboard.selectors import dashboard_pool, dashboard_pools, dashboard_task
-from poolsadmin.lib.errors import NotFound
+from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.lib.htmx import page_or_partial
+from poolsadmin.lib.input import bad_input_response
 
 
 @require_safe
@@ -38,9 +40,12 @@ def pools_list(request: HttpRequest) -> HttpResponse:
 @permission_required(PERM_VIEW, raise_exception=True)
 def pools_detail(request: HttpRequest, pool_id: str) -> HttpResponse:
     try:
-        page = dashboard_pool(pool_id=pool_id)
+        view = pool_view_parse(request.GET)
+        page = dashboard_pool(pool_id=pool_id, view=view)
     except NotFound as exc:
         raise Http404(exc.message) from None
+    except InvalidInput as exc:
+        return bad_input_response(request, exc)
     template = page_or_partial(request, POOL_TEMPLATE, LIVE_PARTIAL)
     return render(request, template, pool_page_context(page=page))
 

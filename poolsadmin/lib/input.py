@@ -92,18 +92,20 @@ class InputCheckMiddleware:
             if not getattr(view_func, "csrf_exempt", False):
                 _check_params(request.POST)
         except InvalidInput as error:
-            return self._refuse(request, error)
+            return bad_input_response(request, error)
         return None
 
-    @staticmethod
-    def _refuse(request: HttpRequest, error: InvalidInput) -> HttpResponse:
-        if answers_json(request):
-            return JsonResponse(error.as_dict(), status=error.http_status)
-        in_dialog = is_htmx(request)
-        template = f"{BAD_INPUT_TEMPLATE}#bad-input" if in_dialog else BAD_INPUT_TEMPLATE
-        context = {
-            "detail": error.message,
-            "field": shown(error.field or ""),
-            "in_dialog": in_dialog,
-        }
-        return render(request, template, context, status=error.http_status)
+
+def bad_input_response(request: HttpRequest, error: InvalidInput) -> HttpResponse:
+    """The 400 naming the field: JSON under /api/, else the bad-input page (its partial in
+    the action dialog for htmx). Also for a view that finds a parameter wrong."""
+    if answers_json(request):
+        return JsonResponse(error.as_dict(), status=error.http_status)
+    in_dialog = is_htmx(request)
+    template = f"{BAD_INPUT_TEMPLATE}#bad-input" if in_dialog else BAD_INPUT_TEMPLATE
+    context = {
+        "detail": error.message,
+        "field": shown(error.field or ""),
+        "in_dialog": in_dialog,
+    }
+    return render(request, template, context, status=error.http_status)

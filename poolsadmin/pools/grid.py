@@ -18,7 +18,7 @@ from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.pools.models import FINISHED_PHASES, AgentPool, Pod, PodPhase, Slot
-from poolsadmin.pools.selectors import agent_is_online, pool_capacity
+from poolsadmin.pools.selectors import agent_is_online
 from poolsadmin.tasks.models import QUEUED, WorkspaceTask
 
 
@@ -103,21 +103,53 @@ class PodRow:
     slots: list[Slot]
 
 
-def pool_slot_grid(*, pool: AgentPool, now: datetime | None = None) -> list[PodRow]:
-    """The pods of `pool` (oldest first) with agents, slots and their tasks: the scheduler's
-    capacity snapshot, so the API shows what the scheduler sees. Two queries."""
+# The slot columns the API shows (`api.serializers.slot_json`).
+SLOT_FIELDS = (
+    "id",
+    "pod_id",
+    "index",
+    "state",
+    "task_id",
+    "task_type",
+    "since",
+    "reserved_until",
+    "version",
+)
+
+
+def pool_slot_grid(
+    *, pool: AgentPool, now: datetime | None = None, offset: int = 0, limit: int | None = None
+) -> list[PodRow]:
+    """The pods of `pool` (oldest first; `limit` of them from `offset`) with agents, slots and
+    their tasks: the rows the scheduler's capacity snapshot reads, so the API shows what the
+    scheduler sees. Two queries, whatever the number of pods; a page reads only its pods."""
     now = now or clock.now()
-    views = pool_capacity(pool=pool, now=now, with_tasks=True)
-    views.sort(key=lambda v: (v.pod.created_at, v.pod.pk))
+    pods_query = Pod.objects.filter(pool=pool).select_related("agent").order_by("created_at", "id")
+    pods = list(pods_query[offset : None if limit is None else offset + limit])
+    slots_by_pod: dict[int, list[Slot]] = {p.pk: [] for p in pods}
+    # Of each slot's task only what the API shows: a full task row per slot is most of the
+    # cost of a 1,000-pod pool.
+    slots = (
+        Slot.objects.filter(pod_id__in=list(slots_by_pod))
+        .select_related("task")
+        .only(*SLOT_FIELDS, "task__status", "task__workspace_id")
+        .order_by("pod_id", "index")
+    )
+    for slot in slots:
+        slots_by_pod[slot.pod_id].append(slot)
     return [
         PodRow(
-            pod=v.pod,
-            agent=v.agent,
-            agent_online=agent_is_online(agent=v.agent, pool=pool, now=now),
-            slots=v.slots,
+            pod=p,
+            agent=p.agent,
+            agent_online=agent_is_online(agent=p.agent, pool=pool, now=now),
+            slots=slots_by_pod[p.pk],
         )
-        for v in views
+        for p in pods
     ]
+
+
+def pool_pod_count(*, pool: AgentPool) -> int:
+    return Pod.objects.filter(pool=pool).count()
 
 
 def pool_get(*, pool_id: str) -> AgentPool:

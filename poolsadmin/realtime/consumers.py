@@ -17,10 +17,12 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.http import QueryDict
 
 from poolsadmin.api.roles import PERM_VIEW
 from poolsadmin.dashboard.live import pool_live_html
-from poolsadmin.lib.errors import NotFound
+from poolsadmin.dashboard.pool_view import PoolView, pool_view_parse
+from poolsadmin.lib.errors import InvalidInput, NotFound
 from poolsadmin.lib.input import text_problem
 from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool
@@ -52,8 +54,22 @@ def _pool_exists(pool_id: str) -> bool:
 CHANGED = "changed"
 
 
+def _view_of(query_string: bytes) -> PoolView:
+    """The pool page's view (filter, sort, page of cards) the socket was opened for: the
+    page's own query string. One that does not parse (hand-made) gets the default view."""
+    try:
+        return pool_view_parse(QueryDict(query_string.decode("latin-1")))
+    except InvalidInput:
+        return PoolView()
+
+
 def _render_for_whoever_is_still_there(
-    *, pool_id: str, user_pk: Any, session_key: str | None, notify_only: bool = False
+    *,
+    pool_id: str,
+    user_pk: Any,
+    session_key: str | None,
+    notify_only: bool = False,
+    view: PoolView | None = None,
 ) -> tuple[int | None, str]:
     """(close code, "") when the person behind the socket may no longer see the page, else
     (None, html). A socket lives for hours: the session may have ended (logout), the user
@@ -71,7 +87,7 @@ def _render_for_whoever_is_still_there(
         return CLOSE_FORBIDDEN, ""
     if notify_only:
         return (None, CHANGED) if _pool_exists(pool_id) else (CLOSE_NO_POOL, "")
-    return None, pool_live_html(pool_id=pool_id, user=user)
+    return None, pool_live_html(pool_id=pool_id, user=user, view=view)
 
 
 class PoolConsumer(AsyncWebsocketConsumer):
@@ -83,6 +99,7 @@ class PoolConsumer(AsyncWebsocketConsumer):
     user_pk: Any = None
     session_key: str | None = None
     notify_only: bool = False
+    view: PoolView | None = None
 
     async def connect(self) -> None:
         self.pool_id = self.scope["url_route"]["kwargs"]["pool_id"]
@@ -96,7 +113,9 @@ class PoolConsumer(AsyncWebsocketConsumer):
             await self.close(code=refusal)
             return
         self.user_pk = self.scope["user"].pk
-        self.notify_only = b"notify=1" in self.scope.get("query_string", b"").split(b"&")
+        query_string = self.scope.get("query_string", b"")
+        self.notify_only = b"notify=1" in query_string.split(b"&")
+        self.view = _view_of(query_string)
         session = self.scope.get("session")
         self.session_key = session.session_key if session is not None else None
         self.group = pool_group(self.pool_id)
@@ -167,6 +186,7 @@ class PoolConsumer(AsyncWebsocketConsumer):
                 user_pk=self.user_pk,
                 session_key=self.session_key,
                 notify_only=self.notify_only,
+                view=self.view,
             )
             if refusal is not None:
                 await self.close(code=refusal)

@@ -87,6 +87,27 @@
     focusedIds = null;
   });
 
+  // A pod picked in the slot map (a boosted link: its card comes with the live regions) or
+  // a page of cards: once the regions are in, the focus goes to the picked card, or to the
+  // cards' status line.
+  var picked = null;
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var elt = event.detail.elt;
+    if (!elt || !elt.closest || !(elt.closest(".slot-map") || elt.closest(".pager"))) { return; }
+    var pod = elt.closest(".slot-map") && new URL(elt.href, location.href).searchParams.get("pod");
+    picked = pod ? "pod-" + pod : "slot-grid";
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    if (!picked) { return; }
+    var target = document.getElementById(picked);
+    picked = null;
+    if (target && target.id === "slot-grid") { target = target.querySelector("[role=status]"); }
+    if (!target) { return; }
+    if (!target.hasAttribute("tabindex")) { target.setAttribute("tabindex", "-1"); }
+    target.focus({ preventScroll: true });
+    target.scrollIntoView({ block: "start" });
+  });
+
   // --- action dialog ------------------------------------------------------------------------
   // A button's confirm form is loaded into #action-dialog-body; the dialog then opens modal
   // (Escape cancels it, as for every <dialog>). When it closes, focus goes back to the button
