@@ -39,8 +39,8 @@ fmt: install
 worker: install
 	DEBUG=true $(BIN)/python manage.py worker
 
-# Figures, not assertions (docs/benchmarks.md): the pool page with 2 pods against 500 pods x 4
-# slots; 200 agents heartbeating once a second against one web process; the scheduler's
+# Figures, not assertions (docs/benchmarks.md): the pool page, its live partial and the JSON
+# pool detail at 100 and 1,000 pods x 4 slots; 200 agents heartbeating once a second against one web process; the scheduler's
 # dispatches/s against `pgbench -N` on the same server. The PostgreSQL scripts create and drop
 # their own databases on the server of BENCH_ADMIN_URL. `bench-smoke` runs each at a tiny size
 # (CI runs it, so the scripts cannot rot) and records nothing.
@@ -51,7 +51,7 @@ bench: install
 	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL)
 
 bench-smoke: install
-	$(BIN)/python bench/pool_page.py --pods 5 --running 3 --rounds 1
+	$(BIN)/python bench/pool_page.py --smoke
 	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL) --agents 5 --seconds 3 --runs 1
 	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL) --smoke
 

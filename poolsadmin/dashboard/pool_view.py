@@ -81,7 +81,7 @@ def _positive(params: Mapping[str, str], name: str) -> int | None:
     raw = params.get(name, "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or not 0 < int(raw) < 2**31:
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 2**31:
         raise InvalidInput(f"{name} must be a positive whole number", field=name)
     return int(raw)
 
