@@ -63,9 +63,13 @@ def test_in_a_1000_pod_pool_the_admin_finds_598s_reserved_slot_by_eye_in_the_map
     assert "repeating-linear-gradient" in backgrounds["a.v"]
     assert len(set(backgrounds.values())) == 3, backgrounds
 
-    # From the keyboard: the pod links of the map are no tab stops, so the reserved cell is
-    # the first stop after the pool's actions; focusing it says its owner and age.
+    # From the keyboard: after the pool's actions comes the map's "1 reserved" (the reserved
+    # filter), then the reserved cell: the map's pod links are no tab stops. Focusing the
+    # cell says its owner and age.
     page.locator("#pool-actions a, #pool-actions button").last.focus()
+    page.keyboard.press("Tab")
+    expect(page.locator("#slot-map .map-note a")).to_be_focused()
+    expect(page.locator("#slot-map .map-note a")).to_have_attribute("href", "?show=reserved")
     page.keyboard.press("Tab")
     expect(reserved).to_be_focused()
     label = reserved.get_attribute("aria-label") or ""
