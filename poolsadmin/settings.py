@@ -170,6 +170,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: the kubelet's probes are answered before the host check and the HTTPS redirect
+    # (the kubelet sends the pod IP as Host, over plain HTTP; health/views.py).
+    "poolsadmin.health.middleware.HealthProbeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Static files before sessions and the database: a stylesheet costs no query. After
     # security, so they get the HTTPS redirect and HSTS too.
@@ -403,6 +406,9 @@ LOGGING = {
 POOLSADMIN_ACK_TIMEOUT_SECONDS = env_int("POOLSADMIN_ACK_TIMEOUT_SECONDS", 30, minimum=1)
 # Back-off between dispatch attempts after unacknowledged dispatches (SPEC 4).
 POOLSADMIN_RETRY_BACKOFF_SECONDS = (5, 10, 20, 40, 60)
+# The worker touches this file after every loop step; `manage.py worker_health` (its liveness
+# probe) fails when it is older than its --max-age (worker/heartbeat.py).
+POOLSADMIN_WORKER_HEARTBEAT_FILE = VAR_DIR / "worker-heartbeat"
 # Kubernetes (KUBE_*): read here so that a bad value stops start-up, naming the variable, rather
 # than surfacing when the first k8s pool is reconciled (kube/config.py).
 KUBE_CONFIG = kube_config_from_env()
