@@ -46,6 +46,8 @@ OPTIONAL_ENV = {
     "KUBE_CONTEXT": "KUBE_MODE=kubeconfig only",
     "SQLITE_BUSY_TIMEOUT_SECONDS": "SQLite only; the manifests use PostgreSQL",
     "POOLSADMIN_HEARING_TICK_SECONDS": "the 5 s default; pools' heartbeat timeouts assume it",
+    "STATIC_ROOT": "the image collects static files into its default, POOLSADMIN_VAR_DIR",
+    "SECURE_PROXY_SSL_HEADER": "daphne --proxy-headers already takes the scheme from the Ingress",
 }
 SETTINGS_SOURCES = (ROOT / "poolsadmin" / "settings.py", ROOT / "poolsadmin" / "kube" / "config.py")
 ADAPTER = ROOT / "poolsadmin" / "kube" / "adapter.py"
