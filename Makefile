@@ -3,19 +3,37 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# Installs come from the lock files (exact versions with hashes; `make lock` writes them):
+# runtime.lock for the image, dev.lock (runtime + dev tools) here. The stamp names both the
+# pyproject and the lock, so a change of either reinstalls.
+LOCK := requirements/dev.lock
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint fmt worker bench bench-smoke clean
+.PHONY: install lock demo test lint fmt worker bench bench-smoke clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	@# poolsadmin itself, with the build backend from the lock and nothing new.
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate the lock files from pyproject.toml (after changing a dependency; `make lock
+# UPGRADE=--upgrade` moves every pin to the newest allowed). uv runs from a venv of its own:
+# a fresh clone needs it only for this.
+LOCK_VENV := .venv-lock
+LOCK_FLAGS := --quiet --generate-hashes --python-version 3.11 --custom-compile-command 'make lock'
+lock:
+	@test -x $(LOCK_VENV)/bin/uv || \
+		{ $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet 'uv>=0.5,<1'; }
+	$(LOCK_VENV)/bin/uv pip compile $(LOCK_FLAGS) $(UPGRADE) pyproject.toml requirements/build.in \
+		-o requirements/runtime.lock
+	$(LOCK_VENV)/bin/uv pip compile $(LOCK_FLAGS) $(UPGRADE) --extra dev pyproject.toml \
+		requirements/build.in -o requirements/dev.lock
 
 # DEBUG is off unless asked for (settings.py): the development targets ask for it.
 demo: install
@@ -56,4 +74,4 @@ bench-smoke: install
 	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL) --smoke
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -171,6 +171,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: the kubelet's probes are answered before the host check and the HTTPS redirect
+    # (the kubelet sends the pod IP as Host, over plain HTTP; health/views.py).
+    "poolsadmin.health.middleware.HealthProbeMiddleware",
     # Outermost, so the line has the status the client got (LOG_REQUESTS; lib/request_log.py).
     "poolsadmin.lib.request_log.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -425,6 +428,9 @@ if RETENTION_AUDIT_DAYS < RETENTION_EVENTS_DAYS:
         f"RETENTION_EVENTS_DAYS={RETENTION_EVENTS_DAYS}: admin actions are kept at least as "
         "long as other events."
     )
+# The worker touches this file after every loop step; `manage.py worker_health` (its liveness
+# probe) fails when it is older than its --max-age (worker/heartbeat.py).
+POOLSADMIN_WORKER_HEARTBEAT_FILE = VAR_DIR / "worker-heartbeat"
 # Kubernetes (KUBE_*): read here so that a bad value stops start-up, naming the variable, rather
 # than surfacing when the first k8s pool is reconciled (kube/config.py).
 KUBE_CONFIG = kube_config_from_env()

@@ -386,6 +386,42 @@ class KubeClient:
             raise
         return _pod_info(pod)
 
+    def put_token_secret(self, *, namespace: str, name: str, pool_id: str, token: str) -> str:
+        """Create the Secret agent pods read their pool token from (key `token`), or replace
+        its contents if it exists. Returns "created" or "replaced". The token is never part
+        of an error message: the API server does not echo data back, and neither do we."""
+        action = f"write secret {name} in {namespace}"
+        _require_namespace(namespace, action)
+        secret = k8s.V1Secret(
+            api_version="v1",
+            kind="Secret",
+            metadata=k8s.V1ObjectMeta(
+                name=name, labels={POOL_LABEL: pool_id, MANAGED_BY_LABEL: MANAGED_BY}
+            ),
+            type="Opaque",
+            string_data={TOKEN_SECRET_KEY: token},
+        )
+        try:
+            self._call(
+                action,
+                lambda: self._core.create_namespaced_secret(
+                    namespace, secret, _request_timeout=self._timeout
+                ),
+            )
+            return "created"
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        # Replace, not patch: no key of an earlier token survives. No read first, so the
+        # RBAC needs create and update only (never get: poolsadmin reads no Secret).
+        self._call(
+            action,
+            lambda: self._core.replace_namespaced_secret(
+                name, namespace, secret, _request_timeout=self._timeout
+            ),
+        )
+        return "replaced"
+
     def delete_pod(self, *, namespace: str, name: str) -> None:
         action = f"delete pod {name} in {namespace}"
         _require_namespace(namespace, action)

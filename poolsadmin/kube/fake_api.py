@@ -8,6 +8,8 @@ implements exactly:
     POST   /api/v1/namespaces/<ns>/pods                          (name or generateName)
     GET    /api/v1/namespaces/<ns>/pods/<name>
     DELETE /api/v1/namespaces/<ns>/pods/<name>
+    POST   /api/v1/namespaces/<ns>/secrets                       (`manage.py pool_token`)
+    PUT    /api/v1/namespaces/<ns>/secrets/<name>
 
 with errors as Kubernetes `Status` objects, and test controls to move pods through their
 phases, lose them behind poolsadmin's back, and inject failures and delays.
@@ -18,6 +20,7 @@ and the zero-setup demo (`manage.py demo`, SPEC 10) both run it in-process.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import random
@@ -43,6 +46,9 @@ _NAME_RE = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
 _LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _PATH_RE = re.compile(r"^/api/v1/namespaces/(?P<namespace>[^/]+)/pods(?:/(?P<name>[^/]+))?/?$")
+_SECRET_PATH_RE = re.compile(
+    r"^/api/v1/namespaces/(?P<namespace>[^/]+)/secrets(?:/(?P<name>[^/]+))?/?$"
+)
 # The API server truncates generateName so that prefix + 5 random characters fit in 63.
 _GENERATE_NAME_MAX = 58
 
@@ -177,6 +183,7 @@ class FakeKubeServer:
         self._suffixes: list[str] = []
         self._lock = threading.Lock()
         self._pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self._secrets: dict[tuple[str, str], dict[str, Any]] = {}
         self._resource_version = 1000
         self._failures: list[_Fault] = []
         self._delays: list[_Fault] = []
@@ -264,6 +271,19 @@ class FakeKubeServer:
             if uid:
                 pod["metadata"]["uid"] = uid
             return copy.deepcopy(pod)
+
+    def secret(self, name: str, namespace: str) -> dict[str, Any] | None:
+        """A copy of a stored Secret, `data` base64-encoded as the API server keeps it."""
+        with self._lock:
+            found = self._secrets.get((namespace, name))
+            return copy.deepcopy(found) if found else None
+
+    def secret_value(self, name: str, namespace: str, key: str) -> str | None:
+        """One key of a stored Secret, decoded; None when the Secret or the key is missing."""
+        stored = self.secret(name, namespace)
+        if stored is None or key not in stored["data"]:
+            return None
+        return base64.b64decode(stored["data"][key]).decode()
 
     def set_phase(self, name: str, phase: str, namespace: str | None = None) -> None:
         with self._lock:
@@ -420,9 +440,60 @@ class FakeKubeServer:
 
     # --- the API (called by the handler) -------------------------------------------------------
 
+    def _secret_write(
+        self, method: str, namespace: str, name: str | None, body: Any
+    ) -> dict[str, Any]:
+        if not isinstance(body, dict) or body.get("kind", "Secret") != "Secret":
+            raise ApiStatusError(400, "the body of the request was not a Secret object")
+        metadata = copy.deepcopy(body.get("metadata") or {})
+        secret_name = metadata.get("name") or ""
+        if not secret_name or not _NAME_RE.match(secret_name):
+            raise _invalid(secret_name, "metadata.name", secret_name, "a valid name is required")
+        if name is not None and name != secret_name:
+            raise ApiStatusError(400, "the name of the object does not match the name on the URL")
+        key = (namespace, secret_name)
+        if method == "POST" and key in self._secrets:
+            raise ApiStatusError(
+                409,
+                f'secrets "{secret_name}" already exists',
+                reason="AlreadyExists",
+                details={"name": secret_name, "kind": "secrets"},
+            )
+        if method == "PUT" and key not in self._secrets:
+            raise ApiStatusError(
+                404,
+                f'secrets "{secret_name}" not found',
+                details={"name": secret_name, "kind": "secrets"},
+            )
+        # As the API server does: stringData is merged into data (base64) and never returned.
+        data = dict(body.get("data") or {})
+        for item, value in (body.get("stringData") or {}).items():
+            data[item] = base64.b64encode(str(value).encode()).decode()
+        metadata.update(namespace=namespace, uid=str(uuid.uuid4()))
+        secret = {
+            "kind": "Secret",
+            "apiVersion": "v1",
+            "metadata": metadata,
+            "type": body.get("type") or "Opaque",
+            "data": data,
+        }
+        self._touch(secret)
+        self._secrets[key] = secret
+        return copy.deepcopy(secret)
+
     def handle(
         self, method: str, path: str, query: dict[str, list[str]], body: Any
     ) -> tuple[int, dict[str, Any]]:
+        secret_match = _SECRET_PATH_RE.match(path)
+        if secret_match is not None and (method, secret_match["name"] is None) in (
+            ("POST", True),
+            ("PUT", False),
+        ):
+            with self._lock:
+                secret = self._secret_write(
+                    method, secret_match["namespace"], secret_match["name"], body
+                )
+            return (201 if method == "POST" else 200), secret
         match = _PATH_RE.match(path)
         if match is None:
             raise ApiStatusError(404, "the server could not find the requested resource")

@@ -648,3 +648,53 @@ def test_a_template_of_the_wrong_shape_is_refused_before_calling_the_cluster(
 
     assert caught.value.retryable is False
     assert fake_kube.requests_log == []
+
+
+# --- the agents' token Secret ------------------------------------------------------------------
+
+
+def test_a_token_secret_is_created_with_the_token_under_its_key(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    outcome = kube_client.put_token_secret(
+        namespace="ci", name=SECRET, pool_id="pool-z73eh8ihywlmgx0x", token="apt_one"
+    )
+
+    assert outcome == "created"
+    assert fake_kube.secret_value(SECRET, "ci", "token") == "apt_one"
+    stored = fake_kube.secret(SECRET, "ci")
+    assert stored is not None
+    assert stored["metadata"]["labels"] == {
+        "poolsadmin/pool": "pool-z73eh8ihywlmgx0x",
+        "app.kubernetes.io/managed-by": "poolsadmin",
+    }
+
+
+def test_writing_an_existing_token_secret_replaces_it(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    kube_client.put_token_secret(namespace="ci", name=SECRET, pool_id="pool-a", token="apt_old")
+    outcome = kube_client.put_token_secret(
+        namespace="ci", name=SECRET, pool_id="pool-a", token="apt_new"
+    )
+
+    assert outcome == "replaced"
+    assert fake_kube.secret_value(SECRET, "ci", "token") == "apt_new"
+    assert [(r.method, r.path) for r in fake_kube.requests_log] == [
+        ("POST", "/api/v1/namespaces/ci/secrets"),
+        ("POST", "/api/v1/namespaces/ci/secrets"),
+        ("PUT", f"/api/v1/namespaces/ci/secrets/{SECRET}"),
+    ]
+
+
+def test_a_refused_token_secret_is_a_kube_error_without_the_token(
+    fake_kube: FakeKubeServer, kube_client: KubeClient
+) -> None:
+    fake_kube.fail_next(1, status=403, method="POST")
+    with pytest.raises(KubeError) as caught:
+        kube_client.put_token_secret(
+            namespace="ci", name=SECRET, pool_id="pool-a", token="apt_secret_value"
+        )
+    assert caught.value.status == 403
+    assert not caught.value.retryable
+    assert "apt_secret_value" not in str(caught.value)

@@ -13,6 +13,7 @@ from django.db import DatabaseError, close_old_connections, connection
 
 from poolsadmin.lib.wake import Listener
 from poolsadmin.worker.cluster_access import kube_client_check
+from poolsadmin.worker.heartbeat import heartbeat_touch
 from poolsadmin.worker.lease import RECONCILER_LEASE, lease_release
 from poolsadmin.worker.loops import HOLDER, LOOPS, Loop
 
@@ -45,10 +46,15 @@ def run_loops(
             except Exception:
                 logger.exception("%s pass failed", loop.name)
                 did_work = False
+            # Progress, even after a failed pass: liveness is about the loop turning, and a
+            # restart would not cure a failing database (worker/heartbeat.py).
+            heartbeat_touch()
             # A loop that found work goes again soon; an idle one waits its interval.
             next_due[loop.name] = time.monotonic() + (0.05 if did_work else loop.interval_seconds)
         if once:
             return
+        # Idle turns count too: a worker with nothing due is alive.
+        heartbeat_touch()
         wait = min(1.0, max(0.0, min(next_due.values()) - time.monotonic()))
         if listener is None:
             stop.wait(wait)
