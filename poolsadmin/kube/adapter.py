@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import urllib3
 from django.core.exceptions import ImproperlyConfigured
@@ -291,17 +291,52 @@ def pod_manifest(*, pool: AgentPool, server_url: str, token_secret_name: str) ->
     )
 
 
-def _pod_info(pod: k8s.V1Pod) -> PodInfo:
-    meta = pod.metadata or k8s.V1ObjectMeta()
+def _timestamp(value: object) -> datetime | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"a timestamp must be a string, not {value!r}")
+    # RFC 3339 ("2026-12-01T10:00:00Z", fractions allowed), always UTC from the API server.
+    return datetime.fromisoformat(value).astimezone(UTC)
+
+
+def _pod_info(pod: object) -> PodInfo:
+    """The fields poolsadmin reads of one pod, from the API server's JSON. A shape no pod has
+    is a ValueError (the answer will not become readable by asking again)."""
+    if not isinstance(pod, dict):
+        raise ValueError(f"a pod must be an object, not {type(pod).__name__}")
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    if not (isinstance(meta, dict) and isinstance(status, dict) and isinstance(labels, dict)):
+        raise ValueError("a pod's metadata, labels and status must be objects")
     return PodInfo(
-        name=meta.name or "",
-        phase=(pod.status.phase if pod.status and pod.status.phase else "Unknown"),
-        labels=dict(meta.labels or {}),
-        # The client parses into pydantic's own tzinfo; UTC compares and prints like the rest.
-        created_at=meta.creation_timestamp.astimezone(UTC) if meta.creation_timestamp else None,
-        deletion_requested=meta.deletion_timestamp is not None,
-        uid=meta.uid or "",
+        name=str(meta.get("name") or ""),
+        phase=str(status.get("phase") or "Unknown"),
+        labels={str(key): str(value) for key, value in labels.items()},
+        created_at=_timestamp(meta.get("creationTimestamp")),
+        deletion_requested=meta.get("deletionTimestamp") is not None,
+        uid=str(meta.get("uid") or ""),
     )
+
+
+def _pod_infos(listed: object) -> list[PodInfo]:
+    # Never an empty list for an answer that is not a PodList: the reconciler would take
+    # every pod of the pool for vanished and fail its work.
+    items = listed.get("items") if isinstance(listed, dict) else None
+    if not isinstance(items, list):
+        raise ValueError("the answer to a pod listing is not a PodList")
+    return [_pod_info(pod) for pod in items]
+
+
+def _json(answer: object) -> object:
+    """The body of an answer the client did not parse (`_preload_content=False`: the call
+    returns urllib3's response, whatever the client's annotations say)."""
+    response = cast(urllib3.BaseHTTPResponse, answer)
+    try:
+        return json.loads(response.data)
+    finally:
+        response.release_conn()
 
 
 def _require_namespace(namespace: str, action: str) -> None:
@@ -343,15 +378,22 @@ class KubeClient:
     def list_pods(self, *, namespace: str, pool_id: str) -> list[PodInfo]:
         action = f"list pods of {pool_id} in {namespace}"
         _require_namespace(namespace, action)
-        pods = self._call(
+        # The raw JSON, read for the six fields of PodInfo: the client's models would parse
+        # every field of every pod (spec, containers, status conditions), which at 1,000 pods
+        # was most of a reconcile pass.
+        return self._call(
             action,
-            lambda: self._core.list_namespaced_pod(
-                namespace,
-                label_selector=f"{POOL_LABEL}={pool_id}",
-                _request_timeout=self._timeout,
+            lambda: _pod_infos(
+                _json(
+                    self._core.list_namespaced_pod(
+                        namespace,
+                        label_selector=f"{POOL_LABEL}={pool_id}",
+                        _request_timeout=self._timeout,
+                        _preload_content=False,
+                    )
+                )
             ),
         )
-        return [_pod_info(pod) for pod in pods.items]
 
     def create_pod(self, *, pool: AgentPool, server_url: str, token_secret_name: str) -> PodInfo:
         action = f"create a pod for {pool.pool_id} in {pool.namespace}"
@@ -360,31 +402,40 @@ class KubeClient:
         # is a KubeError naming the pool, like one the API server refuses. A timed-out create
         # may still have happened: the caller must not assume no pod was made, and finds it
         # by label on the next list.
-        pod = self._call(
+        return self._call(
             action,
-            lambda: self._core.create_namespaced_pod(
-                pool.namespace,
-                pod_manifest(pool=pool, server_url=server_url, token_secret_name=token_secret_name),
-                _request_timeout=self._timeout,
+            lambda: _pod_info(
+                _json(
+                    self._core.create_namespaced_pod(
+                        pool.namespace,
+                        pod_manifest(
+                            pool=pool, server_url=server_url, token_secret_name=token_secret_name
+                        ),
+                        _request_timeout=self._timeout,
+                        _preload_content=False,
+                    )
+                )
             ),
         )
-        return _pod_info(pod)
 
     def get_pod(self, *, namespace: str, name: str) -> PodInfo | None:
         action = f"get pod {name} in {namespace}"
         _require_namespace(namespace, action)
         try:
-            pod = self._call(
+            return self._call(
                 action,
-                lambda: self._core.read_namespaced_pod(
-                    name, namespace, _request_timeout=self._timeout
+                lambda: _pod_info(
+                    _json(
+                        self._core.read_namespaced_pod(
+                            name, namespace, _request_timeout=self._timeout, _preload_content=False
+                        )
+                    )
                 ),
             )
         except KubeError as exc:
             if exc.status == 404:
                 return None
             raise
-        return _pod_info(pod)
 
     def put_token_secret(self, *, namespace: str, name: str, pool_id: str, token: str) -> str:
         """Create the Secret agent pods read their pool token from (key `token`), or replace

@@ -3,7 +3,7 @@ what the caller expects the slot to hold, inside a transaction, with an event.""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -13,7 +13,7 @@ from django.db.models import F
 
 from poolsadmin.agents.liveness import hearing_gap
 from poolsadmin.events.models import Event
-from poolsadmin.events.services import event_record
+from poolsadmin.events.services import event_record, events_write
 from poolsadmin.kube.adapter import KubeApi, KubeError
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthenticated
@@ -217,6 +217,16 @@ def pool_token_authenticate(*, secret: str) -> PoolToken:
 # --- pods --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NewPod:
+    """A pod for the ledger: one the cluster lists that the ledger does not know yet."""
+
+    name: str
+    phase: str
+    agent_id: str | None = None
+    uid: str = ""
+
+
 def pod_create(
     *,
     pool: AgentPool,
@@ -227,35 +237,63 @@ def pod_create(
     uid: str = "",
 ) -> Pod:
     """A pod and its `slots_per_pod` idle slots, in one transaction."""
+    [pod] = pods_create(
+        pool=pool, pods=[NewPod(name=name, phase=phase, agent_id=agent_id, uid=uid)], actor=actor
+    )
+    return pod
+
+
+def pods_create(*, pool: AgentPool, pods: Sequence[NewPod], actor: str) -> list[Pod]:
+    """Pods and their `slots_per_pod` idle slots, with a `pod.adopted` event each, in one
+    transaction of four statements however many they are: a cold start of a big pool adopts
+    a thousand pods in one pass."""
+    if not pods:
+        return []
     now = clock.now()
+    events: list[Event] = []
     with transaction.atomic():
-        pod = Pod.objects.create(
-            pool=pool,
-            name=name,
-            uid=uid,
-            phase=phase,
-            agent_id=agent_id,
-            created_at=now,
-            last_seen_at=now,
+        # bulk_create sets the primary keys on PostgreSQL and SQLite (RETURNING).
+        created = Pod.objects.bulk_create(
+            [
+                Pod(
+                    pool=pool,
+                    name=new.name,
+                    uid=new.uid,
+                    phase=new.phase,
+                    agent_id=new.agent_id,
+                    created_at=now,
+                    last_seen_at=now,
+                )
+                for new in pods
+            ]
         )
         Slot.objects.bulk_create(
-            [Slot(pod=pod, index=i, since=now) for i in range(pool.slots_per_pod)]
+            [
+                Slot(pod=pod, index=i, since=now)
+                for pod in created
+                for i in range(pool.slots_per_pod)
+            ]
         )
-        event_record(
-            actor=actor,
-            kind="pod.adopted",
-            target_type="pod",
-            target_id=pod.name,
-            pool_id=pool.pool_id,
-            after={
-                "phase": phase,
-                "slots": pool.slots_per_pod,
-                "agent_id": agent_id,
-                "uid": uid or None,
-            },
+        for pod in created:
+            event_record(
+                actor=actor,
+                kind="pod.adopted",
+                target_type="pod",
+                target_id=pod.name,
+                pool_id=pool.pool_id,
+                after={
+                    "phase": pod.phase,
+                    "slots": pool.slots_per_pod,
+                    "agent_id": pod.agent_id,
+                    "uid": pod.uid or None,
+                },
+                batch=events,
+            )
+        events_write(events)
+        broadcast_pool_changed(
+            pool_id=pool.pool_id, kind="pod", payload={"pods": [pod.name for pod in created]}
         )
-        broadcast_pool_changed(pool_id=pool.pool_id, kind="pod", payload={"pod": pod.name})
-    return pod
+    return created
 
 
 def pod_link_agent(*, pod: Pod, agent_id: str | None, actor: str) -> bool:

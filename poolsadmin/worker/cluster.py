@@ -12,17 +12,18 @@ from the top.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
 
 from poolsadmin.agents.liveness import Liveness, agents_lost, liveness_read
 from poolsadmin.agents.models import Agent
-from poolsadmin.events.services import event_record
+from poolsadmin.events.models import Event
+from poolsadmin.events.services import event_record, events_write
 from poolsadmin.kube.adapter import KubeApi, KubeError, PodInfo
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import stamp
@@ -35,9 +36,10 @@ from poolsadmin.pools.models import (
     SlotState,
 )
 from poolsadmin.pools.services import (
-    pod_create,
+    NewPod,
     pod_delete_not_done,
     pod_retire,
+    pods_create,
     slot_free_for_task,
 )
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
@@ -72,26 +74,49 @@ class ClusterUnavailable(Exception):
 # --- ledger services for pods (pools/services.py has create and link only) ---------------------
 
 
-def pod_phase_set(*, pod: Pod, phase: str, actor: str) -> bool:
-    """The pod's phase as the cluster reports it. Conditional on the phase the caller saw."""
-    if pod.phase == phase:
-        return False
+def pods_phase_set(*, pool_id: str, phases: Sequence[tuple[Pod, str]], actor: str) -> list[Pod]:
+    """The pods' phases as the cluster reports them, each conditional on the phase the caller
+    saw, with an event each, in one transaction of three statements per pair of phases (not
+    per pod: a cold start sees a thousand pods go from Pending to Running). Returns the pods
+    that changed; `.phase` is updated on them."""
+    moves: dict[tuple[str, str], dict[int, Pod]] = defaultdict(dict)
+    for pod, phase in phases:
+        if pod.phase != phase:
+            moves[(pod.phase, phase)][pod.pk] = pod
+    changed: list[tuple[Pod, str]] = []
+    events: list[Event] = []
     with transaction.atomic():
-        changed = Pod.objects.filter(pk=pod.pk, phase=pod.phase).update(phase=phase)
-        if changed != 1:
-            return False
-        event_record(
-            actor=actor,
-            kind="pod.phase_changed",
-            target_type="pod",
-            target_id=pod.name,
-            pool_id=pod.pool_id,
-            before={"phase": pod.phase},
-            after={"phase": phase},
-        )
-        broadcast_pool_changed(pool_id=pod.pool_id, kind="pod", payload={"pod": pod.name})
-    pod.phase = phase
-    return True
+        for (before, after), pods in moves.items():
+            # Locked first, so the rows updated are exactly those read as still `before`. A
+            # row a scheduler holds right now is skipped, not waited for (no deadlock between
+            # two transactions that lock many pods): its phase follows on the next pass.
+            ids = list(
+                Pod.objects.select_for_update(skip_locked=True, no_key=True)
+                .filter(pk__in=list(pods), phase=before)
+                .values_list("pk", flat=True)
+            )
+            Pod.objects.filter(pk__in=ids).update(phase=after)
+            for pk in ids:
+                pod = pods[pk]
+                event_record(
+                    actor=actor,
+                    kind="pod.phase_changed",
+                    target_type="pod",
+                    target_id=pod.name,
+                    pool_id=pool_id,
+                    before={"phase": before},
+                    after={"phase": after},
+                    batch=events,
+                )
+                changed.append((pod, after))
+        events_write(events)
+        if changed:
+            broadcast_pool_changed(
+                pool_id=pool_id, kind="pod", payload={"pods": [pod.name for pod, _ in changed]}
+            )
+    for pod, phase in changed:
+        pod.phase = phase
+    return [pod for pod, _ in changed]
 
 
 def pod_uid_learn(*, pod: Pod, uid: str, actor: str) -> bool:
@@ -113,32 +138,58 @@ def pod_uid_learn(*, pod: Pod, uid: str, actor: str) -> bool:
 
 
 def pod_remove(*, pod: Pod, actor: str, reason: str) -> bool:
-    """Remove a pod and its slots from the ledger. Refused (False) while a slot still holds a
-    task: the caller fails or drops those first, and a task that raced in is kept for the
-    next pass rather than orphaned."""
+    """Remove one pod and its slots from the ledger (pods_remove)."""
+    return pod.pk in pods_remove(pool_id=pod.pool_id, pods=[(pod, reason)], actor=actor)
+
+
+def pods_remove(*, pool_id: str, pods: Sequence[tuple[Pod, str]], actor: str) -> set[int]:
+    """Remove pods and their slots from the ledger, with a `pod.removed` event each (the
+    reason given with it), in one transaction of a few statements however many they are (a
+    lost node takes a whole pool's pods at once). Returns the ids of the pods removed.
+
+    A pod is kept while a slot still holds a task: the caller fails or drops those first, and
+    a task that raced in is kept for the next pass rather than orphaned. Pods and slots are
+    locked with SKIP LOCKED: one a scheduler holds right now is kept for the next pass too,
+    never waited for, so two transactions that lock many rows cannot deadlock."""
+    by_pk = {pod.pk: (pod, reason) for pod, reason in pods}
+    events: list[Event] = []
     with transaction.atomic():
-        locked = Pod.objects.select_for_update().filter(pk=pod.pk).first()
-        if locked is None:
-            return False
-        # Only idle slots go, and the pod only if none is left: a dispatch that takes a slot
-        # between the caller's release and this delete (slots_take does not lock the pod) keeps
-        # its slot, and the pod stays until the next pass.
-        slots, _ = Slot.objects.filter(pod=locked, state=SlotState.IDLE).delete()
-        if Slot.objects.filter(pod=locked).exists():
-            transaction.set_rollback(True)
-            return False
-        locked.delete()
-        event_record(
-            actor=actor,
-            kind="pod.removed",
-            target_type="pod",
-            target_id=pod.name,
-            pool_id=pod.pool_id,
-            before={"phase": pod.phase, "slots": slots, "agent_id": pod.agent_id},
-            reason=reason,
+        locked = set(
+            Pod.objects.select_for_update(skip_locked=True)
+            .filter(pk__in=list(by_pk))
+            .values_list("pk", flat=True)
         )
-        broadcast_pool_changed(pool_id=pod.pool_id, kind="pod", payload={"pod": pod.name})
-    return True
+        slots = Slot.objects.filter(pod_id__in=list(locked))
+        held = list(
+            slots.select_for_update(skip_locked=True).values_list("pod_id", "state").order_by()
+        )
+        # Locked slots (all of them, or a scheduler holds one) that are all idle: the slot
+        # rows cannot change before the transaction ends, so no dispatch can slip in.
+        total = Counter(slots.order_by().values_list("pod_id", flat=True))
+        idle = Counter(pod_id for pod_id, state in held if state == SlotState.IDLE)
+        removable = {pk for pk in locked if idle[pk] == total[pk]}
+        Slot.objects.filter(pod_id__in=list(removable)).delete()
+        Pod.objects.filter(pk__in=list(removable)).delete()
+        for pk in sorted(removable):
+            pod, reason = by_pk[pk]
+            event_record(
+                actor=actor,
+                kind="pod.removed",
+                target_type="pod",
+                target_id=pod.name,
+                pool_id=pool_id,
+                before={"phase": pod.phase, "slots": idle[pk], "agent_id": pod.agent_id},
+                reason=reason,
+                batch=events,
+            )
+        events_write(events)
+        if removable:
+            broadcast_pool_changed(
+                pool_id=pool_id,
+                kind="pod",
+                payload={"pods": [by_pk[pk][0].name for pk in removable]},
+            )
+    return removable
 
 
 # --- the pass --------------------------------------------------------------------------------
@@ -168,16 +219,27 @@ def _gone_reason(info: PodInfo | None) -> str:
     return f"is {info.phase} and was deleted from the cluster"
 
 
-def _release_pod(*, pod: Pod, why: str, actor: str, dry_run: bool) -> list[Change]:
-    """Fail the pod's running tasks and drop its reservations, then remove it from the ledger.
+def _release_pods(*, gone: list[tuple[Pod, str]], actor: str, dry_run: bool) -> list[Change]:
+    """Fail the running tasks of pods that are gone (each with why) and drop their
+    reservations, then remove the pods from the ledger: a few queries for all of them, and
+    one repair per task that held a slot there.
 
-    Immediately, with no grace period: the pod is gone for certain, so its work is lost
+    Immediately, with no grace period: the pods are gone for certain, so their work is lost
     (I-713 B: one reconcile fails the tasks that were running on the failed pod)."""
+    if not gone:
+        return []
     changes: list[Change] = []
-    reason = f"pod {pod.name} {why}"
-    busy = Slot.objects.filter(pod=pod).exclude(state=SlotState.IDLE).select_related("task")
+    why_of = {pod.pk: why for pod, why in gone}
+    busy = (
+        Slot.objects.filter(pod_id__in=list(why_of))
+        .exclude(state=SlotState.IDLE)
+        .select_related("task", "pod")
+        .order_by("pod__name", "index")
+    )
     slotted = set()
-    for slot in busy.order_by("index"):
+    for slot in busy:
+        pod, why = slot.pod, why_of[slot.pod_id]
+        reason = f"pod {pod.name} {why}"
         task = slot.task
         assert task is not None  # the slot_state_matches_task constraint
         slotted.add(task.pk)
@@ -194,17 +256,30 @@ def _release_pod(*, pod: Pod, why: str, actor: str, dry_run: bool) -> list[Chang
             task_id=task.pk, actor=actor, reason=reason, pool_id=pod.pool_id, only_state=slot.state
         ):
             changes.append(Change("slot.free", f"{pod.name}[{slot.index}]", reason))
-    # Running tasks that point at the pod without holding a slot there (drift).
-    for task_id in (
-        WorkspaceTask.objects.filter(pod=pod, status=TaskStatus.RUNNING)
+    # Running tasks that point at the pods without holding a slot there (drift).
+    names = {pod.pk: pod.name for pod, _ in gone}
+    for task_id, pod_id in (
+        WorkspaceTask.objects.filter(pod_id__in=list(why_of), status=TaskStatus.RUNNING)
         .exclude(pk__in=slotted)
-        .values_list("id", flat=True)
+        .order_by("pk")
+        .values_list("id", "pod_id")
     ):
-        message = f"Pod {pod.name} {why}; task #{task_id} that was running on it was lost."
+        assert pod_id is not None
+        message = (
+            f"Pod {names[pod_id]} {why_of[pod_id]}; task #{task_id} that was running on it "
+            "was lost."
+        )
         if dry_run or task_fail_lost(task_id=task_id, message=message, actor=actor):
             changes.append(Change("task.fail", f"task #{task_id}", message))
-    if dry_run or pod_remove(pod=pod, actor=actor, reason=reason):
-        changes.append(Change("pod.remove", pod.name, reason))
+    reasons = [(pod, f"pod {pod.name} {why}") for pod, why in gone]
+    removed = (
+        {pod.pk for pod, _ in gone}
+        if dry_run
+        else pods_remove(pool_id=gone[0][0].pool_id, pods=reasons, actor=actor)
+    )
+    changes += [
+        Change("pod.remove", pod.name, reason) for pod, reason in reasons if pod.pk in removed
+    ]
     return changes
 
 
@@ -245,6 +320,24 @@ def _pod_delete_for_lost_agent(*, pool: AgentPool, pod: Pod, kube: KubeApi, acto
         )
     except KubeError as exc:
         raise ClusterUnavailable(exc) from exc
+
+
+def _agents_waiting_for(*, pool: AgentPool, pods: list[PodInfo]) -> dict[str, str]:
+    """Pod name -> the agent that registered under that name before its pod was known, in
+    one query for all the pods a pass adopts. Not one registered from another pod of that
+    name: a replaced pod's agent registers anew (agent_register)."""
+    uids = {info.name: info.uid for info in pods}
+    waiting: dict[str, str] = {}
+    for name, pod_uid, agent_id in (
+        Agent.objects.filter(
+            pool=pool, agent_name__in=list(uids), pod__isnull=True, retired_at__isnull=True
+        )
+        .order_by("pk")
+        .values_list("agent_name", "pod_uid", "agent_id")
+    ):
+        if pod_uid in ("", uids[name]):
+            waiting.setdefault(name, agent_id)
+    return waiting
 
 
 def cluster_sync(
@@ -312,58 +405,57 @@ def cluster_sync(
         lost[pod.name] = f"was deleted from the cluster: {why}"
         changes.append(Change("pod.delete", pod.name, why))
 
+    gone: list[tuple[Pod, str]] = []
+    moving: list[tuple[Pod, str]] = []
+    phase_changes: dict[int, Change] = {}
     for pod in Pod.objects.filter(pool=pool).order_by("name"):
         seen = listed.get(pod.name)
         if pod.name in lost:
-            changes += _release_pod(pod=pod, why=lost[pod.name], actor=actor, dry_run=dry_run)
+            gone.append((pod, lost[pod.name]))
         elif (
             seen is None
             or seen.deletion_requested
             or pod.name in finished_names
             or _replaced(pod, seen)
         ):
-            changes += _release_pod(pod=pod, why=_gone_reason(seen), actor=actor, dry_run=dry_run)
+            gone.append((pod, _gone_reason(seen)))
         else:
             if not pod.uid and seen.uid:
                 pod_uid_learn(pod=pod, uid=seen.uid, actor=actor)
-            if seen.phase != pod.phase and (
-                dry_run or pod_phase_set(pod=pod, phase=seen.phase, actor=actor)
-            ):
-                changes.append(Change("pod.phase", pod.name, f"-> {seen.phase}"))
+            if seen.phase != pod.phase:
+                moving.append((pod, seen.phase))
+                phase_changes[pod.pk] = Change("pod.phase", pod.name, f"-> {seen.phase}")
+                changes.append(phase_changes[pod.pk])
             if _delete_not_done(pod, listed_at) and (
                 dry_run or pod_delete_not_done(pod=pod, actor=actor)
             ):
                 changes.append(Change("pod.uncordon", pod.name, "its delete did not happen"))
 
+    changes += _release_pods(gone=gone, actor=actor, dry_run=dry_run)
+    if moving and not dry_run:
+        # All at once (pods_phase_set); a pod whose change did not happen is not reported.
+        moved = {pod.pk for pod in pods_phase_set(pool_id=pool.pool_id, phases=moving, actor=actor)}
+        skipped = {id(phase_changes[pod.pk]) for pod, _ in moving if pod.pk not in moved}
+        changes = [change for change in changes if id(change) not in skipped]
+
     # Read again: the pods released above are gone, and a replaced pod's name is free.
     known = set(Pod.objects.filter(pool=pool).values_list("name", flat=True))
-    for info in sorted(listed.values(), key=lambda i: i.name):
-        if (
-            info.name in known
-            or info.name in finished_names
-            or info.name in lost
-            or info.deletion_requested
-        ):
-            continue
-        # An agent registered under the name before its pod was known. Not one registered from
-        # another pod of that name: a replaced pod's agent registers anew (agent_register).
-        agent_id = (
-            Agent.objects.filter(
-                pool=pool, agent_name=info.name, pod__isnull=True, retired_at__isnull=True
-            )
-            .filter(Q(pod_uid="") | Q(pod_uid=info.uid))
-            .values_list("agent_id", flat=True)
-            .first()
-        )
-        if not dry_run:
-            pod_create(
-                pool=pool,
-                name=info.name,
-                phase=info.phase,
-                actor=actor,
-                agent_id=agent_id,
-                uid=info.uid,
-            )
-        detail = f"phase {info.phase}" + (f", agent {agent_id}" if agent_id else "")
-        changes.append(Change("pod.adopt", info.name, detail))
+    new = [
+        info
+        for info in sorted(listed.values(), key=lambda i: i.name)
+        if info.name not in known
+        and info.name not in finished_names
+        and info.name not in lost
+        and not info.deletion_requested
+    ]
+    agents = _agents_waiting_for(pool=pool, pods=new)
+    adopted = [
+        NewPod(name=info.name, phase=info.phase, agent_id=agents.get(info.name), uid=info.uid)
+        for info in new
+    ]
+    if adopted and not dry_run:
+        pods_create(pool=pool, pods=adopted, actor=actor)
+    for new_pod in adopted:
+        agent = f", agent {new_pod.agent_id}" if new_pod.agent_id else ""
+        changes.append(Change("pod.adopt", new_pod.name, f"phase {new_pod.phase}{agent}"))
     return changes

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +395,41 @@ def test_an_api_error_says_whether_it_is_worth_retrying(
     assert (caught.value.status, caught.value.reason) == (status, reason)
     assert caught.value.retryable is retryable
     assert f"injected failure ({status})" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"kind": "Status", "status": "Success"}', b"[]", b'{"items": [7]}', b"<html>"]
+)
+def test_a_listing_answer_that_is_no_pod_list_is_an_error_never_an_empty_pool(
+    body: bytes,
+) -> None:
+    """The adapter reads the listing's JSON itself: an answer it cannot read must not look
+    like a pool without pods, whose every pod the reconciler would take for vanished."""
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with (
+            KubeClient(KubeConfig(mode="url", url=url, timeout_seconds=5.0)) as client,
+            pytest.raises(KubeError) as caught,
+        ):
+            client.list_pods(namespace="ci", pool_id="pool-z73eh8ihywlmgx0x")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert caught.value.retryable is False
 
 
 @pytest.mark.parametrize("call", ["list", "create", "get", "delete"])
