@@ -13,7 +13,7 @@ from datetime import datetime
 from math import ceil
 
 from poolsadmin.pools.models import AgentPool, Slot, SlotState
-from poolsadmin.scheduler.rules import backoff_block, pool_block, workspace_block
+from poolsadmin.scheduler.rules import backoff_block, pool_block, serial_heads, workspace_block
 from poolsadmin.tasks.models import QUEUED, TaskStatus, TaskType, WorkspaceTask
 
 
@@ -45,10 +45,8 @@ def pool_demand(*, pool: AgentPool, now: datetime) -> Demand:
     """Slot and plan_and_apply demand of `pool` and the pods it needs.
 
     Queries: one for the busy slots, one for the freeze windows, one for the waiting tasks,
-    and one per workspace whose first waiting plan_and_apply must be checked against rule 2
-    (`workspace_block` reads the workspace's earlier tasks itself). A later pending
-    plan_and_apply of the same workspace is always behind that first one, so it is blocked by
-    rule 2 without asking again."""
+    and, when one of those is a pending plan_and_apply, one for rule 2's heads of their
+    workspaces (`serial_heads`), whatever their number."""
     running = reserved = busy_pa = 0
     holding: set[int] = set()
     for state, task_type, task_id in (
@@ -67,20 +65,13 @@ def pool_demand(*, pool: AgentPool, now: datetime) -> Demand:
     queued = applies = waiting_pa = 0
     block = pool_block(pool=pool, now=now)
     if block is None:
-        tasks = WorkspaceTask.objects.filter(QUEUED, pool=pool).select_related("workspace")
-        seen_pa: set[str] = set()
+        tasks = list(WorkspaceTask.objects.filter(QUEUED, pool=pool).select_related("workspace"))
+        heads = serial_heads(tasks=tasks)
         for task in tasks:
             if task.pk in holding:  # a confirmed apply with its reservation: counted above
                 continue
-            is_new_pa = (
-                task.task_type == TaskType.PLAN_AND_APPLY and task.status == TaskStatus.PENDING
-            )
-            if is_new_pa:
-                if task.workspace_id in seen_pa:
-                    continue
-                seen_pa.add(task.workspace_id)
             if backoff_block(task=task, now=now) or workspace_block(
-                task=task, workspace=task.workspace
+                task=task, workspace=task.workspace, heads=heads
             ):
                 continue
             if task.status == TaskStatus.APPLY_PENDING:

@@ -728,7 +728,8 @@ def pod_retire(
     after: dict[str, Any] | None = None,
 ) -> bool:
     """Cordon a pod and delete it from the cluster, unless one of its slots is in
-    `blocking_states`. False (nothing changed) when a slot blocks or a scheduler holds the pod.
+    `blocking_states`. False (nothing changed) when a slot blocks or another transaction holds
+    the pod.
 
     Every dispatch holds its pool's row (`FOR NO KEY UPDATE`, scheduler/services.py) from the
     capacity snapshot it places with to its commit, so taking the same lock here, then checking

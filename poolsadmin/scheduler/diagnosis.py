@@ -24,6 +24,7 @@ from poolsadmin.scheduler.rules import (
     backoff_block,
     placement_candidates,
     pool_block,
+    serial_heads,
     workspace_block,
 )
 from poolsadmin.scheduler.services import ack_timeout
@@ -113,7 +114,10 @@ def task_diagnose(
     cache: CapacityCache | None = None,
     decisions: DecisionCache | None = None,
     liveness: Liveness | None = None,
+    heads: dict[str, WorkspaceTask] | None = None,
 ) -> Diagnosis:
+    """Why `task` waits, or what it does. The caches and `heads` (rule 2's, `serial_heads`)
+    are for a caller that diagnoses many tasks: each is then read once, not once per task."""
     now = now or clock.now()
     if task.status in TERMINAL_STATUSES:
         return Diagnosis("finished", f"Task #{task.pk} is {task.status}.")
@@ -151,7 +155,7 @@ def task_diagnose(
                 lost_text + " It is also still waiting for someone to confirm the apply.",
                 blocker=f"task:{task.pk}",
             )
-        base = workspace_block(task=task, workspace=task.workspace)
+        base = workspace_block(task=task, workspace=task.workspace, heads=heads)
         assert base is not None
         if own_slot is not None and own_slot.state == SlotState.RESERVED:
             until = own_slot.reserved_until
@@ -169,7 +173,7 @@ def task_diagnose(
     if backoff:
         return backoff
     blocked = pool_block(pool=task.pool, now=now) or workspace_block(
-        task=task, workspace=task.workspace
+        task=task, workspace=task.workspace, heads=heads
     )
     if blocked is None:
         views = _capacity(task.pool, now, cache)
@@ -252,15 +256,21 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
     decisions: DecisionCache = {}
     liveness = liveness_read()
     changed = 0
-    waiting = (
+    waiting = list(
         WorkspaceTask.objects.filter(tasks_waiting_filter())
         .select_related("pool", "workspace")
         .order_by("id")[:limit]
     )
+    heads = serial_heads(tasks=waiting)
     for task in waiting:
         try:
             diagnosis = task_diagnose(
-                task=task, now=now, cache=cache, decisions=decisions, liveness=liveness
+                task=task,
+                now=now,
+                cache=cache,
+                decisions=decisions,
+                liveness=liveness,
+                heads=heads,
             )
             if diagnosis_record(task=task, diagnosis=diagnosis, now=now):
                 changed += 1

@@ -6,7 +6,7 @@ Nothing here writes. `placement_candidates` is pure: it works on a capacity snap
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -88,9 +88,18 @@ def _since(task: WorkspaceTask) -> datetime | None:
 OPEN_STATUSES = (TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.APPLY_PENDING)
 
 
-def serial_heads(*, workspace_ids: Collection[str]) -> dict[str, WorkspaceTask]:
-    """Rule 2's reference: the earliest plan_and_apply of each workspace that is pending,
-    running or apply_pending. One query for any number of workspaces (a scheduler batch)."""
+def _waits_for_rule_2(task: WorkspaceTask) -> bool:
+    return task.task_type == TaskType.PLAN_AND_APPLY and task.status == TaskStatus.PENDING
+
+
+def serial_heads(*, tasks: Iterable[WorkspaceTask]) -> dict[str, WorkspaceTask]:
+    """Rule 2's reference for `tasks`: the earliest plan_and_apply that is pending, running or
+    apply_pending of each workspace where one of them is a pending plan_and_apply (the only
+    tasks rule 2 asks about). One query for any number of tasks (a scheduler batch, a
+    diagnosis pass), none when no task is a pending plan_and_apply."""
+    workspace_ids = {task.workspace_id for task in tasks if _waits_for_rule_2(task)}
+    if not workspace_ids:
+        return {}
     heads: dict[str, WorkspaceTask] = {}
     rows = WorkspaceTask.objects.filter(
         workspace_id__in=list(workspace_ids),
@@ -105,8 +114,8 @@ def serial_heads(*, workspace_ids: Collection[str]) -> dict[str, WorkspaceTask]:
 def workspace_block(
     *, task: WorkspaceTask, workspace: Workspace, heads: dict[str, WorkspaceTask] | None = None
 ) -> Diagnosis | None:
-    """Rules 1, 2 and 5 for one task of one workspace. `heads` is `serial_heads` of the
-    workspace, when the caller read it for many tasks at once."""
+    """Rules 1, 2 and 5 for one task of one workspace. `heads` is `serial_heads` of tasks that
+    include this one, when the caller read it for many tasks at once."""
     if task.status == TaskStatus.APPLY_PENDING and not task.apply_confirmed_by:
         # Rule 5: no path may apply an unconfirmed plan.
         planner = (
@@ -120,11 +129,11 @@ def workspace_block(
             "waiting for someone to confirm the apply.",
             blocker=f"task:{task.pk}",
         )
-    if task.task_type == TaskType.PLAN_AND_APPLY and task.status == TaskStatus.PENDING:
+    if _waits_for_rule_2(task):
         # Rule 2: plan_and_apply tasks of one workspace are strictly serial: a pending one
         # waits while an earlier one of its workspace is open.
         if heads is None:
-            heads = serial_heads(workspace_ids=[workspace.pk])
+            heads = serial_heads(tasks=[task])
         earlier = heads.get(workspace.pk)
         if earlier is not None and earlier.pk < task.pk:
             return Diagnosis(

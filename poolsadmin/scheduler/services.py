@@ -143,15 +143,15 @@ def _dispatch_batch(
     tried; once the pool has no room for a kind of task, later tasks of that kind are skipped
     (confirmed applies are still tried: they may own a reserved slot, I-598).
 
-    Cost: a constant number of queries for the batch (pool state, workspaces, rule 2's heads,
-    the capacity snapshot, the row locks, the events) plus two per dispatch (the slot's and the
-    task's conditional updates), whatever the number of pods."""
+    Cost: a constant number of queries for the batch, whatever the number of tasks and pods:
+    pool state, workspaces, rule 2's heads, the capacity snapshot, the row locks, one
+    statement for the slots and one for the tasks (a confirmed apply's own reservation is one
+    more each), the events."""
     blocked = pool_block(pool=pool, now=now)
     if blocked:
         return [DispatchOutcome(task_id=tasks[0].pk, dispatched=False, diagnosis=blocked)]
-    workspace_ids = {t.workspace_id for t in tasks}
-    workspaces = Workspace.objects.in_bulk(list(workspace_ids))
-    heads = serial_heads(workspace_ids=workspace_ids)
+    workspaces = Workspace.objects.in_bulk(list({t.workspace_id for t in tasks}))
+    heads = serial_heads(tasks=tasks)
     snapshot = PoolSnapshot(pool=pool, views=pool_capacity(pool=pool, now=now), now=now)
 
     outcomes: list[DispatchOutcome] = []

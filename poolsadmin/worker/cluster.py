@@ -88,8 +88,9 @@ def pods_phase_set(*, pool_id: str, phases: Sequence[tuple[Pod, str]], actor: st
     with transaction.atomic():
         for (before, after), pods in moves.items():
             # Locked first, so the rows updated are exactly those read as still `before`. A
-            # row a scheduler holds right now is skipped, not waited for (no deadlock between
-            # two transactions that lock many pods): its phase follows on the next pass.
+            # row another transaction holds right now (a retire, a link) is skipped, not waited
+            # for (no deadlock between two transactions that lock many pods): its phase follows
+            # on the next pass.
             ids = list(
                 Pod.objects.select_for_update(skip_locked=True, no_key=True)
                 .filter(pk__in=list(pods), phase=before)
@@ -149,8 +150,9 @@ def pods_remove(*, pool_id: str, pods: Sequence[tuple[Pod, str]], actor: str) ->
 
     A pod is kept while a slot still holds a task: the caller fails or drops those first, and
     a task that raced in is kept for the next pass rather than orphaned. Pods and slots are
-    locked with SKIP LOCKED: one a scheduler holds right now is kept for the next pass too,
-    never waited for, so two transactions that lock many rows cannot deadlock."""
+    locked with SKIP LOCKED: one another transaction holds right now (a scheduler batch taking
+    one of its slots) is kept for the next pass too, never waited for, so two transactions
+    that lock many rows cannot deadlock."""
     by_pk = {pod.pk: (pod, reason) for pod, reason in pods}
     events: list[Event] = []
     with transaction.atomic():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from poolsadmin.autoscaler.demand import pool_demand
 from poolsadmin.lib import clock
@@ -108,3 +110,21 @@ def test_demand_reads_a_fixed_number_of_queries(django_assert_num_queries: Any) 
 
     with django_assert_num_queries(3):  # busy slots, freeze windows, waiting tasks
         pool_demand(pool=pool, now=clock.now())
+
+
+def _queries_of_demand_with_serial_work(workspaces: int) -> int:
+    pool = make_pool(name=f"serial-{workspaces}")
+    make_agent(pool, f"serial-{workspaces}-P1")
+    for _ in range(workspaces):
+        workspace = make_workspace(pool)
+        submit(workspace, "plan_and_apply")
+        submit(workspace, "plan_and_apply")  # rule 2: behind the one before
+    with CaptureQueriesContext(connection) as queries:
+        demand = pool_demand(pool=pool, now=clock.now())
+    assert demand.queued == workspaces  # the first of each workspace only
+    return len(queries)
+
+
+def test_rule_2_costs_one_query_however_many_workspaces_wait() -> None:
+    # busy slots, freeze windows, waiting tasks, rule 2's heads: not one per workspace.
+    assert _queries_of_demand_with_serial_work(2) == _queries_of_demand_with_serial_work(6) == 4
