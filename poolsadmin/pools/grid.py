@@ -18,7 +18,7 @@ from poolsadmin.autoscaler.models import ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.pools.models import FINISHED_PHASES, AgentPool, Pod, PodPhase, Slot
-from poolsadmin.pools.selectors import agent_is_online
+from poolsadmin.pools.selectors import agent_is_online, pool_pods_slots
 from poolsadmin.tasks.models import QUEUED, WorkspaceTask
 
 
@@ -124,27 +124,19 @@ def pool_slot_grid(
     their tasks: the rows the scheduler's capacity snapshot reads, so the API shows what the
     scheduler sees. Two queries, whatever the number of pods; a page reads only its pods."""
     now = now or clock.now()
-    pods_query = Pod.objects.filter(pool=pool).select_related("agent").order_by("created_at", "id")
-    pods = list(pods_query[offset : None if limit is None else offset + limit])
-    slots_by_pod: dict[int, list[Slot]] = {p.pk: [] for p in pods}
     # Of each slot's task only what the API shows: a full task row per slot is most of the
     # cost of a 1,000-pod pool.
-    slots = (
-        Slot.objects.filter(pod_id__in=list(slots_by_pod))
-        .select_related("task")
-        .only(*SLOT_FIELDS, "task__status", "task__workspace_id")
-        .order_by("pod_id", "index")
+    slots = Slot.objects.select_related("task").only(
+        *SLOT_FIELDS, "task__status", "task__workspace_id"
     )
-    for slot in slots:
-        slots_by_pod[slot.pod_id].append(slot)
     return [
         PodRow(
             pod=p,
             agent=p.agent,
             agent_online=agent_is_online(agent=p.agent, pool=pool, now=now),
-            slots=slots_by_pod[p.pk],
+            slots=pod_slots,
         )
-        for p in pods
+        for p, pod_slots in pool_pods_slots(pool=pool, offset=offset, limit=limit, slots=slots)
     ]
 
 

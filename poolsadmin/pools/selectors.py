@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from django.db.models import QuerySet
+
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.pools.models import AgentPool, FreezeWindow, Pod, PodPhase, Slot, SlotState
@@ -110,27 +112,42 @@ def pod_unavailable_reason(*, pod: Pod, agent: Agent | None, pool: AgentPool, no
     return ""
 
 
-def pool_capacity(*, pool: AgentPool, now: datetime, with_tasks: bool = False) -> list[PodView]:
-    """Every pod of the pool with its agent and slots, in bin-packing order: busiest pod
-    first, ties to the oldest pod (idle pods stay idle so the autoscaler can remove them).
-    Two queries, whatever the number of pods."""
-    pods = list(Pod.objects.filter(pool=pool).select_related("agent").order_by("created_at", "id"))
+def pool_pods_slots(
+    *,
+    pool: AgentPool,
+    offset: int = 0,
+    limit: int | None = None,
+    slots: QuerySet[Slot] | None = None,
+) -> list[tuple[Pod, list[Slot]]]:
+    """The pods of `pool`, oldest first (`limit` of them from `offset`), each with its agent
+    and its slots in index order. Two queries, whatever the number of pods. `slots` narrows
+    the slot rows read (what a page shows of each slot's task)."""
+    rows = Pod.objects.filter(pool=pool).select_related("agent").order_by("created_at", "id")
+    pods = list(rows[offset : None if limit is None else offset + limit])
     slots_by_pod: dict[int, list[Slot]] = {p.pk: [] for p in pods}
     # Filter by the pods just read: a pod committed between the two statements (READ
     # COMMITTED) must not show up as slots without a pod.
-    slots = Slot.objects.filter(pod_id__in=list(slots_by_pod)).order_by("pod_id", "index")
-    if with_tasks:  # pages show each slot's task; the scheduler does not need them
-        slots = slots.select_related("task")
-    for slot in slots:
+    for slot in (
+        (Slot.objects.all() if slots is None else slots)
+        .filter(pod_id__in=list(slots_by_pod))
+        .order_by("pod_id", "index")
+    ):
         slots_by_pod[slot.pod_id].append(slot)
+    return [(p, slots_by_pod[p.pk]) for p in pods]
+
+
+def pool_capacity(*, pool: AgentPool, now: datetime) -> list[PodView]:
+    """Every pod of the pool with its agent and slots, in bin-packing order: busiest pod
+    first, ties to the oldest pod (idle pods stay idle so the autoscaler can remove them).
+    Two queries, whatever the number of pods."""
     views = [
         PodView(
             pod=p,
             agent=p.agent,
-            slots=slots_by_pod[p.pk],
+            slots=slots,
             unavailable_reason=pod_unavailable_reason(pod=p, agent=p.agent, pool=pool, now=now),
         )
-        for p in pods
+        for p, slots in pool_pods_slots(pool=pool)
     ]
     # Stable sort keeps the created_at order among pods of equal load.
     views.sort(key=lambda v: -v.busy)
