@@ -658,6 +658,27 @@ def _pod_still_there(*, kube: KubeApi, pod: Pod) -> bool:
     return info is not None and not info.deletion_requested
 
 
+def _pod_delete_refused(*, pod: Pod, actor: str, error: KubeError) -> None:
+    """The cluster refused the delete and still lists the pod: lift the cordon pod_retire set,
+    so the pod takes work again."""
+    with transaction.atomic():
+        if not Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
+            cordoned=False, cordoned_by="", cordoned_reason=""
+        ):
+            return
+        event_record(
+            actor=actor,
+            kind="pod.delete_refused",
+            target_type="pod",
+            target_id=pod.name,
+            pool_id=pod.pool_id,
+            before={"cordoned": True},
+            after={"cordoned": False},
+            reason=f"the cluster refused to delete pod {pod.name} ({error.message}) and still "
+            "lists it: it takes work again",
+        )
+
+
 def _pod_delete_unconfirmed(*, pod: Pod, actor: str, error: KubeError) -> None:
     """The delete may or may not have happened (a timeout; or a refusal, and the cluster
     would not say whether the pod is still there): the pod stays cordoned, marked, until
@@ -771,9 +792,7 @@ def pod_retire(
         if not was_cordoned:
             refused = exc.status is not None and exc.status != 504
             if refused and _pod_still_there(kube=kube, pod=pod):
-                Pod.objects.filter(pk=pod.pk, cordoned=True, cordoned_by=actor).update(
-                    cordoned=False, cordoned_by="", cordoned_reason=""
-                )
+                _pod_delete_refused(pod=pod, actor=actor, error=exc)
             else:
                 _pod_delete_unconfirmed(pod=pod, actor=actor, error=exc)
         raise

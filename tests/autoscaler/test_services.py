@@ -263,6 +263,7 @@ def test_a_failed_delete_lifts_the_cordon(
     assert decision.action == ScaleAction.BLOCKED
     assert not Pod.objects.get(pk=pod.pk).cordoned
     assert cluster_pods(fake_kube) == [pod.name]
+    assert Event.objects.filter(kind="pod.delete_refused", target_id=pod.name).count() == 1
 
 
 def test_a_delete_that_timed_out_but_was_carried_out_keeps_the_pod_cordoned(
