@@ -26,8 +26,8 @@ INCIDENT_POD = DEMO_AGENT_NAMES[0]
 
 
 # How long a pushed change may take to show before the test fails. The product's goal is 2 s
-# (the live dashboard's acceptance); a shared, loaded machine cannot promise durations, so a test only
-# proves the change arrives without a reload, with room for a busy machine.
+# (the live dashboard's acceptance); a shared, loaded machine cannot promise durations, so a
+# test only proves the change arrives without a reload, with room for a busy machine.
 PUSHED_MS = 10_000
 
 
