@@ -15,6 +15,7 @@ from datetime import datetime
 from django.db.models import prefetch_related_objects
 from django.utils.safestring import SafeString, mark_safe
 
+from poolsadmin.agents.liveness import liveness_read
 from poolsadmin.agents.models import Agent
 from poolsadmin.dashboard.pool_view import (
     CardSelection,
@@ -34,8 +35,8 @@ from poolsadmin.pools.selectors import (
     pool_capacity,
     pool_freeze_state,
 )
-from poolsadmin.scheduler.diagnosis import task_diagnose
-from poolsadmin.scheduler.rules import Diagnosis, in_dispatch_order
+from poolsadmin.scheduler.diagnosis import DecisionCache, reserved_slots, task_diagnose
+from poolsadmin.scheduler.rules import Diagnosis, in_dispatch_order, serial_heads
 from poolsadmin.tasks.detail import TaskDetail, task_detail
 from poolsadmin.tasks.models import QUEUED, TaskStatus, WorkspaceTask
 
@@ -210,6 +211,29 @@ def dashboard_pool(
     )
     for task in queued + unconfirmed:
         task.pool = pool
+    # What the diagnoses would otherwise read once per task.
+    planners = {t.plan_agent_id for t in unconfirmed if t.plan_agent_id} - agent_names.keys()
+    if planners:
+        agent_names.update(
+            Agent.objects.filter(pk__in=planners).values_list("agent_id", "agent_name")
+        )
+    decisions: DecisionCache = {}
+    liveness = liveness_read()
+    heads = serial_heads(tasks=queued + unconfirmed)
+    own_slots = reserved_slots(views)
+
+    def diagnose(task: WorkspaceTask) -> Diagnosis:
+        return task_diagnose(
+            task=task,
+            now=now,
+            cache=cache,
+            decisions=decisions,
+            liveness=liveness,
+            heads=heads,
+            agent_names=agent_names,
+            own_slots=own_slots,
+        )
+
     return PoolPage(
         pool=pool,
         now=now,
@@ -223,14 +247,9 @@ def dashboard_pool(
         cards=[card(v) for v in selection.shown],
         selection=selection,
         pinned=card(selection.pinned) if selection.pinned else None,
-        queue=[
-            QueueEntry(position, t, task_diagnose(task=t, now=now, cache=cache))
-            for position, t in enumerate(queued, start=1)
-        ],
+        queue=[QueueEntry(position, t, diagnose(t)) for position, t in enumerate(queued, start=1)],
         queue_length=waiting.filter(QUEUED).count(),
-        awaiting_confirmation=[
-            QueueEntry(None, t, task_diagnose(task=t, now=now, cache=cache)) for t in unconfirmed
-        ],
+        awaiting_confirmation=[QueueEntry(None, t, diagnose(t)) for t in unconfirmed],
     )
 
 

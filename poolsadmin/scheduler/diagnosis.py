@@ -42,6 +42,18 @@ CapacityCache = dict[str, list[PodView]]
 DecisionCache = dict[str, ScaleDecision | None]
 
 
+def reserved_slots(views: list[PodView]) -> dict[int, Slot]:
+    """The slots of a capacity snapshot that hold a task (reserved or running), by task id,
+    each with its pod: `task_diagnose`'s `own_slots` for the snapshot's pool."""
+    held: dict[int, Slot] = {}
+    for view in views:
+        for slot in view.slots:
+            if slot.task_id is not None:
+                slot.pod = view.pod  # the snapshot's pod: no query to name it
+                held[slot.task_id] = slot
+    return held
+
+
 def _capacity(pool: AgentPool, now: datetime, cache: CapacityCache | None) -> list[PodView]:
     if cache is None:
         return pool_capacity(pool=pool, now=now)
@@ -115,8 +127,11 @@ def task_diagnose(
     decisions: DecisionCache | None = None,
     liveness: Liveness | None = None,
     heads: dict[str, WorkspaceTask] | None = None,
+    agent_names: dict[str, str] | None = None,
+    own_slots: dict[int, Slot] | None = None,
 ) -> Diagnosis:
-    """Why `task` waits, or what it does. The caches and `heads` (rule 2's, `serial_heads`)
+    """Why `task` waits, or what it does. The caches, `heads` (rule 2's, `serial_heads`),
+    `agent_names` (agent id -> name) and `own_slots` (`reserved_slots` of the task's pool)
     are for a caller that diagnoses many tasks: each is then read once, not once per task."""
     now = now or clock.now()
     if task.status in TERMINAL_STATUSES:
@@ -141,7 +156,10 @@ def task_diagnose(
 
     own_slot: Slot | None = None
     if task.status == TaskStatus.APPLY_PENDING:
-        own_slot = Slot.objects.select_related("pod").filter(task_id=task.pk).first()
+        if own_slots is not None:
+            own_slot = own_slots.get(task.pk)
+        else:
+            own_slot = Slot.objects.select_related("pod").filter(task_id=task.pk).first()
     lost = task.status == TaskStatus.APPLY_PENDING and own_slot is None and bool(task.plan_pod_name)
     lost_text = (
         f"The reserved slot {task.plan_pod_name}[{task.plan_slot_index}] of this apply is "
@@ -155,7 +173,9 @@ def task_diagnose(
                 lost_text + " It is also still waiting for someone to confirm the apply.",
                 blocker=f"task:{task.pk}",
             )
-        base = workspace_block(task=task, workspace=task.workspace, heads=heads)
+        base = workspace_block(
+            task=task, workspace=task.workspace, heads=heads, agent_names=agent_names
+        )
         assert base is not None
         if own_slot is not None and own_slot.state == SlotState.RESERVED:
             until = own_slot.reserved_until
@@ -173,7 +193,7 @@ def task_diagnose(
     if backoff:
         return backoff
     blocked = pool_block(pool=task.pool, now=now) or workspace_block(
-        task=task, workspace=task.workspace, heads=heads
+        task=task, workspace=task.workspace, heads=heads, agent_names=agent_names
     )
     if blocked is None:
         views = _capacity(task.pool, now, cache)

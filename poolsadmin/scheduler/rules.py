@@ -112,17 +112,27 @@ def serial_heads(*, tasks: Iterable[WorkspaceTask]) -> dict[str, WorkspaceTask]:
 
 
 def workspace_block(
-    *, task: WorkspaceTask, workspace: Workspace, heads: dict[str, WorkspaceTask] | None = None
+    *,
+    task: WorkspaceTask,
+    workspace: Workspace,
+    heads: dict[str, WorkspaceTask] | None = None,
+    agent_names: dict[str, str] | None = None,
 ) -> Diagnosis | None:
     """Rules 1, 2 and 5 for one task of one workspace. `heads` is `serial_heads` of tasks that
-    include this one, when the caller read it for many tasks at once."""
+    include this one, and `agent_names` names agents by id (the planner of an unconfirmed
+    apply), when the caller read them for many tasks at once."""
     if task.status == TaskStatus.APPLY_PENDING and not task.apply_confirmed_by:
         # Rule 5: no path may apply an unconfirmed plan.
-        planner = (
-            Agent.objects.filter(pk=task.plan_agent_id).values_list("agent_name", flat=True).first()
-            or task.plan_agent_id
-            or "?"
-        )
+        if agent_names is not None and task.plan_agent_id in agent_names:
+            planner = agent_names[task.plan_agent_id]
+        else:
+            planner = (
+                Agent.objects.filter(pk=task.plan_agent_id)
+                .values_list("agent_name", flat=True)
+                .first()
+                or task.plan_agent_id
+                or "?"
+            )
         return Diagnosis(
             "awaiting_confirmation",
             f"Planned at {stamp(task.planned_at)} by agent {planner}; "

@@ -234,3 +234,30 @@ def test_every_view_runs_as_many_queries_at_40_pods_as_at_3(
         run(submit(make_workspace(pool), "plan"))
         submit(make_workspace(pool), "drift_check")
     assert queries(big) == queries(small)
+
+
+def test_the_queue_costs_as_many_queries_with_many_waiting_tasks_as_with_one(
+    viewer_client: Client,
+) -> None:
+    """The queue's diagnoses read rule 2's heads, the planners' names, the reserved slots and
+    the liveness once for the page, not once per waiting task (a nightly drift check puts
+    hundreds of tasks in the queue of a big pool)."""
+
+    def queries(pool: AgentPool) -> int:
+        with CaptureQueriesContext(connection) as captured:
+            _page(viewer_client, pool, "")
+        return len(captured)
+
+    few, many = make_pool(name="few"), make_pool(name="many")
+    for pool, n in ((few, 1), (many, 4)):
+        for i in range(2 * n):  # one plan_and_apply per pod
+            make_agent(pool, f"{pool.name}-{i}")
+        for _ in range(n):
+            # Awaiting confirmation, holding a reserved slot (the founding incident's shape).
+            plan_with_changes(submit(make_workspace(pool), "plan_and_apply"))
+            ws = make_workspace(pool)
+            waiting = plan_with_changes(submit(ws, "plan_and_apply"))
+            submit(ws, "plan_and_apply")  # rule 2: waits for the one before it
+            submit(make_workspace(pool), "drift_check")
+            assert waiting.status == "apply_pending"
+    assert queries(many) == queries(few)
