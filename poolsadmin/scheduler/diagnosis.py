@@ -18,7 +18,7 @@ from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import duration, stamp
 from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool, PodPhase, PoolType, Slot, SlotState
-from poolsadmin.pools.selectors import PodView, pool_capacity
+from poolsadmin.pools.selectors import PodView, pool_capacity_rows
 from poolsadmin.scheduler.rules import (
     Diagnosis,
     backoff_block,
@@ -38,15 +38,16 @@ from poolsadmin.tasks.services import tasks_waiting_filter
 
 logger = logging.getLogger(__name__)
 
+# Rows (`pool_capacity_rows`) or, from the pool page that read them already, model views.
 CapacityCache = dict[str, list[PodView]]
 DecisionCache = dict[str, ScaleDecision | None]
 
 
 def _capacity(pool: AgentPool, now: datetime, cache: CapacityCache | None) -> list[PodView]:
     if cache is None:
-        return pool_capacity(pool=pool, now=now)
+        return pool_capacity_rows(pool=pool, now=now)
     if pool.pool_id not in cache:
-        cache[pool.pool_id] = pool_capacity(pool=pool, now=now)
+        cache[pool.pool_id] = pool_capacity_rows(pool=pool, now=now)
     return cache[pool.pool_id]
 
 
