@@ -19,6 +19,7 @@ from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.ids import POOL_ID_RE, random_id, secret_hex, sha256_hex
+from poolsadmin.lib.rowsets import rowset_param, rowset_sql
 from poolsadmin.lib.wake import wake
 from poolsadmin.pools.models import (
     MAX_REPLICAS,
@@ -33,15 +34,15 @@ from poolsadmin.pools.models import (
     Slot,
     SlotState,
 )
-from poolsadmin.pools.selectors import end_of_local_day
+from poolsadmin.pools.selectors import SlotRow, end_of_local_day
 from poolsadmin.realtime.broadcast import broadcast_pool_changed
 
 
-def slot_label(slot: Slot) -> str:
+def slot_label(slot: Slot | SlotRow) -> str:
     return f"{slot.pod.name}[{slot.index}]"
 
 
-def _slot_snapshot(slot: Slot) -> dict[str, Any]:
+def _slot_snapshot(slot: Slot | SlotRow) -> dict[str, Any]:
     return {
         "state": slot.state,
         "task_id": slot.task_id,
@@ -339,9 +340,12 @@ def pod_for_static_agent(*, pool: AgentPool, agent_id: str, name: str, actor: st
 
 @dataclass(frozen=True)
 class SlotClaim:
-    slot: Slot  # as the caller read it: idle, with its pod
+    slot: Slot | SlotRow  # as the caller read it: idle, with its pod
     task_id: int
     task_type: str
+
+
+SLOT_CLAIM_COLUMNS = (("slot_id", "bigint"), ("task_id", "bigint"), ("task_type", "text"))
 
 
 def slots_take(
@@ -352,23 +356,21 @@ def slots_take(
     claims that took their slot; their events join `batch`, and the caller publishes the
     pool's change once, after commit.
 
-    One `UPDATE ... FROM (VALUES ...) RETURNING` rather than an UPDATE per slot: the same
-    conditional update, row by row, in one statement (PostgreSQL; SQLite 3.33+)."""
+    One `UPDATE ... FROM <rows> RETURNING` rather than an UPDATE per slot: the same
+    conditional update, row by row, in one statement (PostgreSQL; SQLite 3.33+), the rows as
+    one JSON parameter (lib/rowsets.py)."""
     if not claims:
         return []
     now = clock.now()
-    rows = ", ".join(["(%s, %s, %s)"] * len(claims))
-    params: list[Any] = [now]
-    for claim in claims:
-        params += [claim.slot.pk, claim.task_id, claim.task_type]
+    rows = rowset_param(SLOT_CLAIM_COLUMNS, ((c.slot.pk, c.task_id, c.task_type) for c in claims))
     with transaction.get_connection().cursor() as cursor:
         cursor.execute(
-            f"UPDATE slots SET state = 'running', task_id = v.column2, task_type = v.column3, "
+            f"UPDATE slots SET state = 'running', task_id = v.task_id, task_type = v.task_type, "
             f"since = %s, reserved_until = NULL, version = slots.version + 1 "
-            f"FROM (VALUES {rows}) AS v "
-            f"WHERE slots.id = v.column1 AND slots.state = 'idle' AND slots.task_id IS NULL "
+            f"FROM {rowset_sql(SLOT_CLAIM_COLUMNS)} "
+            f"WHERE slots.id = v.slot_id AND slots.state = 'idle' AND slots.task_id IS NULL "
             f"RETURNING slots.id",
-            params,
+            [now, rows],
         )
         taken = {row[0] for row in cursor.fetchall()}
     won = [c for c in claims if c.slot.pk in taken]
@@ -396,9 +398,9 @@ def slot_resume_reserved(
     task_id: int,
     actor: str,
     pool_id: str,
-    slot: Slot | None = None,
+    slot: Slot | SlotRow | None = None,
     batch: list[Event] | None = None,
-) -> Slot | None:
+) -> Slot | SlotRow | None:
     """reserved -> running for the confirmed apply that owns the reservation (I-598).
 
     `slot` is the reservation as the caller read it (else it is read here). With `batch` (a

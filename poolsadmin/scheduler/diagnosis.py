@@ -18,7 +18,7 @@ from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import duration, stamp
 from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool, PodPhase, PoolType, Slot, SlotState
-from poolsadmin.pools.selectors import PodView, pool_capacity
+from poolsadmin.pools.selectors import PodView, SlotRow, pool_capacity_rows
 from poolsadmin.scheduler.rules import (
     Diagnosis,
     backoff_block,
@@ -38,13 +38,21 @@ from poolsadmin.tasks.services import tasks_waiting_filter
 
 logger = logging.getLogger(__name__)
 
+# Rows (`pool_capacity_rows`) or, from the pool page that read them already, model views.
 CapacityCache = dict[str, list[PodView]]
 DecisionCache = dict[str, ScaleDecision | None]
+# Where a task without a reservation of its own would go, or why nowhere, by (pool, type):
+# within one diagnosis pass the answer is the same for every such task of a pool and type,
+# so a pass of 2,000 waiting tasks asks the rules once per shape, not once per task over
+# every pod of the pool (issue 9: that was seconds per pass at 1,250 pods).
+Placed = tuple[list[tuple[PodView, Slot | SlotRow | None]], Diagnosis | None]
+PlacementCache = dict[tuple[str, str], Placed]
 
 
 def reserved_slots(views: list[PodView]) -> dict[int, Slot]:
-    """The slots of a capacity snapshot that hold a task (reserved or running), by task id,
-    each with its pod: `task_diagnose`'s `own_slots` for the snapshot's pool."""
+    """The slots of a capacity snapshot of model views (`pool_capacity`, as the pool page
+    reads it) that hold a task (reserved or running), by task id, each with its pod:
+    `task_diagnose`'s `own_slots` for the snapshot's pool."""
     held: dict[int, Slot] = {}
     for view in views:
         for slot in view.slots:
@@ -56,9 +64,9 @@ def reserved_slots(views: list[PodView]) -> dict[int, Slot]:
 
 def _capacity(pool: AgentPool, now: datetime, cache: CapacityCache | None) -> list[PodView]:
     if cache is None:
-        return pool_capacity(pool=pool, now=now)
+        return pool_capacity_rows(pool=pool, now=now)
     if pool.pool_id not in cache:
-        cache[pool.pool_id] = pool_capacity(pool=pool, now=now)
+        cache[pool.pool_id] = pool_capacity_rows(pool=pool, now=now)
     return cache[pool.pool_id]
 
 
@@ -119,6 +127,39 @@ def _liveness_words(*, now: datetime, liveness: Liveness | None, allowance: time
     return f" {words}" if words else ""
 
 
+def _placed(
+    *,
+    task: WorkspaceTask,
+    own_slot: Slot | None,
+    now: datetime,
+    cache: CapacityCache | None,
+    decisions: DecisionCache | None,
+    liveness: Liveness | None,
+) -> Placed:
+    """The rules' placement of `task` on its pool's snapshot, with the autoscaler's and the
+    liveness checks' words added to a diagnosis about pods or agents."""
+    views = _capacity(task.pool, now, cache)
+    candidates, blocked = placement_candidates(
+        task=task, pool=task.pool, views=views, own_slot=own_slot, now=now
+    )
+    if (
+        blocked is not None
+        and own_slot is None  # an apply waiting for its own reserved slot needs no new pod
+        and blocked.code in {"no_pods", "no_online_agents"}
+        and task.pool.pool_type == PoolType.K8S
+    ):
+        words = autoscaler_words(
+            pool=task.pool, views=views, decision=_latest_decision(task.pool, decisions)
+        )
+        blocked = Diagnosis(blocked.code, blocked.text + words, blocker=blocked.blocker)
+    if blocked is not None and blocked.code == "no_online_agents":
+        # Agents offline because nobody could hear them: say so, and that nothing is
+        # failed for it (their heartbeats are what is missing, not the agents).
+        outage = _liveness_words(now=now, liveness=liveness, allowance=task.pool.heartbeat_timeout)
+        blocked = Diagnosis(blocked.code, blocked.text + outage, blocker=blocked.blocker)
+    return candidates, blocked
+
+
 def task_diagnose(
     *,
     task: WorkspaceTask,
@@ -129,10 +170,12 @@ def task_diagnose(
     heads: dict[str, WorkspaceTask] | None = None,
     agent_names: dict[str, str] | None = None,
     own_slots: dict[int, Slot] | None = None,
+    placements: PlacementCache | None = None,
 ) -> Diagnosis:
     """Why `task` waits, or what it does. The caches, `heads` (rule 2's, `serial_heads`),
-    `agent_names` (agent id -> name) and `own_slots` (`reserved_slots` of the task's pool)
-    are for a caller that diagnoses many tasks: each is then read once, not once per task."""
+    `agent_names` (agent id -> name), `own_slots` (`reserved_slots` of the task's pool) and
+    `placements` are for a caller that diagnoses many tasks at one instant: each is then
+    read or worked out once, not once per task."""
     now = now or clock.now()
     if task.status in TERMINAL_STATUSES:
         return Diagnosis("finished", f"Task #{task.pk} is {task.status}.")
@@ -196,27 +239,20 @@ def task_diagnose(
         task=task, workspace=task.workspace, heads=heads, agent_names=agent_names
     )
     if blocked is None:
-        views = _capacity(task.pool, now, cache)
-        candidates, blocked = placement_candidates(
-            task=task, pool=task.pool, views=views, own_slot=own_slot, now=now
-        )
-        if (
-            blocked is not None
-            and own_slot is None  # an apply waiting for its own reserved slot needs no new pod
-            and blocked.code in {"no_pods", "no_online_agents"}
-            and task.pool.pool_type == PoolType.K8S
-        ):
-            words = autoscaler_words(
-                pool=task.pool, views=views, decision=_latest_decision(task.pool, decisions)
+        shape = (task.pool_id, task.task_type)
+        if own_slot is None and placements is not None and shape in placements:
+            candidates, blocked = placements[shape]
+        else:
+            candidates, blocked = _placed(
+                task=task,
+                own_slot=own_slot,
+                now=now,
+                cache=cache,
+                decisions=decisions,
+                liveness=liveness,
             )
-            blocked = Diagnosis(blocked.code, blocked.text + words, blocker=blocked.blocker)
-        if blocked is not None and blocked.code == "no_online_agents":
-            # Agents offline because nobody could hear them: say so, and that nothing is
-            # failed for it (their heartbeats are what is missing, not the agents).
-            outage = _liveness_words(
-                now=now, liveness=liveness, allowance=task.pool.heartbeat_timeout
-            )
-            blocked = Diagnosis(blocked.code, blocked.text + outage, blocker=blocked.blocker)
+            if own_slot is None and placements is not None:
+                placements[shape] = (candidates, blocked)
         if blocked is None:
             view, reserved = candidates[0]
             if reserved is not None:
@@ -242,9 +278,21 @@ def task_wait_history(*, task: WorkspaceTask) -> list[WaitReason]:
     return list(WaitReason.objects.filter(task=task).order_by("id"))
 
 
-def diagnosis_record(*, task: WorkspaceTask, diagnosis: Diagnosis, now: datetime) -> bool:
-    """Open a new history row if (code, blocker) changed; close the previous one."""
-    current = WaitReason.objects.filter(task=task, ended_at__isnull=True).order_by("-id").first()
+def diagnosis_record(
+    *,
+    task: WorkspaceTask,
+    diagnosis: Diagnosis,
+    now: datetime,
+    open_rows: dict[int, WaitReason] | None = None,
+) -> bool:
+    """Open a new history row if (code, blocker) changed; close the previous one.
+    `open_rows`: the open row of each task, read for many tasks at once (`_open_rows`)."""
+    if open_rows is None:
+        current = (
+            WaitReason.objects.filter(task=task, ended_at__isnull=True).order_by("-id").first()
+        )
+    else:
+        current = open_rows.get(task.pk)
     if current and current.code == diagnosis.code and current.blocker == diagnosis.blocker:
         return False
     try:
@@ -268,20 +316,38 @@ def diagnosis_record(*, task: WorkspaceTask, diagnosis: Diagnosis, now: datetime
     return True
 
 
+def _open_rows(tasks: list[WorkspaceTask]) -> dict[int, WaitReason]:
+    """The open history row of each task (the latest, should there be two), in one query."""
+    rows = WaitReason.objects.filter(task__in=[t.pk for t in tasks], ended_at__isnull=True)
+    return {row.task_id: row for row in rows.order_by("id")}
+
+
 def diagnosis_record_all(*, limit: int = 2000) -> int:
     """One pass of the diagnosis loop: 1. diagnose every waiting task and record changes;
-    2. close the open history rows of tasks that stopped waiting. Returns rows changed."""
+    2. close the open history rows of tasks that stopped waiting. Returns rows changed.
+
+    Its cost follows the changes, not the tasks times the pods (issue 9): each pool is read
+    once (with its freeze windows), the open history rows in one query, each (pool, task
+    type) placed once (`PlacementCache`); a task whose diagnosis did not change costs no
+    query of its own."""
     now = clock.now()
     cache: CapacityCache = {}
     decisions: DecisionCache = {}
+    placements: PlacementCache = {}
     liveness = liveness_read()
     changed = 0
     waiting = list(
         WorkspaceTask.objects.filter(tasks_waiting_filter())
-        .select_related("pool", "workspace")
+        .select_related("workspace")
         .order_by("id")[:limit]
     )
+    pools = AgentPool.objects.prefetch_related("freeze_windows").in_bulk(
+        list({t.pool_id for t in waiting})
+    )
+    for task in waiting:
+        task.pool = pools[task.pool_id]
     heads = serial_heads(tasks=waiting)
+    open_rows = _open_rows(waiting)
     for task in waiting:
         try:
             diagnosis = task_diagnose(
@@ -291,8 +357,9 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
                 decisions=decisions,
                 liveness=liveness,
                 heads=heads,
+                placements=placements,
             )
-            if diagnosis_record(task=task, diagnosis=diagnosis, now=now):
+            if diagnosis_record(task=task, diagnosis=diagnosis, now=now, open_rows=open_rows):
                 changed += 1
         except Exception:  # one broken task must not leave every other undiagnosed
             logger.exception(

@@ -2,9 +2,9 @@
 
 The scheduler used to re-read every pod, slot and agent of the pool for each task it
 dispatched (issue 9: 77 % of a pass, thousands of rows per dispatch). Now a batch reads the
-snapshot once (`pool_capacity`, two queries) and places its tasks one after the other, in
-dispatch order, against this object; each placement changes the snapshot as its claim will
-change the ledger, so the next task sees the slot taken.
+snapshot once (`pool_capacity_rows`: two queries, rows rather than model instances) and places
+its tasks one after the other, in dispatch order, against this object; each placement changes
+the snapshot as its claim will change the ledger, so the next task sees the slot taken.
 
 The rule functions (rules.py) still decide every placement: this module only chooses which pod
 views to show `placement_candidates`. For most tasks that is the single pod the rules would
@@ -19,8 +19,8 @@ from copy import copy
 from dataclasses import dataclass
 from datetime import datetime
 
-from poolsadmin.pools.models import AgentPool, Slot, SlotState
-from poolsadmin.pools.selectors import PodView
+from poolsadmin.pools.models import AgentPool, SlotState
+from poolsadmin.pools.selectors import CapacityView, SlotRow
 from poolsadmin.scheduler.rules import Diagnosis, placement_candidates
 from poolsadmin.tasks.models import TaskStatus, TaskType, WorkspaceTask
 
@@ -28,8 +28,8 @@ from poolsadmin.tasks.models import TaskStatus, TaskType, WorkspaceTask
 @dataclass(frozen=True)
 class Placement:
     task: WorkspaceTask
-    view: PodView
-    slot: Slot  # as the snapshot read it: what the claim expects, and the event's "before"
+    view: CapacityView
+    slot: SlotRow  # as the snapshot read it: what the claim expects, and the event's "before"
     reuse: bool  # the confirmed apply's own reserved slot (I-598)
 
 
@@ -37,15 +37,14 @@ class PoolSnapshot:
     """The pool's pods in bin-packing order (`pool_capacity`), plus the open pods (eligible,
     with an idle slot) in the same order, kept current as tasks are placed."""
 
-    def __init__(self, *, pool: AgentPool, views: list[PodView], now: datetime) -> None:
+    def __init__(self, *, pool: AgentPool, views: list[CapacityView], now: datetime) -> None:
         self.pool = pool
         self.views = views
         self.now = now
         self._open = [v for v in views if v.eligible and v.idle_slots]
-        self._own: dict[int, tuple[PodView, Slot]] = {}
+        self._own: dict[int, tuple[CapacityView, SlotRow]] = {}
         for view in views:
             for slot in view.slots:
-                slot.pod = view.pod  # labels and events name the pod without another query
                 if slot.task_id is not None:
                     self._own[slot.task_id] = (view, slot)
 
@@ -67,9 +66,9 @@ class PoolSnapshot:
         if diagnosis is not None:
             return diagnosis
         view, reserved = candidates[0]
-        if reserved is not None:
-            placement = Placement(task=task, view=view, slot=copy(reserved), reuse=True)
-            reserved.state = SlotState.RUNNING
+        if reserved is not None and own_slot is not None:  # the rules chose its own slot
+            placement = Placement(task=task, view=view, slot=copy(own_slot), reuse=True)
+            own_slot.state = SlotState.RUNNING
             return placement
         slot = next(s for s in view.slots if s.state == SlotState.IDLE)
         placement = Placement(task=task, view=view, slot=copy(slot), reuse=False)
@@ -80,7 +79,7 @@ class PoolSnapshot:
         self._moved(view)
         return placement
 
-    def _first_fit(self, task: WorkspaceTask) -> list[PodView]:
+    def _first_fit(self, task: WorkspaceTask) -> list[CapacityView]:
         """The busiest open pod the task may take (rules.placement_candidates' first
         candidate), or nothing."""
         limit = self.pool.plan_and_apply_per_pod
@@ -91,7 +90,7 @@ class PoolSnapshot:
                 return [view]
         return []
 
-    def _moved(self, view: PodView) -> None:
+    def _moved(self, view: CapacityView) -> None:
         """A slot of `view` was taken: it leaves the open pods when full, else moves ahead of
         the pods it is now busier than (busiest first, ties to the older pod)."""
         i = self._open.index(view)
@@ -104,6 +103,6 @@ class PoolSnapshot:
         self._open.insert(i, view)
 
     @staticmethod
-    def _key(view: PodView) -> tuple[int, datetime, int]:
+    def _key(view: CapacityView) -> tuple[int, datetime, int]:
         # pool_capacity's order: busiest first, ties to the oldest pod.
         return (-view.busy, view.pod.created_at, view.pod.pk)

@@ -15,7 +15,7 @@ from django.db.models import Case, IntegerField, QuerySet, Value, When
 from poolsadmin.agents.models import Agent, AgentStatus
 from poolsadmin.lib.humanize import duration, stamp
 from poolsadmin.pools.models import AgentPool, PodPhase, PoolStatus, PoolType, Slot, SlotState
-from poolsadmin.pools.selectors import PodView, pool_freeze_state
+from poolsadmin.pools.selectors import PodView, SlotRow, pool_freeze_state
 from poolsadmin.tasks.models import TaskStatus, TaskType, Workspace, WorkspaceTask
 
 
@@ -170,8 +170,8 @@ def workspace_block(
     return None
 
 
-def _slot_owner(slot: Slot, now: datetime) -> str:
-    return f"#{slot.task_id} ({duration(now - slot.since)})"
+def _slot_owner(slot: Slot | SlotRow, now: datetime) -> str:
+    return f"#{slot.task_id} ({duration(now - (slot.since or now))})"
 
 
 def _can_resume_while_draining(view: PodView, pool: AgentPool, now: datetime) -> bool:
@@ -203,9 +203,9 @@ def placement_candidates(
     task: WorkspaceTask,
     pool: AgentPool,
     views: list[PodView],
-    own_slot: Slot | None,
+    own_slot: Slot | SlotRow | None,
     now: datetime,
-) -> tuple[list[tuple[PodView, Slot | None]], Diagnosis | None]:
+) -> tuple[list[tuple[PodView, Slot | SlotRow | None]], Diagnosis | None]:
     """Where the task may go, best first, or why nowhere.
 
     Each candidate is (pod view, own reserved slot or None for "any idle slot of this pod").
@@ -213,7 +213,7 @@ def placement_candidates(
     * plan and drift_check: any idle slot of an eligible pod;
     * plan_and_apply (new, or an apply whose reservation was lost): only a pod that holds
       fewer than `plan_and_apply_per_pod` plan_and_apply tasks, running and reserved;
-    * among eligible pods the busiest first, ties to the oldest (`pool_capacity` order).
+    * among eligible pods the busiest first, ties to the oldest (`pool_capacity_rows` order).
     """
     if own_slot is not None and own_slot.state == SlotState.RESERVED:
         view = next((v for v in views if v.pod.pk == own_slot.pod_id), None)

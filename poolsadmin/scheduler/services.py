@@ -36,8 +36,9 @@ from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, NotFound
 from poolsadmin.lib.humanize import stamp
 from poolsadmin.lib.logs import log_ids
+from poolsadmin.lib.rowsets import rowset_param, rowset_sql
 from poolsadmin.pools.models import AgentPool, Slot
-from poolsadmin.pools.selectors import pool_capacity
+from poolsadmin.pools.selectors import pool_capacity_rows
 from poolsadmin.pools.services import (
     SlotClaim,
     pool_claim,
@@ -152,7 +153,7 @@ def _dispatch_batch(
         return [DispatchOutcome(task_id=tasks[0].pk, dispatched=False, diagnosis=blocked)]
     workspaces = Workspace.objects.in_bulk(list({t.workspace_id for t in tasks}))
     heads = serial_heads(tasks=tasks)
-    snapshot = PoolSnapshot(pool=pool, views=pool_capacity(pool=pool, now=now), now=now)
+    snapshot = PoolSnapshot(pool=pool, views=pool_capacity_rows(pool=pool, now=now), now=now)
 
     outcomes: list[DispatchOutcome] = []
     placements: list[Placement] = []
@@ -260,26 +261,38 @@ def _claim(
 # The dispatch's task update, for a batch in one statement: running, on the pod and slot it
 # was placed on, written before the agent hears of it (I-644). An apply keeps the plan's
 # fields; a plan starts now and records where it planned. Each row only from the status it
-# was placed in (the batch holds the row locks, so all of them change or none).
+# was placed in (the batch holds the row locks, so all of them change or none). The rows
+# travel as one JSON parameter (lib/rowsets.py), not nine parameters per task.
+TASKS_RUNNING_COLUMNS = (
+    ("id", "bigint"),
+    ("expected", "text"),
+    ("stage", "text"),
+    ("agent", "text"),
+    ("pod", "bigint"),
+    ("pod_name", "text"),
+    ("slot", "integer"),
+    ("reuse", "boolean"),
+    ("apply", "boolean"),
+)
 TASKS_RUNNING_SQL = """
 UPDATE workspace_tasks SET
     status = 'running',
-    stage = v.column3,
-    agent_id = v.column4,
-    pod_id = v.column5,
-    pod_name = v.column6,
-    slot_index = v.column7,
-    dispatched_at = %(now)s,
+    stage = v.stage,
+    agent_id = v.agent,
+    pod_id = v.pod,
+    pod_name = v.pod_name,
+    slot_index = v.slot,
+    dispatched_at = %s,
     acked_at = NULL,
-    reuse_workdir = (v.column8 = 1),
+    reuse_workdir = v.reuse,
     unreported_since = NULL,
-    apply_started_at = CASE WHEN v.column9 = 1 THEN %(now)s ELSE apply_started_at END,
-    started_at = CASE WHEN v.column9 = 1 THEN started_at ELSE %(now)s END,
-    plan_agent_id = CASE WHEN v.column9 = 1 THEN plan_agent_id ELSE v.column4 END,
-    plan_pod_name = CASE WHEN v.column9 = 1 THEN plan_pod_name ELSE v.column6 END,
-    plan_slot_index = CASE WHEN v.column9 = 1 THEN plan_slot_index ELSE v.column7 END
-FROM (VALUES {rows}) AS v
-WHERE workspace_tasks.id = v.column1 AND workspace_tasks.status = v.column2
+    apply_started_at = CASE WHEN v.apply THEN %s ELSE apply_started_at END,
+    started_at = CASE WHEN v.apply THEN started_at ELSE %s END,
+    plan_agent_id = CASE WHEN v.apply THEN plan_agent_id ELSE v.agent END,
+    plan_pod_name = CASE WHEN v.apply THEN plan_pod_name ELSE v.pod_name END,
+    plan_slot_index = CASE WHEN v.apply THEN plan_slot_index ELSE v.slot END
+FROM {rows}
+WHERE workspace_tasks.id = v.id AND workspace_tasks.status = v.expected
 RETURNING workspace_tasks.id
 """
 
@@ -287,25 +300,25 @@ RETURNING workspace_tasks.id
 def _tasks_running(placements: list[Placement], *, now: datetime) -> None:
     if not placements:
         return
-    params: dict[str, Any] = {"now": now}
     rows = []
-    for n, p in enumerate(placements):
+    for p in placements:
         is_apply = p.task.status == TaskStatus.APPLY_PENDING
-        values = {
-            "id": p.task.pk,
-            "expected": p.task.status,
-            "stage": Stage.APPLYING if is_apply else Stage.PLANNING,
-            "agent": p.view.pod.agent_id,
-            "pod": p.view.pod.pk,
-            "pod_name": p.view.pod.name,
-            "slot": p.slot.index,
-            "reuse": int(p.reuse),
-            "apply": int(is_apply),
-        }
-        rows.append("(" + ", ".join(f"%({key}_{n})s" for key in values) + ")")
-        params.update({f"{key}_{n}": value for key, value in values.items()})
+        rows.append(
+            (
+                p.task.pk,
+                p.task.status,
+                Stage.APPLYING if is_apply else Stage.PLANNING,
+                p.view.pod.agent_id,
+                p.view.pod.pk,
+                p.view.pod.name,
+                p.slot.index,
+                p.reuse,
+                is_apply,
+            )
+        )
+    sql = TASKS_RUNNING_SQL.format(rows=rowset_sql(TASKS_RUNNING_COLUMNS))
     with transaction.get_connection().cursor() as cursor:
-        cursor.execute(TASKS_RUNNING_SQL.format(rows=", ".join(rows)), params)
+        cursor.execute(sql, [now, now, now, rowset_param(TASKS_RUNNING_COLUMNS, rows)])
         updated = len(cursor.fetchall())
     if updated != len(placements):
         # Unreachable while the batch holds the row locks; if it happens, roll back the batch.
