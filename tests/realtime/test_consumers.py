@@ -30,12 +30,13 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.contrib.sessions.models import Session
 from django.db import transaction
 from django.test import Client
+from django.urls import reverse
 
 from poolsadmin.asgi import application
 from poolsadmin.dashboard import live
 from poolsadmin.pools.actions import slot_release
 from poolsadmin.pools.models import AgentPool, Pod, Slot
-from poolsadmin.realtime import consumers
+from poolsadmin.realtime import consumers, fanout
 from poolsadmin.realtime.broadcast import broadcast_pool_changed, pool_group
 from poolsadmin.realtime.consumers import CLOSE_FORBIDDEN, CLOSE_NO_POOL, CLOSE_NOT_LOGGED_IN
 from poolsadmin.realtime.routing import websocket_urlpatterns
@@ -192,7 +193,7 @@ def counted_renders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         renders.append(html)
         return html
 
-    monkeypatch.setattr(consumers, "pool_live_html", counting)
+    monkeypatch.setattr(fanout, "pool_live_html", counting)
     return renders
 
 
@@ -213,7 +214,7 @@ def test_a_burst_of_twenty_events_yields_a_few_renders_and_the_last_is_final(
             counted_renders.clear()
             tasks = await database_sync_to_async(burst)()
             committed_at = time.monotonic()
-            quiet = 4 * consumers.RENDER_WINDOW_SECONDS
+            quiet = 4 * fanout.RENDER_WINDOW_SECONDS
             received = [await page.receive_from(timeout=TIMEOUT)]
             while not await page.receive_nothing(timeout=quiet):
                 received.append(await page.receive_from(timeout=TIMEOUT))
@@ -236,7 +237,7 @@ def test_a_burst_of_twenty_events_yields_a_few_renders_and_the_last_is_final(
 def test_without_events_the_page_is_rendered_again_and_its_group_joined_again(
     world: World, viewer: User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(consumers, "REFRESH_SECONDS", 0.2)
+    monkeypatch.setattr(fanout, "REFRESH_SECONDS", 0.2)
     joins: list[str] = []
 
     async def scenario() -> None:
@@ -275,7 +276,7 @@ def test_a_change_published_during_a_render_gets_a_render_after_it(
             make_agent(world.pool, "joined-later")
         return html
 
-    monkeypatch.setattr(consumers, "pool_live_html", render_then_change)
+    monkeypatch.setattr(fanout, "pool_live_html", render_then_change)
 
     async def scenario() -> tuple[str, str]:
         page = socket(world.pool.pool_id, viewer)
@@ -302,7 +303,7 @@ def test_a_failed_render_is_logged_and_the_next_change_renders_again(
             raise failure
         return live.pool_live_html(**kwargs)
 
-    monkeypatch.setattr(consumers, "pool_live_html", flaky)
+    monkeypatch.setattr(fanout, "pool_live_html", flaky)
 
     async def scenario() -> str:
         page = socket(world.pool.pool_id, viewer)
@@ -317,7 +318,7 @@ def test_a_failed_render_is_logged_and_the_next_change_renders_again(
         finally:
             await page.disconnect()
 
-    with caplog.at_level(logging.ERROR, logger=consumers.__name__):
+    with caplog.at_level(logging.ERROR, logger=fanout.__name__):
         html = async_to_sync(scenario)()
 
     assert "joined-later" in html
@@ -410,23 +411,34 @@ def test_a_foreign_origin_is_refused_by_the_asgi_application(world: World, viewe
     assert not async_to_sync(scenario)()
 
 
+@pytest.fixture
+def quick_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets check their person again every 0.2 s instead of every 30 s."""
+    monkeypatch.setattr(consumers, "CHECK_SECONDS", 0.2)
+
+
 def closed_after_a_change(world: World, page: WebsocketCommunicator, change: Any) -> Any:
-    """Open the page, make `change` (sync, in a thread), publish a change of the pool, and
-    return what the socket sends next."""
+    """Open the page, make `change` (sync, in a thread), and return how the socket ends:
+    the first output that is not a render (pushed regions may arrive before the check)."""
 
     async def scenario() -> Any:
         try:
             await open_page(page)
             await database_sync_to_async(change)()
             await database_sync_to_async(make_agent)(world.pool, "after")
-            return await page.receive_output(timeout=TIMEOUT)
+            while (message := await page.receive_output(timeout=TIMEOUT))["type"] == (
+                "websocket.send"
+            ):
+                pass
+            return message
         finally:
             await page.disconnect()
 
     return async_to_sync(scenario)()
 
 
-def test_after_logout_the_open_socket_is_closed_at_the_next_render(
+@pytest.mark.usefixtures("quick_checks")
+def test_after_logout_the_open_socket_is_closed_at_its_next_check(
     world: World, viewer: User
 ) -> None:
     page = browser_socket(world.pool.pool_id, user=viewer, origin="http://testserver")
@@ -434,7 +446,8 @@ def test_after_logout_the_open_socket_is_closed_at_the_next_render(
     assert message == {"type": "websocket.close", "code": CLOSE_NOT_LOGGED_IN}
 
 
-def test_a_user_who_lost_the_viewer_role_is_closed_at_the_next_render(
+@pytest.mark.usefixtures("quick_checks")
+def test_a_user_who_lost_the_viewer_role_is_closed_at_its_next_check(
     world: World, viewer: User
 ) -> None:
     page = browser_socket(world.pool.pool_id, user=viewer, origin="http://testserver")
@@ -442,7 +455,8 @@ def test_a_user_who_lost_the_viewer_role_is_closed_at_the_next_render(
     assert message == {"type": "websocket.close", "code": CLOSE_FORBIDDEN}
 
 
-def test_a_deactivated_user_is_closed_at_the_next_render(world: World, viewer: User) -> None:
+@pytest.mark.usefixtures("quick_checks")
+def test_a_deactivated_user_is_closed_at_its_next_check(world: World, viewer: User) -> None:
     page = socket(world.pool.pool_id, viewer)
 
     def deactivate() -> None:
@@ -476,6 +490,153 @@ def test_each_socket_renders_the_buttons_its_own_user_may_use(
     assert release_url in admin_html
     assert release_url not in viewer_html
     assert 'disabled title="needs pools.release_slot"' in viewer_html
+
+
+# --- one render per key, the same bytes to every socket of it ----------------------------------
+
+
+async def settled(pages: list[WebsocketCommunicator]) -> None:
+    """Read what the pages got while they opened (each new socket of a key renders that key
+    again, for every socket of it) until nothing more arrives."""
+    quiet = 4 * fanout.RENDER_WINDOW_SECONDS
+    for page in pages:
+        while not await page.receive_nothing(timeout=quiet):
+            await page.receive_output(timeout=TIMEOUT)
+
+
+def pushed_after_a_release(world: World, users: list[User]) -> tuple[list[str], float]:
+    """Open a pool page per user, wait until they are quiet, release the reserved slot, and
+    return what each page got for it (one message each, checked) and how long the last took."""
+
+    async def scenario() -> tuple[list[str], float]:
+        pages = [socket(world.pool.pool_id, user) for user in users]
+        try:
+            for page in pages:
+                await open_page(page)
+            await settled(pages)
+            counted: list[str] = fanout.pool_live_html.renders  # type: ignore[attr-defined]
+            counted.clear()
+            await database_sync_to_async(release)(world.reserved)
+            released_at = time.monotonic()
+            received = [await page.receive_from(timeout=TIMEOUT) for page in pages]
+            took = time.monotonic() - released_at
+            for page in pages:  # exactly one message each for the one change
+                assert await page.receive_nothing(timeout=4 * fanout.RENDER_WINDOW_SECONDS)
+            return received, took
+        finally:
+            for page in pages:
+                await page.disconnect()
+
+    return async_to_sync(scenario)()
+
+
+@pytest.fixture
+def render_log(counted_renders: list[str]) -> list[str]:
+    """counted_renders, also reachable from the scenario (which clears it once settled)."""
+    fanout.pool_live_html.renders = counted_renders  # type: ignore[attr-defined]
+    return counted_renders
+
+
+def test_twenty_viewers_of_one_pool_cost_one_render_per_change(
+    world: World, viewer: User, render_log: list[str]
+) -> None:
+    received, took = pushed_after_a_release(world, [viewer] * 20)
+
+    assert len(render_log) == 1
+    assert received == render_log * 20
+    assert reserved_cells(received[0]) == []
+    print(f"20 viewers got the release after {took:.3f} s")
+
+
+def test_an_admin_among_viewers_gets_a_render_of_their_own_with_the_buttons(
+    world: World, admin: User, viewer: User, render_log: list[str]
+) -> None:
+    """Keyed by the permissions the buttons check, not by the person: one render for the
+    viewers, one for the admin."""
+    other_viewer = User.objects.create_user(username="vera")
+    other_viewer.groups.set(viewer.groups.all())
+
+    received, _ = pushed_after_a_release(world, [viewer, admin, other_viewer])
+
+    assert len(render_log) == 2
+    as_viewer, as_admin, as_other_viewer = received
+    assert as_viewer == as_other_viewer
+    assert as_admin != as_viewer
+    pause_button = f'hx-get="{reverse("pools-pause", args=[world.pool.pool_id])}"'
+    assert pause_button in as_admin
+    assert pause_button not in as_viewer
+    assert 'disabled title="needs pools.manage_pool"' in as_viewer
+
+
+def test_notify_sockets_share_the_changed_message_without_rendering_the_page(
+    world: World, viewer: User, render_log: list[str]
+) -> None:
+    async def scenario() -> list[str]:
+        pages = [
+            WebsocketCommunicator(
+                URLRouter(websocket_urlpatterns), ws_path(world.pool.pool_id) + "?notify=1"
+            )
+            for _ in range(5)
+        ]
+        for page in pages:
+            page.scope["user"] = viewer
+        try:
+            for page in pages:
+                await open_page(page)
+            await settled(pages)
+            await database_sync_to_async(release)(world.reserved)
+            return [await page.receive_from(timeout=TIMEOUT) for page in pages]
+        finally:
+            for page in pages:
+                await page.disconnect()
+
+    assert async_to_sync(scenario)() == [consumers.CHANGED] * 5
+    assert render_log == []
+
+
+def test_pages_of_two_views_get_their_own_cards(
+    world: World, viewer: User, render_log: list[str]
+) -> None:
+    async def scenario() -> tuple[str, str]:
+        default = socket(world.pool.pool_id, viewer)
+        reserved_only = WebsocketCommunicator(
+            URLRouter(websocket_urlpatterns), ws_path(world.pool.pool_id) + "?show=reserved"
+        )
+        reserved_only.scope["user"] = viewer
+        try:
+            return await open_page(default), await open_page(reserved_only)
+        finally:
+            await default.disconnect()
+            await reserved_only.disconnect()
+
+    default_html, reserved_html = async_to_sync(scenario)()
+    assert default_html != reserved_html
+
+
+@pytest.mark.usefixtures("quick_checks")
+def test_an_admin_demoted_to_viewer_gets_the_viewers_page_at_the_next_check(
+    world: World, admin: User, viewer: User
+) -> None:
+    pause_button = f'hx-get="{reverse("pools-pause", args=[world.pool.pool_id])}"'
+
+    def demote() -> None:
+        admin.is_superuser = False
+        admin.save()
+        admin.groups.set(viewer.groups.all())
+        admin.user_permissions.clear()
+
+    async def scenario() -> str:
+        page = socket(world.pool.pool_id, admin)
+        try:
+            assert pause_button in await open_page(page)
+            await database_sync_to_async(demote)()
+            while pause_button in (html := await page.receive_from(timeout=TIMEOUT)):
+                pass
+            return html
+        finally:
+            await page.disconnect()
+
+    assert 'disabled title="needs pools.manage_pool"' in async_to_sync(scenario)()
 
 
 # --- the production channel layer --------------------------------------------------------------
