@@ -43,6 +43,21 @@ def pool_page_context(*, page: PoolPage) -> dict[str, Any]:
     }
 
 
+def pool_live_context(
+    *, pool_id: str, view: PoolView | None = None, now: datetime | None = None
+) -> dict[str, Any]:
+    """What every live region of the pool page reads, for `view` (which cards; the other
+    regions are the same for every view), whoever looks: the ledger reads of a render.
+    Raises NotFound when the pool does not exist."""
+    return pool_page_context(page=dashboard_pool(pool_id=pool_id, view=view, now=now))
+
+
+def pool_live_render(*, context: dict[str, Any], user: AbstractBaseUser | AnonymousUser) -> str:
+    """Every live region as `user` sees them (buttons depend on permissions), from a
+    `pool_live_context` that any number of renders may share."""
+    return render_to_string(LIVE_FRAGMENTS, {**context, "user": user, "perms": PermWrapper(user)})
+
+
 def pool_live_html(
     *,
     pool_id: str,
@@ -50,10 +65,7 @@ def pool_live_html(
     view: PoolView | None = None,
     now: datetime | None = None,
 ) -> str:
-    """Every live region of the pool page as `user` sees it (buttons depend on permissions)
-    in `view` (which cards; the other regions are the same for every view). Raises NotFound
-    when the pool does not exist."""
-    page = dashboard_pool(pool_id=pool_id, view=view, now=now)
-    context = pool_page_context(page=page)
-    context.update({"user": user, "perms": PermWrapper(user)})
-    return render_to_string(LIVE_FRAGMENTS, context)
+    """Every live region of the pool page as `user` sees it in `view`. Raises NotFound when
+    the pool does not exist."""
+    context = pool_live_context(pool_id=pool_id, view=view, now=now)
+    return pool_live_render(context=context, user=user)

@@ -3,8 +3,8 @@
 The consumer checks who is behind the socket (at connect, and again every CHECK_SECONDS: a
 socket lives for hours) and subscribes it to `fanout.pool_hub(pool_id)` under the key its
 regions depend on (the person's action permissions and the page's view). The hub renders each
-key once per change (`pool_live_html`, the same HTML a poll of the page gets) and sends the
-same text to every socket of the key; the htmx ws extension swaps each region by id.
+key once per change (the same HTML a poll of the page gets) and sends the same text to every
+socket of the key; the htmx ws extension swaps each region by id.
 """
 
 from __future__ import annotations

@@ -2,16 +2,18 @@
 
 Per process and pool, one `PoolHub` listens to the group `pool.<pool_id>` on one channel of
 its own (so one event reaches a web process once, however many pages it serves), and keeps
-one `LivePage` per `LiveKey`: what the regions depend on besides the ledger, the action
+the sockets by `LiveKey`: what the regions depend on besides the ledger, the action
 permissions the buttons check and the page's view (filter, sort, page of cards). A change
-renders each key once and sends the same text to every socket of that key; two hundred
-viewers of one pool cost one render, an admin among them one more.
+reads the ledger once per view (`pool_live_context`), renders the template once per key from
+it (`pool_live_render`) and sends the same text to every socket of that key: two hundred
+viewers of one pool cost one read and one render, an admin among them one more render.
 
-Throttle, as before per socket: the first event renders at once; events arriving during a
-render or the rest of its window mark the page stale again and get one more render when the
-window ends, so the last render always starts after the last event. Without events the hub
-re-renders now and then (ages and countdowns move on) and joins its group again, because
-channels_redis forgets group members after `group_expiry` (a day by default).
+Throttle, as before per socket, now per pool: the first event renders at once; events
+arriving during a render or the rest of its window mark the pages stale again and get one
+more render when the window ends, so the last render always starts after the last event.
+Without events the hub re-renders now and then (ages and countdowns move on) and joins its
+group again, because channels_redis forgets group members after `group_expiry` (a day by
+default).
 
 Events carry no state: the render reads the ledger, so a dropped or coalesced event can never
 leave a page showing something the database does not.
@@ -23,7 +25,8 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
@@ -31,7 +34,7 @@ from channels.layers import get_channel_layer
 from django.contrib.auth.models import AnonymousUser
 
 from poolsadmin.api.roles import ACTION_PERMISSIONS
-from poolsadmin.dashboard.live import pool_live_html
+from poolsadmin.dashboard.live import pool_live_context, pool_live_render
 from poolsadmin.dashboard.pool_view import PoolView
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.lib.logs import log_ids
@@ -86,13 +89,23 @@ class _Role(AnonymousUser):
         return any(perm.startswith(f"{module}.") for perm in self._perms)
 
 
-def live_text(*, pool_id: str, key: LiveKey) -> str:
-    """The text every socket of `key` gets. Raises NotFound when the pool is gone."""
-    if key.notify:
-        if not AgentPool.objects.filter(pk=pool_id).exists():
-            raise NotFound(f"pool {pool_id} not found")
-        return CHANGED
-    return pool_live_html(pool_id=pool_id, user=_Role(key.perms), view=key.view)
+def live_texts(*, pool_id: str, keys: Iterable[LiveKey]) -> dict[LiveKey, str]:
+    """The text each key's sockets get: the ledger read once per view, the template
+    rendered once per key from it. Raises NotFound when the pool is gone."""
+    texts: dict[LiveKey, str] = {}
+    by_view: dict[PoolView | None, list[LiveKey]] = {}
+    for key in keys:
+        by_view.setdefault(key.view, []).append(key)
+    for view, of_view in by_view.items():
+        if view is None:  # notify sockets: "changed", once the pool is known to exist
+            if not AgentPool.objects.filter(pk=pool_id).exists():
+                raise NotFound(f"pool {pool_id} not found")
+            texts.update(dict.fromkeys(of_view, CHANGED))
+            continue
+        context = pool_live_context(pool_id=pool_id, view=view)
+        for key in of_view:
+            texts[key] = pool_live_render(context=context, user=_Role(key.perms))
+    return texts
 
 
 class Socket(Protocol):
@@ -103,56 +116,15 @@ class Socket(Protocol):
     async def refuse(self, code: int) -> None: ...
 
 
-@dataclass(eq=False)
-class LivePage:
-    """The sockets of one key on one pool, and their one render."""
-
-    hub: PoolHub
-    key: LiveKey
-    sockets: set[Socket] = field(default_factory=set)
-    stale: bool = False
-    render_task: asyncio.Task[None] | None = None
-
-    def mark_stale(self) -> None:
-        self.stale = True
-        if self.render_task is None or self.render_task.done():
-            self.render_task = asyncio.create_task(self._render_while_stale())
-
-    async def _render_while_stale(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.stale and self.sockets:
-            self.stale = False
-            started = loop.time()
-            await self._render_and_send()
-            await asyncio.sleep(max(0.0, started + RENDER_WINDOW_SECONDS - loop.time()))
-
-    async def _render_and_send(self) -> None:
-        """Errors are logged here: this runs in a task of its own, whose exception nobody
-        would ever read."""
-        pool_id = self.hub.pool_id
-        try:
-            text = await database_sync_to_async(live_text)(pool_id=pool_id, key=self.key)
-        except NotFound:
-            for socket in list(self.sockets):
-                await socket.refuse(CLOSE_NO_POOL)
-            return
-        except Exception:
-            # Keep the sockets: the next change tries again (at most once per window).
-            logger.exception("live update of pool %s failed", pool_id, extra=log_ids(pool=pool_id))
-            return
-        for socket in list(self.sockets):
-            try:
-                await socket.send(text_data=text)
-            except Exception:  # one closing socket does not keep the others waiting
-                logger.warning("live update of a page of pool %s not sent", pool_id, exc_info=True)
-
-
 class PoolHub:
-    """This process's listener for one pool, on the event loop that serves its sockets."""
+    """This process's listener for one pool, on the event loop that serves its sockets, and
+    the one render of each key for all of them."""
 
     def __init__(self, pool_id: str) -> None:
         self.pool_id = pool_id
-        self.pages: dict[LiveKey, LivePage] = {}
+        self.pages: dict[LiveKey, set[Socket]] = {}
+        self.stale: set[LiveKey] = set()
+        self.render_task: asyncio.Task[None] | None = None
         self.layer = get_channel_layer()
         self.channel: str | None = None
         self.task = asyncio.create_task(self._listen())
@@ -160,28 +132,60 @@ class PoolHub:
     def subscribe(self, key: LiveKey, socket: Socket) -> None:
         """Add a socket and render its key: changes made between the page load (or a
         dropped socket) and now published to nobody."""
-        page = self.pages.get(key)
-        if page is None:
-            page = self.pages[key] = LivePage(hub=self, key=key)
-        page.sockets.add(socket)
-        page.mark_stale()
+        self.pages.setdefault(key, set()).add(socket)
+        self.mark_stale([key])
 
     def unsubscribe(self, key: LiveKey, socket: Socket) -> None:
-        page = self.pages.get(key)
-        if page is None:
+        sockets = self.pages.get(key)
+        if sockets is None:
             return
-        page.sockets.discard(socket)
-        if not page.sockets:
+        sockets.discard(socket)
+        if not sockets:
             del self.pages[key]
-            if page.render_task is not None:
-                page.render_task.cancel()
         if not self.pages:
             self.task.cancel()
+            if self.render_task is not None:
+                self.render_task.cancel()
             _hubs_of_this_loop().pop(self.pool_id, None)
 
-    def mark_stale(self) -> None:
-        for page in list(self.pages.values()):
-            page.mark_stale()
+    def mark_stale(self, keys: Iterable[LiveKey] | None = None) -> None:
+        self.stale.update(self.pages if keys is None else keys)
+        if self.render_task is None or self.render_task.done():
+            self.render_task = asyncio.create_task(self._render_while_stale())
+
+    async def _render_while_stale(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.stale:
+            keys = [key for key in self.stale if key in self.pages]
+            self.stale = set()
+            started = loop.time()
+            if keys:
+                await self._render_and_send(keys)
+            await asyncio.sleep(max(0.0, started + RENDER_WINDOW_SECONDS - loop.time()))
+
+    async def _render_and_send(self, keys: list[LiveKey]) -> None:
+        """Errors are logged here: this runs in a task of its own, whose exception nobody
+        would ever read."""
+        pool_id = self.pool_id
+        try:
+            texts = await database_sync_to_async(live_texts)(pool_id=pool_id, keys=keys)
+        except NotFound:
+            for key in keys:
+                for socket in list(self.pages.get(key, ())):
+                    await socket.refuse(CLOSE_NO_POOL)
+            return
+        except Exception:
+            # Keep the sockets: the next change tries again (at most once per window).
+            logger.exception("live update of pool %s failed", pool_id, extra=log_ids(pool=pool_id))
+            return
+        for key, text in texts.items():
+            for socket in list(self.pages.get(key, ())):
+                try:
+                    await socket.send(text_data=text)
+                except Exception:  # one closing socket does not keep the others waiting
+                    logger.warning(
+                        "live update of a page of pool %s not sent", pool_id, exc_info=True
+                    )
 
     async def _listen(self) -> None:
         if self.layer is None:  # no channel layer: the pages refresh on their own only

@@ -1,5 +1,5 @@
 """The live pool page over WebSockets: service -> on_commit -> broadcast -> group `pool.<id>`
--> PoolConsumer -> pool_live_html -> the socket.
+-> the pool's hub (fanout.py) -> pool_live_context + pool_live_render -> every socket.
 
 pytest-asyncio is not a dependency: each test is sync and drives one coroutine with
 async_to_sync. Services publish on commit and the consumer renders what they committed, so
@@ -185,16 +185,29 @@ def test_a_change_in_another_pool_sends_nothing(world: World, viewer: User) -> N
 
 @pytest.fixture
 def counted_renders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every render the consumer makes, made by the real pool_live_html."""
+    """Every render the hub makes, made by the real pool_live_render."""
     renders: list[str] = []
 
     def counting(**kwargs: Any) -> str:
-        html = live.pool_live_html(**kwargs)
+        html = live.pool_live_render(**kwargs)
         renders.append(html)
         return html
 
-    monkeypatch.setattr(fanout, "pool_live_html", counting)
+    monkeypatch.setattr(fanout, "pool_live_render", counting)
     return renders
+
+
+@pytest.fixture
+def counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The views the hub read the ledger for, by the real pool_live_context."""
+    reads: list[object] = []
+
+    def counting(**kwargs: Any) -> dict[str, Any]:
+        reads.append(kwargs["view"])
+        return live.pool_live_context(**kwargs)
+
+    monkeypatch.setattr(fanout, "pool_live_context", counting)
+    return reads
 
 
 def test_a_burst_of_twenty_events_yields_a_few_renders_and_the_last_is_final(
@@ -267,16 +280,16 @@ def test_a_change_published_during_a_render_gets_a_render_after_it(
 ) -> None:
     renders = 0
 
-    def render_then_change(**kwargs: Any) -> str:
+    def read_then_change(**kwargs: Any) -> dict[str, Any]:
         nonlocal renders
-        html = live.pool_live_html(**kwargs)
+        context = live.pool_live_context(**kwargs)
         renders += 1
         if renders == 1:
             # The ledger changes after this render read it: the page it sends is stale.
             make_agent(world.pool, "joined-later")
-        return html
+        return context
 
-    monkeypatch.setattr(fanout, "pool_live_html", render_then_change)
+    monkeypatch.setattr(fanout, "pool_live_context", read_then_change)
 
     async def scenario() -> tuple[str, str]:
         page = socket(world.pool.pool_id, viewer)
@@ -301,9 +314,9 @@ def test_a_failed_render_is_logged_and_the_next_change_renders_again(
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return live.pool_live_html(**kwargs)
+        return live.pool_live_render(**kwargs)
 
-    monkeypatch.setattr(fanout, "pool_live_html", flaky)
+    monkeypatch.setattr(fanout, "pool_live_render", flaky)
 
     async def scenario() -> str:
         page = socket(world.pool.pool_id, viewer)
@@ -504,7 +517,9 @@ async def settled(pages: list[WebsocketCommunicator]) -> None:
             await page.receive_output(timeout=TIMEOUT)
 
 
-def pushed_after_a_release(world: World, users: list[User]) -> tuple[list[str], float]:
+def pushed_after_a_release(
+    world: World, users: list[User], *counters: list[Any]
+) -> tuple[list[str], float]:
     """Open a pool page per user, wait until they are quiet, release the reserved slot, and
     return what each page got for it (one message each, checked) and how long the last took."""
 
@@ -514,8 +529,8 @@ def pushed_after_a_release(world: World, users: list[User]) -> tuple[list[str], 
             for page in pages:
                 await open_page(page)
             await settled(pages)
-            counted: list[str] = fanout.pool_live_html.renders  # type: ignore[attr-defined]
-            counted.clear()
+            for counter in counters:  # count from the change on
+                counter.clear()
             await database_sync_to_async(release)(world.reserved)
             released_at = time.monotonic()
             received = [await page.receive_from(timeout=TIMEOUT) for page in pages]
@@ -530,35 +545,35 @@ def pushed_after_a_release(world: World, users: list[User]) -> tuple[list[str], 
     return async_to_sync(scenario)()
 
 
-@pytest.fixture
-def render_log(counted_renders: list[str]) -> list[str]:
-    """counted_renders, also reachable from the scenario (which clears it once settled)."""
-    fanout.pool_live_html.renders = counted_renders  # type: ignore[attr-defined]
-    return counted_renders
-
-
 def test_twenty_viewers_of_one_pool_cost_one_render_per_change(
-    world: World, viewer: User, render_log: list[str]
+    world: World, viewer: User, counted_renders: list[str]
 ) -> None:
-    received, took = pushed_after_a_release(world, [viewer] * 20)
+    received, took = pushed_after_a_release(world, [viewer] * 20, counted_renders)
 
-    assert len(render_log) == 1
-    assert received == render_log * 20
+    assert len(counted_renders) == 1
+    assert received == counted_renders * 20
     assert reserved_cells(received[0]) == []
     print(f"20 viewers got the release after {took:.3f} s")
 
 
 def test_an_admin_among_viewers_gets_a_render_of_their_own_with_the_buttons(
-    world: World, admin: User, viewer: User, render_log: list[str]
+    world: World,
+    admin: User,
+    viewer: User,
+    counted_renders: list[str],
+    counted_reads: list[object],
 ) -> None:
     """Keyed by the permissions the buttons check, not by the person: one render for the
-    viewers, one for the admin."""
+    viewers, one for the admin, from one read of the ledger."""
     other_viewer = User.objects.create_user(username="vera")
     other_viewer.groups.set(viewer.groups.all())
 
-    received, _ = pushed_after_a_release(world, [viewer, admin, other_viewer])
+    received, _ = pushed_after_a_release(
+        world, [viewer, admin, other_viewer], counted_renders, counted_reads
+    )
 
-    assert len(render_log) == 2
+    assert len(counted_renders) == 2
+    assert len(counted_reads) == 1
     as_viewer, as_admin, as_other_viewer = received
     assert as_viewer == as_other_viewer
     assert as_admin != as_viewer
@@ -569,7 +584,7 @@ def test_an_admin_among_viewers_gets_a_render_of_their_own_with_the_buttons(
 
 
 def test_notify_sockets_share_the_changed_message_without_rendering_the_page(
-    world: World, viewer: User, render_log: list[str]
+    world: World, viewer: User, counted_renders: list[str]
 ) -> None:
     async def scenario() -> list[str]:
         pages = [
@@ -591,11 +606,11 @@ def test_notify_sockets_share_the_changed_message_without_rendering_the_page(
                 await page.disconnect()
 
     assert async_to_sync(scenario)() == [consumers.CHANGED] * 5
-    assert render_log == []
+    assert counted_renders == []
 
 
 def test_pages_of_two_views_get_their_own_cards(
-    world: World, viewer: User, render_log: list[str]
+    world: World, viewer: User, counted_renders: list[str]
 ) -> None:
     async def scenario() -> tuple[str, str]:
         default = socket(world.pool.pool_id, viewer)
