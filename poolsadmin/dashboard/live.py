@@ -9,6 +9,7 @@ a pushed page and a polled page can never show different things.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,35 @@ from poolsadmin.dashboard.selectors import PoolPage, dashboard_pool
 POOL_TEMPLATE = "dashboard/pool.html"
 LIVE_PARTIAL = "live-fragments"
 LIVE_FRAGMENTS = f"{POOL_TEMPLATE}#{LIVE_PARTIAL}"
+# The ids of the live regions, in the order `live-fragments` renders them (the table in
+# docs/architecture.md says what each depends on). The push sends only those that changed.
+LIVE_REGIONS = (
+    "pool-updated",
+    "pool-actions",
+    "pool-stats",
+    "slot-map",
+    "slot-grid",
+    "queue",
+    "awaiting",
+    "autoscaler-panel",
+    "reconciler-panel",
+    "events-panel",
+    "live-poller",
+)
+
+_REGION_START = re.compile(
+    r'<\w+\b[^>]*?\bid="(' + "|".join(LIVE_REGIONS) + r')"[^>]*\bhx-swap-oob='
+)
+
+
+def live_regions(text: str) -> dict[str, str] | None:
+    """`text` cut into its live regions (id -> HTML), or None when it is not every region
+    once in the page's order (the "changed" of a notify socket, a template that changed)."""
+    starts = [(m.group(1), m.start()) for m in _REGION_START.finditer(text)]
+    if [region for region, _ in starts] != list(LIVE_REGIONS) or text[: starts[0][1]].strip():
+        return None
+    ends = [start for _, start in starts[1:]] + [len(text)]
+    return {region: text[start:end] for (region, start), end in zip(starts, ends, strict=True)}
 
 
 def pool_page_context(*, page: PoolPage) -> dict[str, Any]:

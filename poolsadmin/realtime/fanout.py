@@ -26,7 +26,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
@@ -34,7 +34,7 @@ from channels.layers import get_channel_layer
 from django.contrib.auth.models import AnonymousUser
 
 from poolsadmin.api.roles import ACTION_PERMISSIONS
-from poolsadmin.dashboard.live import pool_live_context, pool_live_render
+from poolsadmin.dashboard.live import live_regions, pool_live_context, pool_live_render
 from poolsadmin.dashboard.pool_view import PoolView
 from poolsadmin.lib.errors import NotFound
 from poolsadmin.lib.logs import log_ids
@@ -108,6 +108,30 @@ def live_texts(*, pool_id: str, keys: Iterable[LiveKey]) -> dict[LiveKey, str]:
     return texts
 
 
+@dataclass(eq=False)
+class LivePage:
+    """The sockets of one key, and what the ones that are up to date were sent last: a
+    change sends them only the regions that differ (a slot change leaves the queue, the
+    panels and most cards alone), a new socket gets every region."""
+
+    sockets: set[Socket] = field(default_factory=set)
+    current: set[Socket] = field(default_factory=set)
+    regions: dict[str, str] = field(default_factory=dict)
+
+    def texts(self, text: str) -> list[tuple[Socket, str]]:
+        """What to send to whom for the key's new `text`."""
+        regions = live_regions(text)
+        changed = (
+            "".join(html for region, html in regions.items() if self.regions.get(region) != html)
+            if regions is not None and self.regions
+            else text
+        )
+        sends = [(socket, changed if socket in self.current else text) for socket in self.sockets]
+        self.regions = regions or {}
+        self.current = set(self.sockets) if regions is not None else set()
+        return [(socket, out) for socket, out in sends if out]
+
+
 class Socket(Protocol):
     """What a page's consumer offers the hub."""
 
@@ -122,7 +146,7 @@ class PoolHub:
 
     def __init__(self, pool_id: str) -> None:
         self.pool_id = pool_id
-        self.pages: dict[LiveKey, set[Socket]] = {}
+        self.pages: dict[LiveKey, LivePage] = {}
         self.stale: set[LiveKey] = set()
         self.render_task: asyncio.Task[None] | None = None
         self.layer = get_channel_layer()
@@ -132,15 +156,16 @@ class PoolHub:
     def subscribe(self, key: LiveKey, socket: Socket) -> None:
         """Add a socket and render its key: changes made between the page load (or a
         dropped socket) and now published to nobody."""
-        self.pages.setdefault(key, set()).add(socket)
+        self.pages.setdefault(key, LivePage()).sockets.add(socket)
         self.mark_stale([key])
 
     def unsubscribe(self, key: LiveKey, socket: Socket) -> None:
-        sockets = self.pages.get(key)
-        if sockets is None:
+        page = self.pages.get(key)
+        if page is None:
             return
-        sockets.discard(socket)
-        if not sockets:
+        page.sockets.discard(socket)
+        page.current.discard(socket)
+        if not page.sockets:
             del self.pages[key]
         if not self.pages:
             self.task.cancel()
@@ -148,8 +173,14 @@ class PoolHub:
                 self.render_task.cancel()
             _hubs_of_this_loop().pop(self.pool_id, None)
 
-    def mark_stale(self, keys: Iterable[LiveKey] | None = None) -> None:
+    def mark_stale(self, keys: Iterable[LiveKey] | None = None, *, resend: bool = False) -> None:
+        """Render `keys` (default: every key) again; `resend` sends every region to every
+        socket, not only the changed ones (the periodic refresh: a page that missed a
+        message, or swapped one badly, is whole again within REFRESH_SECONDS)."""
         self.stale.update(self.pages if keys is None else keys)
+        if resend:
+            for page in self.pages.values():
+                page.current.clear()
         if self.render_task is None or self.render_task.done():
             self.render_task = asyncio.create_task(self._render_while_stale())
 
@@ -171,7 +202,7 @@ class PoolHub:
             texts = await database_sync_to_async(live_texts)(pool_id=pool_id, keys=keys)
         except NotFound:
             for key in keys:
-                for socket in list(self.pages.get(key, ())):
+                for socket in list(self.pages[key].sockets if key in self.pages else ()):
                     await socket.refuse(CLOSE_NO_POOL)
             return
         except Exception:
@@ -179,9 +210,11 @@ class PoolHub:
             logger.exception("live update of pool %s failed", pool_id, extra=log_ids(pool=pool_id))
             return
         for key, text in texts.items():
-            for socket in list(self.pages.get(key, ())):
+            if key not in self.pages:  # its last socket left during the render
+                continue
+            for socket, out in self.pages[key].texts(text):
                 try:
-                    await socket.send(text_data=text)
+                    await socket.send(text_data=out)
                 except Exception:  # one closing socket does not keep the others waiting
                     logger.warning(
                         "live update of a page of pool %s not sent", pool_id, exc_info=True
@@ -233,7 +266,7 @@ class PoolHub:
             await asyncio.sleep(REFRESH_SECONDS)
             if self.layer is not None and self.channel is not None:
                 await self._join()
-            self.mark_stale()
+            self.mark_stale(resend=True)
 
 
 # One registry per event loop: a hub's tasks and its channel layer connections belong to

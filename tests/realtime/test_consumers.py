@@ -242,7 +242,7 @@ def test_a_burst_of_twenty_events_yields_a_few_renders_and_the_last_is_final(
     # one the 20 publishes spread over several render windows), the last one final. How soon
     # is printed, never asserted: the machines are shared.
     assert len(received) <= 10
-    assert received == counted_renders
+    assert len(received) == len(counted_renders)  # each render sent what changed
     assert f"#{last_task.pk}" in received[-1]
     print(f"burst of 20 shown after {latency:.3f} s in {len(received)} renders")
 
@@ -551,7 +551,8 @@ def test_twenty_viewers_of_one_pool_cost_one_render_per_change(
     received, took = pushed_after_a_release(world, [viewer] * 20, counted_renders)
 
     assert len(counted_renders) == 1
-    assert received == counted_renders * 20
+    assert received == received[:1] * 20
+    assert 'id="slot-map"' in received[0]
     assert reserved_cells(received[0]) == []
     print(f"20 viewers got the release after {took:.3f} s")
 
@@ -577,9 +578,10 @@ def test_an_admin_among_viewers_gets_a_render_of_their_own_with_the_buttons(
     as_viewer, as_admin, as_other_viewer = received
     assert as_viewer == as_other_viewer
     assert as_admin != as_viewer
-    pause_button = f'hx-get="{reverse("pools-pause", args=[world.pool.pool_id])}"'
-    assert pause_button in as_admin
-    assert pause_button not in as_viewer
+    # The released slot's card is sent again, with the buttons of each role.
+    drain_button = f'hx-get="{reverse("pools-pod-drain", args=[world.pod.pk])}"'
+    assert drain_button in as_admin
+    assert drain_button not in as_viewer
     assert 'disabled title="needs pools.manage_pool"' in as_viewer
 
 
@@ -607,6 +609,51 @@ def test_notify_sockets_share_the_changed_message_without_rendering_the_page(
 
     assert async_to_sync(scenario)() == [consumers.CHANGED] * 5
     assert counted_renders == []
+
+
+def test_a_change_sends_the_regions_that_changed_and_a_new_page_gets_them_all(
+    world: World, viewer: User
+) -> None:
+    workspace = make_workspace(world.pool, "queued")
+
+    async def scenario() -> tuple[str, str, str]:
+        first, second = socket(world.pool.pool_id, viewer), socket(world.pool.pool_id, viewer)
+        try:
+            opened = await open_page(first)
+            await settled([first])
+            # A task joins the queue: no slot changes.
+            task = await database_sync_to_async(submit)(workspace)
+            changed = await first.receive_from(timeout=TIMEOUT)
+            assert f"#{task.pk}" in changed
+            await settled([first])
+            return opened, changed, await open_page(second)
+        finally:
+            await first.disconnect()
+            await second.disconnect()
+
+    opened, changed, newcomer = async_to_sync(scenario)()
+    regions = live.live_regions(opened)
+    assert regions is not None and list(regions) == list(live.LIVE_REGIONS)
+    assert 'id="queue"' in changed
+    assert 'id="slot-map"' not in changed and 'id="slot-grid"' not in changed
+    assert list(live.live_regions(newcomer) or ()) == list(live.LIVE_REGIONS)
+
+
+def test_the_periodic_refresh_sends_every_region_again(
+    world: World, viewer: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fanout, "REFRESH_SECONDS", 0.3)
+
+    async def scenario() -> str:
+        page = socket(world.pool.pool_id, viewer)
+        try:
+            await open_page(page)
+            refreshed: str = await page.receive_from(timeout=TIMEOUT)
+            return refreshed
+        finally:
+            await page.disconnect()
+
+    assert list(live.live_regions(async_to_sync(scenario)()) or ()) == list(live.LIVE_REGIONS)
 
 
 def test_pages_of_two_views_get_their_own_cards(
@@ -645,13 +692,18 @@ def test_an_admin_demoted_to_viewer_gets_the_viewers_page_at_the_next_check(
         try:
             assert pause_button in await open_page(page)
             await database_sync_to_async(demote)()
-            while pause_button in (html := await page.receive_from(timeout=TIMEOUT)):
+            # Until its new key's first render, which sends every region.
+            while "needs pools.manage_pool" not in (
+                html := await page.receive_from(timeout=TIMEOUT)
+            ):
                 pass
             return html
         finally:
             await page.disconnect()
 
-    assert 'disabled title="needs pools.manage_pool"' in async_to_sync(scenario)()
+    html = async_to_sync(scenario)()
+    assert pause_button not in html
+    assert 'disabled title="needs pools.manage_pool"' in html
 
 
 # --- the production channel layer --------------------------------------------------------------
