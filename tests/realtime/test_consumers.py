@@ -34,6 +34,7 @@ from django.urls import reverse
 
 from poolsadmin.asgi import application
 from poolsadmin.dashboard import live
+from poolsadmin.lib import clock
 from poolsadmin.pools.actions import slot_release
 from poolsadmin.pools.models import AgentPool, Pod, Slot
 from poolsadmin.realtime import consumers, fanout
@@ -631,7 +632,9 @@ def test_a_change_sends_the_regions_that_changed_and_a_new_page_gets_them_all(
             await first.disconnect()
             await second.disconnect()
 
-    opened, changed, newcomer = async_to_sync(scenario)()
+    # One moment throughout: the cards show ages, which would differ between two renders.
+    with clock.frozen_at(clock.now()):
+        opened, changed, newcomer = async_to_sync(scenario)()
     regions = live.live_regions(opened)
     assert regions is not None and list(regions) == list(live.LIVE_REGIONS)
     assert 'id="queue"' in changed
