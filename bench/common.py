@@ -4,6 +4,7 @@ docs/benchmarks.md. A benchmark prints figures; it asserts nothing about time.""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -19,6 +20,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
 PGBENCH_DB = "poolsadmin_pgbench"
 HOST = "127.0.0.1"
+
+
+def standard_arguments(parser: argparse.ArgumentParser, *, source: str) -> None:
+    """The arguments the benchmarks that start processes share: the PostgreSQL server to
+    build on, the checkout under test (`source`: what it runs from it), a label, --smoke and
+    --no-record."""
+    parser.add_argument("--admin-url", default="postgres://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--source", type=Path, default=ROOT, help=source)
+    parser.add_argument("--label", default="", help="what is measured, for the output")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run, no record")
+    parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
 
 
 def url_for(admin_url: str, database: str) -> str:

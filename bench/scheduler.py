@@ -56,6 +56,7 @@ from bench.common import (
     pgbench_init,
     recreate,
     server_facts,
+    standard_arguments,
     url_for,
 )
 
@@ -216,11 +217,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=180.0, help="longest a run may take")
     parser.add_argument("--pgbench-seconds", type=int, default=10)
-    parser.add_argument("--admin-url", default="postgres://postgres@127.0.0.1:5432/postgres")
-    parser.add_argument("--source", type=Path, default=ROOT, help="the checkout to schedule with")
-    parser.add_argument("--label", default="", help="what is measured, for the output")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run, no record")
-    parser.add_argument("--no-record", action="store_true", help="do not write docs/benchmarks.md")
+    standard_arguments(parser, source="the checkout to schedule with")
     args = parser.parse_args()
     if args.smoke:
         args.layouts, args.tasks, args.processes, args.runs = "1x10,2x5", 40, "1,2", 1

@@ -9,6 +9,7 @@ a pushed page and a polled page can never show different things.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,35 @@ from poolsadmin.dashboard.selectors import PoolPage, dashboard_pool
 POOL_TEMPLATE = "dashboard/pool.html"
 LIVE_PARTIAL = "live-fragments"
 LIVE_FRAGMENTS = f"{POOL_TEMPLATE}#{LIVE_PARTIAL}"
+# The ids of the live regions, in the order `live-fragments` renders them (the table in
+# docs/architecture.md says what each depends on). The push sends only those that changed.
+LIVE_REGIONS = (
+    "pool-updated",
+    "pool-actions",
+    "pool-stats",
+    "slot-map",
+    "slot-grid",
+    "queue",
+    "awaiting",
+    "autoscaler-panel",
+    "reconciler-panel",
+    "events-panel",
+    "live-poller",
+)
+
+_REGION_START = re.compile(
+    r'<\w+\b[^>]*?\bid="(' + "|".join(LIVE_REGIONS) + r')"[^>]*\bhx-swap-oob='
+)
+
+
+def live_regions(text: str) -> dict[str, str] | None:
+    """`text` cut into its live regions (id -> HTML), or None when it is not every region
+    once in the page's order (the "changed" of a notify socket, a template that changed)."""
+    starts = [(m.group(1), m.start()) for m in _REGION_START.finditer(text)]
+    if [region for region, _ in starts] != list(LIVE_REGIONS) or text[: starts[0][1]].strip():
+        return None
+    ends = [start for _, start in starts[1:]] + [len(text)]
+    return {region: text[start:end] for (region, start), end in zip(starts, ends, strict=True)}
 
 
 def pool_page_context(*, page: PoolPage) -> dict[str, Any]:
@@ -43,6 +73,21 @@ def pool_page_context(*, page: PoolPage) -> dict[str, Any]:
     }
 
 
+def pool_live_context(
+    *, pool_id: str, view: PoolView | None = None, now: datetime | None = None
+) -> dict[str, Any]:
+    """What every live region of the pool page reads, for `view` (which cards; the other
+    regions are the same for every view), whoever looks: the ledger reads of a render.
+    Raises NotFound when the pool does not exist."""
+    return pool_page_context(page=dashboard_pool(pool_id=pool_id, view=view, now=now))
+
+
+def pool_live_render(*, context: dict[str, Any], user: AbstractBaseUser | AnonymousUser) -> str:
+    """Every live region as `user` sees them (buttons depend on permissions), from a
+    `pool_live_context` that any number of renders may share."""
+    return render_to_string(LIVE_FRAGMENTS, {**context, "user": user, "perms": PermWrapper(user)})
+
+
 def pool_live_html(
     *,
     pool_id: str,
@@ -50,10 +95,7 @@ def pool_live_html(
     view: PoolView | None = None,
     now: datetime | None = None,
 ) -> str:
-    """Every live region of the pool page as `user` sees it (buttons depend on permissions)
-    in `view` (which cards; the other regions are the same for every view). Raises NotFound
-    when the pool does not exist."""
-    page = dashboard_pool(pool_id=pool_id, view=view, now=now)
-    context = pool_page_context(page=page)
-    context.update({"user": user, "perms": PermWrapper(user)})
-    return render_to_string(LIVE_FRAGMENTS, context)
+    """Every live region of the pool page as `user` sees it in `view`. Raises NotFound when
+    the pool does not exist."""
+    context = pool_live_context(pool_id=pool_id, view=view, now=now)
+    return pool_live_render(context=context, user=user)

@@ -42,7 +42,7 @@ import websocket
 from django.conf import settings
 
 from poolsadmin.kube.fake_api import start_fake_kube
-from poolsadmin.realtime.consumers import REFRESH_SECONDS
+from poolsadmin.realtime.fanout import REFRESH_SECONDS
 from poolsadmin.worker.lease import RECONCILER_LEASE
 from poolsadmin.worker.reconcile import LEASE_TTL_SECONDS, pool_lease, pool_lease_ttl
 from tests.e2e.processes import Stack, Web, until
@@ -270,7 +270,7 @@ def test_two_webs_and_two_workers_share_the_work_the_live_page_and_the_leader_le
     )
     try:
         connected = time.monotonic()
-        # The consumer re-renders on its own every REFRESH_SECONDS: the wait for the push ends
+        # The pool's hub re-renders on its own every REFRESH_SECONDS: the wait for the push ends
         # before its first refresh, so only the event that crossed Redis can end it.
         before_refresh = connected + REFRESH_SECONDS - 1.0
         slot = pool_slots(stack)[apply_b]

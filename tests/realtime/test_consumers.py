@@ -1,5 +1,5 @@
 """The live pool page over WebSockets: service -> on_commit -> broadcast -> group `pool.<id>`
--> PoolConsumer -> pool_live_html -> the socket.
+-> the pool's hub (fanout.py) -> pool_live_context + pool_live_render -> every socket.
 
 pytest-asyncio is not a dependency: each test is sync and drives one coroutine with
 async_to_sync. Services publish on commit and the consumer renders what they committed, so
@@ -30,12 +30,14 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.contrib.sessions.models import Session
 from django.db import transaction
 from django.test import Client
+from django.urls import reverse
 
 from poolsadmin.asgi import application
 from poolsadmin.dashboard import live
+from poolsadmin.lib import clock
 from poolsadmin.pools.actions import slot_release
 from poolsadmin.pools.models import AgentPool, Pod, Slot
-from poolsadmin.realtime import consumers
+from poolsadmin.realtime import consumers, fanout
 from poolsadmin.realtime.broadcast import broadcast_pool_changed, pool_group
 from poolsadmin.realtime.consumers import CLOSE_FORBIDDEN, CLOSE_NO_POOL, CLOSE_NOT_LOGGED_IN
 from poolsadmin.realtime.routing import websocket_urlpatterns
@@ -184,16 +186,29 @@ def test_a_change_in_another_pool_sends_nothing(world: World, viewer: User) -> N
 
 @pytest.fixture
 def counted_renders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every render the consumer makes, made by the real pool_live_html."""
+    """Every render the hub makes, made by the real pool_live_render."""
     renders: list[str] = []
 
     def counting(**kwargs: Any) -> str:
-        html = live.pool_live_html(**kwargs)
+        html = live.pool_live_render(**kwargs)
         renders.append(html)
         return html
 
-    monkeypatch.setattr(consumers, "pool_live_html", counting)
+    monkeypatch.setattr(fanout, "pool_live_render", counting)
     return renders
+
+
+@pytest.fixture
+def counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The views the hub read the ledger for, by the real pool_live_context."""
+    reads: list[object] = []
+
+    def counting(**kwargs: Any) -> dict[str, Any]:
+        reads.append(kwargs["view"])
+        return live.pool_live_context(**kwargs)
+
+    monkeypatch.setattr(fanout, "pool_live_context", counting)
+    return reads
 
 
 def test_a_burst_of_twenty_events_yields_a_few_renders_and_the_last_is_final(
@@ -213,7 +228,7 @@ def test_a_burst_of_twenty_events_yields_a_few_renders_and_the_last_is_final(
             counted_renders.clear()
             tasks = await database_sync_to_async(burst)()
             committed_at = time.monotonic()
-            quiet = 4 * consumers.RENDER_WINDOW_SECONDS
+            quiet = 4 * fanout.RENDER_WINDOW_SECONDS
             received = [await page.receive_from(timeout=TIMEOUT)]
             while not await page.receive_nothing(timeout=quiet):
                 received.append(await page.receive_from(timeout=TIMEOUT))
@@ -228,7 +243,7 @@ def test_a_burst_of_twenty_events_yields_a_few_renders_and_the_last_is_final(
     # one the 20 publishes spread over several render windows), the last one final. How soon
     # is printed, never asserted: the machines are shared.
     assert len(received) <= 10
-    assert received == counted_renders
+    assert len(received) == len(counted_renders)  # each render sent what changed
     assert f"#{last_task.pk}" in received[-1]
     print(f"burst of 20 shown after {latency:.3f} s in {len(received)} renders")
 
@@ -236,7 +251,7 @@ def test_a_burst_of_twenty_events_yields_a_few_renders_and_the_last_is_final(
 def test_without_events_the_page_is_rendered_again_and_its_group_joined_again(
     world: World, viewer: User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(consumers, "REFRESH_SECONDS", 0.2)
+    monkeypatch.setattr(fanout, "REFRESH_SECONDS", 0.2)
     joins: list[str] = []
 
     async def scenario() -> None:
@@ -266,16 +281,16 @@ def test_a_change_published_during_a_render_gets_a_render_after_it(
 ) -> None:
     renders = 0
 
-    def render_then_change(**kwargs: Any) -> str:
+    def read_then_change(**kwargs: Any) -> dict[str, Any]:
         nonlocal renders
-        html = live.pool_live_html(**kwargs)
+        context = live.pool_live_context(**kwargs)
         renders += 1
         if renders == 1:
             # The ledger changes after this render read it: the page it sends is stale.
             make_agent(world.pool, "joined-later")
-        return html
+        return context
 
-    monkeypatch.setattr(consumers, "pool_live_html", render_then_change)
+    monkeypatch.setattr(fanout, "pool_live_context", read_then_change)
 
     async def scenario() -> tuple[str, str]:
         page = socket(world.pool.pool_id, viewer)
@@ -300,9 +315,9 @@ def test_a_failed_render_is_logged_and_the_next_change_renders_again(
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return live.pool_live_html(**kwargs)
+        return live.pool_live_render(**kwargs)
 
-    monkeypatch.setattr(consumers, "pool_live_html", flaky)
+    monkeypatch.setattr(fanout, "pool_live_render", flaky)
 
     async def scenario() -> str:
         page = socket(world.pool.pool_id, viewer)
@@ -317,7 +332,7 @@ def test_a_failed_render_is_logged_and_the_next_change_renders_again(
         finally:
             await page.disconnect()
 
-    with caplog.at_level(logging.ERROR, logger=consumers.__name__):
+    with caplog.at_level(logging.ERROR, logger=fanout.__name__):
         html = async_to_sync(scenario)()
 
     assert "joined-later" in html
@@ -410,23 +425,34 @@ def test_a_foreign_origin_is_refused_by_the_asgi_application(world: World, viewe
     assert not async_to_sync(scenario)()
 
 
+@pytest.fixture
+def quick_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets check their person again every 0.2 s instead of every 30 s."""
+    monkeypatch.setattr(consumers, "CHECK_SECONDS", 0.2)
+
+
 def closed_after_a_change(world: World, page: WebsocketCommunicator, change: Any) -> Any:
-    """Open the page, make `change` (sync, in a thread), publish a change of the pool, and
-    return what the socket sends next."""
+    """Open the page, make `change` (sync, in a thread), and return how the socket ends:
+    the first output that is not a render (pushed regions may arrive before the check)."""
 
     async def scenario() -> Any:
         try:
             await open_page(page)
             await database_sync_to_async(change)()
             await database_sync_to_async(make_agent)(world.pool, "after")
-            return await page.receive_output(timeout=TIMEOUT)
+            while (message := await page.receive_output(timeout=TIMEOUT))["type"] == (
+                "websocket.send"
+            ):
+                pass
+            return message
         finally:
             await page.disconnect()
 
     return async_to_sync(scenario)()
 
 
-def test_after_logout_the_open_socket_is_closed_at_the_next_render(
+@pytest.mark.usefixtures("quick_checks")
+def test_after_logout_the_open_socket_is_closed_at_its_next_check(
     world: World, viewer: User
 ) -> None:
     page = browser_socket(world.pool.pool_id, user=viewer, origin="http://testserver")
@@ -434,7 +460,8 @@ def test_after_logout_the_open_socket_is_closed_at_the_next_render(
     assert message == {"type": "websocket.close", "code": CLOSE_NOT_LOGGED_IN}
 
 
-def test_a_user_who_lost_the_viewer_role_is_closed_at_the_next_render(
+@pytest.mark.usefixtures("quick_checks")
+def test_a_user_who_lost_the_viewer_role_is_closed_at_its_next_check(
     world: World, viewer: User
 ) -> None:
     page = browser_socket(world.pool.pool_id, user=viewer, origin="http://testserver")
@@ -442,7 +469,8 @@ def test_a_user_who_lost_the_viewer_role_is_closed_at_the_next_render(
     assert message == {"type": "websocket.close", "code": CLOSE_FORBIDDEN}
 
 
-def test_a_deactivated_user_is_closed_at_the_next_render(world: World, viewer: User) -> None:
+@pytest.mark.usefixtures("quick_checks")
+def test_a_deactivated_user_is_closed_at_its_next_check(world: World, viewer: User) -> None:
     page = socket(world.pool.pool_id, viewer)
 
     def deactivate() -> None:
@@ -476,6 +504,209 @@ def test_each_socket_renders_the_buttons_its_own_user_may_use(
     assert release_url in admin_html
     assert release_url not in viewer_html
     assert 'disabled title="needs pools.release_slot"' in viewer_html
+
+
+# --- one render per key, the same bytes to every socket of it ----------------------------------
+
+
+async def settled(pages: list[WebsocketCommunicator]) -> None:
+    """Read what the pages got while they opened (each new socket of a key renders that key
+    again, for every socket of it) until nothing more arrives."""
+    quiet = 4 * fanout.RENDER_WINDOW_SECONDS
+    for page in pages:
+        while not await page.receive_nothing(timeout=quiet):
+            await page.receive_output(timeout=TIMEOUT)
+
+
+def pushed_after_a_release(
+    world: World, users: list[User], *counters: list[Any]
+) -> tuple[list[str], float]:
+    """Open a pool page per user, wait until they are quiet, release the reserved slot, and
+    return what each page got for it (one message each, checked) and how long the last took."""
+
+    async def scenario() -> tuple[list[str], float]:
+        pages = [socket(world.pool.pool_id, user) for user in users]
+        try:
+            for page in pages:
+                await open_page(page)
+            await settled(pages)
+            for counter in counters:  # count from the change on
+                counter.clear()
+            await database_sync_to_async(release)(world.reserved)
+            released_at = time.monotonic()
+            received = [await page.receive_from(timeout=TIMEOUT) for page in pages]
+            took = time.monotonic() - released_at
+            for page in pages:  # exactly one message each for the one change
+                assert await page.receive_nothing(timeout=4 * fanout.RENDER_WINDOW_SECONDS)
+            return received, took
+        finally:
+            for page in pages:
+                await page.disconnect()
+
+    return async_to_sync(scenario)()
+
+
+def test_twenty_viewers_of_one_pool_cost_one_render_per_change(
+    world: World, viewer: User, counted_renders: list[str]
+) -> None:
+    received, took = pushed_after_a_release(world, [viewer] * 20, counted_renders)
+
+    assert len(counted_renders) == 1
+    assert received == received[:1] * 20
+    assert 'id="slot-map"' in received[0]
+    assert reserved_cells(received[0]) == []
+    print(f"20 viewers got the release after {took:.3f} s")
+
+
+def test_an_admin_among_viewers_gets_a_render_of_their_own_with_the_buttons(
+    world: World,
+    admin: User,
+    viewer: User,
+    counted_renders: list[str],
+    counted_reads: list[object],
+) -> None:
+    """Keyed by the permissions the buttons check, not by the person: one render for the
+    viewers, one for the admin, from one read of the ledger."""
+    other_viewer = User.objects.create_user(username="vera")
+    other_viewer.groups.set(viewer.groups.all())
+
+    received, _ = pushed_after_a_release(
+        world, [viewer, admin, other_viewer], counted_renders, counted_reads
+    )
+
+    assert len(counted_renders) == 2
+    assert len(counted_reads) == 1
+    as_viewer, as_admin, as_other_viewer = received
+    assert as_viewer == as_other_viewer
+    assert as_admin != as_viewer
+    # The released slot's card is sent again, with the buttons of each role.
+    drain_button = f'hx-get="{reverse("pools-pod-drain", args=[world.pod.pk])}"'
+    assert drain_button in as_admin
+    assert drain_button not in as_viewer
+    assert 'disabled title="needs pools.manage_pool"' in as_viewer
+
+
+def test_notify_sockets_share_the_changed_message_without_rendering_the_page(
+    world: World, viewer: User, counted_renders: list[str]
+) -> None:
+    async def scenario() -> list[str]:
+        pages = [
+            WebsocketCommunicator(
+                URLRouter(websocket_urlpatterns), ws_path(world.pool.pool_id) + "?notify=1"
+            )
+            for _ in range(5)
+        ]
+        for page in pages:
+            page.scope["user"] = viewer
+        try:
+            for page in pages:
+                await open_page(page)
+            await settled(pages)
+            await database_sync_to_async(release)(world.reserved)
+            return [await page.receive_from(timeout=TIMEOUT) for page in pages]
+        finally:
+            for page in pages:
+                await page.disconnect()
+
+    assert async_to_sync(scenario)() == [consumers.CHANGED] * 5
+    assert counted_renders == []
+
+
+def test_a_change_sends_the_regions_that_changed_and_a_new_page_gets_them_all(
+    world: World, viewer: User
+) -> None:
+    workspace = make_workspace(world.pool, "queued")
+
+    async def scenario() -> tuple[str, str, str]:
+        first, second = socket(world.pool.pool_id, viewer), socket(world.pool.pool_id, viewer)
+        try:
+            opened = await open_page(first)
+            await settled([first])
+            # A task joins the queue: no slot changes.
+            task = await database_sync_to_async(submit)(workspace)
+            changed = await first.receive_from(timeout=TIMEOUT)
+            assert f"#{task.pk}" in changed
+            await settled([first])
+            return opened, changed, await open_page(second)
+        finally:
+            await first.disconnect()
+            await second.disconnect()
+
+    # One moment throughout: the cards show ages, which would differ between two renders.
+    with clock.frozen_at(clock.now()):
+        opened, changed, newcomer = async_to_sync(scenario)()
+    regions = live.live_regions(opened)
+    assert regions is not None and list(regions) == list(live.LIVE_REGIONS)
+    assert 'id="queue"' in changed
+    assert 'id="slot-map"' not in changed and 'id="slot-grid"' not in changed
+    assert list(live.live_regions(newcomer) or ()) == list(live.LIVE_REGIONS)
+
+
+def test_the_periodic_refresh_sends_every_region_again(
+    world: World, viewer: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fanout, "REFRESH_SECONDS", 0.3)
+
+    async def scenario() -> str:
+        page = socket(world.pool.pool_id, viewer)
+        try:
+            await open_page(page)
+            refreshed: str = await page.receive_from(timeout=TIMEOUT)
+            return refreshed
+        finally:
+            await page.disconnect()
+
+    assert list(live.live_regions(async_to_sync(scenario)()) or ()) == list(live.LIVE_REGIONS)
+
+
+def test_pages_of_two_views_get_their_own_cards(
+    world: World, viewer: User, counted_renders: list[str]
+) -> None:
+    async def scenario() -> tuple[str, str]:
+        default = socket(world.pool.pool_id, viewer)
+        reserved_only = WebsocketCommunicator(
+            URLRouter(websocket_urlpatterns), ws_path(world.pool.pool_id) + "?show=reserved"
+        )
+        reserved_only.scope["user"] = viewer
+        try:
+            return await open_page(default), await open_page(reserved_only)
+        finally:
+            await default.disconnect()
+            await reserved_only.disconnect()
+
+    default_html, reserved_html = async_to_sync(scenario)()
+    assert default_html != reserved_html
+
+
+@pytest.mark.usefixtures("quick_checks")
+def test_an_admin_demoted_to_viewer_gets_the_viewers_page_at_the_next_check(
+    world: World, admin: User, viewer: User
+) -> None:
+    pause_button = f'hx-get="{reverse("pools-pause", args=[world.pool.pool_id])}"'
+
+    def demote() -> None:
+        admin.is_superuser = False
+        admin.save()
+        admin.groups.set(viewer.groups.all())
+        admin.user_permissions.clear()
+
+    async def scenario() -> str:
+        page = socket(world.pool.pool_id, admin)
+        try:
+            assert pause_button in await open_page(page)
+            await database_sync_to_async(demote)()
+            # Until its new key's first render, which sends every region.
+            while "needs pools.manage_pool" not in (
+                html := await page.receive_from(timeout=TIMEOUT)
+            ):
+                pass
+            return html
+        finally:
+            await page.disconnect()
+
+    html = async_to_sync(scenario)()
+    assert pause_button not in html
+    assert 'disabled title="needs pools.manage_pool"' in html
 
 
 # --- the production channel layer --------------------------------------------------------------
