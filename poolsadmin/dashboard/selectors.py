@@ -1,10 +1,11 @@
 """Reads for the server-rendered dashboard pages.
 
-The pool page is the hot one (operators keep it open, it refreshes every few seconds), so it
-runs a fixed number of queries whatever the number of pods: the capacity snapshot the
-scheduler places tasks with (`pool_capacity`, two queries), one batched lookup of the tasks
-in the shown cards and the reserved slots, one of the queue. Only the diagnosis of each
-queued task costs a query or two, and the queue shown is capped.
+The pool page is the hot one (operators keep it open, every change of the pool re-renders it
+for the live push), so it runs a fixed number of queries whatever the number of pods and of
+waiting tasks: the capacity snapshot the scheduler places tasks with, as rows
+(`pool_capacity_rows`, two queries), the pods that get a card as model instances (two more),
+one batched lookup of the tasks in the cards and the reserved slots, the queue, and what the
+queue's diagnoses share (rule 2's heads, the planners' names, the liveness).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from poolsadmin.pools.selectors import (
     PodView,
     agent_is_online,
     pool_capacity,
+    pool_capacity_rows,
     pool_freeze_state,
 )
 from poolsadmin.scheduler.diagnosis import DecisionCache, reserved_slots, task_diagnose
@@ -153,15 +155,21 @@ def dashboard_pool(
     pool = AgentPool.objects.filter(pk=pool_id).prefetch_related("freeze_windows").first()
     if pool is None:
         raise NotFound(f"pool {pool_id} does not exist")
-    views = pool_capacity(pool=pool, now=now)
+    # The map, the counts, the filters and the queue's diagnoses read rows (a model instance
+    # costs five times as much to build, and a pool has thousands of slots); only the pods
+    # that get a card are read again as model instances, for everything a card shows.
+    views = pool_capacity_rows(pool=pool, now=now)
     # The scheduler's order is by load; the map and the cards keep a stable order (oldest pod
     # first) so they do not jump around between refreshes.
     views.sort(key=lambda v: (v.pod.created_at, v.pod.pk))
     selection = pod_cards_select(views=views, pool=pool, view=view, now=now)
     carded = selection.shown + ([selection.pinned] if selection.pinned else [])
+    full = {
+        v.pod.pk: v for v in pool_capacity(pool=pool, now=now, pod_ids=[v.pod.pk for v in carded])
+    }
 
     # Tasks of the cards' slots, and of every reserved slot (its map cell names its owner).
-    task_ids = {s.task_id for v in carded for s in v.slots if s.task_id is not None}
+    task_ids = {s.task_id for v in full.values() for s in v.slots if s.task_id is not None}
     task_ids |= {
         s.task_id
         for v in views
@@ -178,7 +186,10 @@ def dashboard_pool(
             Agent.objects.filter(pk__in=missing).values_list("agent_id", "agent_name")
         )
 
-    def card(v: PodView) -> PodCard:
+    def card(row: PodView) -> PodCard | None:
+        v = full.get(row.pod.pk)
+        if v is None:
+            return None  # deleted between the two reads: the next refresh drops it
         return PodCard(
             view=v,
             cells=[
@@ -244,7 +255,7 @@ def dashboard_pool(
         offline=sum(1 for v in views if not agent_is_online(agent=v.agent, pool=pool, now=now)),
         # slot_map_html escapes every name and label it writes.
         slot_map=mark_safe(slot_map_html(views=views, pool=pool, owners=owners, now=now)),
-        cards=[card(v) for v in selection.shown],
+        cards=[c for c in map(card, selection.shown) if c is not None],
         selection=selection,
         pinned=card(selection.pinned) if selection.pinned else None,
         queue=[QueueEntry(position, t, diagnose(t)) for position, t in enumerate(queued, start=1)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from typing import Generic, TypeVar
@@ -174,11 +175,15 @@ def pool_pods_slots(
     offset: int = 0,
     limit: int | None = None,
     slots: QuerySet[Slot] | None = None,
+    pod_ids: Iterable[int] | None = None,
 ) -> list[tuple[Pod, list[Slot]]]:
-    """The pods of `pool`, oldest first (`limit` of them from `offset`), each with its agent
-    and its slots in index order. Two queries, whatever the number of pods. `slots` narrows
-    the slot rows read (what a page shows of each slot's task)."""
+    """The pods of `pool`, oldest first (`limit` of them from `offset`; only `pod_ids` when
+    given), each with its agent and its slots in index order. Two queries, whatever the
+    number of pods. `slots` narrows the slot rows read (what a page shows of each slot's
+    task)."""
     rows = Pod.objects.filter(pool=pool).select_related("agent").order_by("created_at", "id")
+    if pod_ids is not None:
+        rows = rows.filter(pk__in=list(pod_ids))
     pods = list(rows[offset : None if limit is None else offset + limit])
     slots_by_pod: dict[int, list[Slot]] = {p.pk: [] for p in pods}
     # Filter by the pods just read: a pod committed between the two statements (READ
@@ -192,10 +197,13 @@ def pool_pods_slots(
     return [(p, slots_by_pod[p.pk]) for p in pods]
 
 
-def pool_capacity(*, pool: AgentPool, now: datetime) -> list[PodView[Pod, Agent, Slot]]:
-    """Every pod of the pool with its agent and slots, in bin-packing order: busiest pod
-    first, ties to the oldest pod (idle pods stay idle so the autoscaler can remove them).
-    Two queries, whatever the number of pods."""
+def pool_capacity(
+    *, pool: AgentPool, now: datetime, pod_ids: Iterable[int] | None = None
+) -> list[PodView[Pod, Agent, Slot]]:
+    """Every pod of the pool (or only `pod_ids`) with its agent and slots, as model
+    instances, in bin-packing order: busiest pod first, ties to the oldest pod (idle pods
+    stay idle so the autoscaler can remove them). Two queries, whatever the number of pods;
+    `pool_capacity_rows` reads the same for a fifth of the time, where rows will do."""
     views = [
         PodView(
             pod=p,
@@ -203,7 +211,7 @@ def pool_capacity(*, pool: AgentPool, now: datetime) -> list[PodView[Pod, Agent,
             slots=slots,
             unavailable_reason=pod_unavailable_reason(pod=p, agent=p.agent, pool=pool, now=now),
         )
-        for p, slots in pool_pods_slots(pool=pool)
+        for p, slots in pool_pods_slots(pool=pool, pod_ids=pod_ids)
     ]
     # Stable sort keeps the created_at order among pods of equal load.
     views.sort(key=lambda v: -v.busy)

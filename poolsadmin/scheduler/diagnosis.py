@@ -49,11 +49,10 @@ Placed = tuple[list[tuple[PodView, Slot | SlotRow | None]], Diagnosis | None]
 PlacementCache = dict[tuple[str, str], Placed]
 
 
-def reserved_slots(views: list[PodView]) -> dict[int, Slot]:
-    """The slots of a capacity snapshot of model views (`pool_capacity`, as the pool page
-    reads it) that hold a task (reserved or running), by task id, each with its pod:
-    `task_diagnose`'s `own_slots` for the snapshot's pool."""
-    held: dict[int, Slot] = {}
+def reserved_slots(views: list[PodView]) -> dict[int, Slot | SlotRow]:
+    """The slots of a capacity snapshot that hold a task (reserved or running), by task id,
+    each with its pod: `task_diagnose`'s `own_slots` for the snapshot's pool."""
+    held: dict[int, Slot | SlotRow] = {}
     for view in views:
         for slot in view.slots:
             if slot.task_id is not None:
@@ -130,7 +129,7 @@ def _liveness_words(*, now: datetime, liveness: Liveness | None, allowance: time
 def _placed(
     *,
     task: WorkspaceTask,
-    own_slot: Slot | None,
+    own_slot: Slot | SlotRow | None,
     now: datetime,
     cache: CapacityCache | None,
     decisions: DecisionCache | None,
@@ -169,7 +168,7 @@ def task_diagnose(
     liveness: Liveness | None = None,
     heads: dict[str, WorkspaceTask] | None = None,
     agent_names: dict[str, str] | None = None,
-    own_slots: dict[int, Slot] | None = None,
+    own_slots: dict[int, Slot | SlotRow] | None = None,
     placements: PlacementCache | None = None,
 ) -> Diagnosis:
     """Why `task` waits, or what it does. The caches, `heads` (rule 2's, `serial_heads`),
@@ -197,7 +196,7 @@ def task_diagnose(
             f"{stamp(task.apply_started_at or task.started_at)}.",
         )
 
-    own_slot: Slot | None = None
+    own_slot: Slot | SlotRow | None = None
     if task.status == TaskStatus.APPLY_PENDING:
         if own_slots is not None:
             own_slot = own_slots.get(task.pk)
