@@ -72,7 +72,7 @@ bench: install
 
 bench-smoke: install
 	$(BIN)/python bench/pool_page.py --smoke
-	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL) --agents 5 --seconds 3 --runs 1
+	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL) --smoke
 	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL) --smoke
 	$(BIN)/python bench/reconcile_pass.py --smoke
 

@@ -7,8 +7,13 @@ from __future__ import annotations
 import os
 import platform
 import re
+import socket
 import subprocess
+import sys
+import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
 PGBENCH_DB = "poolsadmin_pgbench"
 HOST = "127.0.0.1"
+BIN = Path(sys.executable).parent
 
 
 def url_for(admin_url: str, database: str) -> str:
@@ -128,3 +134,89 @@ def append_results(
     block = text[section_start:block_end].rstrip("\n") + "\n" + new_rows
     rest = text[block_end:].lstrip("\n")
     BENCHMARKS_MD.write_text(text[:section_start] + block + ("\n" + rest if rest else ""))
+
+
+# --- processes under test ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def manage(source: Path, env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"manage.py {args[0]} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def start_web(source: Path, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """One web process as the image runs it (the Dockerfile's CMD: daphne --proxy-headers),
+    once it answers."""
+    with log.open("wb") as out:
+        web = subprocess.Popen(
+            [
+                str(BIN / "daphne"),
+                "--proxy-headers",
+                "-b",
+                HOST,
+                "-p",
+                str(port),
+                "poolsadmin.asgi:application",
+            ],
+            cwd=source,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if web.poll() is not None:
+            raise SystemExit(f"daphne exited with {web.returncode}:\n{log.read_text()}")
+        # Any answer of the API is a server up: pages need collected static files with DEBUG
+        # off, and the API is never redirected to HTTPS.
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/api/v1/", timeout=5):
+                return web
+        except urllib.error.HTTPError:
+            return web
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    web.kill()
+    raise SystemExit(f"daphne did not answer within 60 s:\n{log.read_text()}")
+
+
+def start_worker(source: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`manage.py worker` (scheduler, reconciler, autoscaler, ...), as the worker Deployment
+    runs it."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "manage.py", "worker"],
+            cwd=source,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
