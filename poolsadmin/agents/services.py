@@ -302,6 +302,8 @@ def agent_authenticate(*, pool: AgentPool, agent_id: str, secret: str) -> Agent:
 class HeartbeatAnswer:
     assignments: list[dict[str, Any]] = field(default_factory=list)
     cancellations: list[dict[str, Any]] = field(default_factory=list)
+    # A heartbeat that waited for work (agents/nudge.py): the wait ended because work came.
+    woken: bool = False
 
 
 # The columns of a heartbeat's own tasks that its answer and cross-check read.
