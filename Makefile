@@ -58,21 +58,24 @@ worker: install
 	DEBUG=true $(BIN)/python manage.py worker
 
 # Figures, not assertions (docs/benchmarks.md): the pool page, its live partial and the JSON
-# pool detail at 100 and 1,000 pods x 4 slots; 200 agents heartbeating once a second against
-# one web process; the scheduler's dispatches/s against `pgbench -N` on the same server; one
-# reconcile + autoscale round over 1,000 pods. The PostgreSQL scripts create and drop
+# pool detail at 100 and 1,000 pods x 4 slots; 1,000 agents heartbeating every 5 s against
+# one web process; submission -> assignment at 50 tasks/s with long-polling agents; the
+# scheduler's dispatches/s against `pgbench -N` on the same server; one reconcile +
+# autoscale round over 1,000 pods. The PostgreSQL scripts create and drop
 # their own databases on the server of BENCH_ADMIN_URL. `bench-smoke` runs each at a tiny size
 # (CI runs it, so the scripts cannot rot) and records nothing.
 BENCH_ADMIN_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 bench: install
 	$(BIN)/python bench/pool_page.py
 	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL)
+	$(BIN)/python bench/submit_latency.py --admin-url $(BENCH_ADMIN_URL)
 	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL)
 	$(BIN)/python bench/reconcile_pass.py
 
 bench-smoke: install
 	$(BIN)/python bench/pool_page.py --smoke
 	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL) --smoke
+	$(BIN)/python bench/submit_latency.py --admin-url $(BENCH_ADMIN_URL) --smoke
 	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL) --smoke
 	$(BIN)/python bench/reconcile_pass.py --smoke
 

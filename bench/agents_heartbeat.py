@@ -41,10 +41,8 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -61,13 +59,15 @@ from bench.common import (  # noqa: E402
     HOST,
     PGBENCH_DB,
     append_results,
+    database_setup,
     drop,
     free_port,
     machine,
-    manage,
     pgbench,
     pgbench_init,
     process_cpu_seconds,
+    process_env,
+    read_response,
     recreate,
     server_facts,
     start_web,
@@ -156,26 +156,6 @@ def log_errors(log: Path) -> Counter[str]:
 # --- the agents --------------------------------------------------------------------------------
 
 
-async def read_status(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """The status of one HTTP/1.1 response, reading its body; and whether the connection
-    stays open."""
-    status_line = await reader.readline()
-    if not status_line:
-        raise ConnectionResetError("the server closed the connection")
-    status = int(status_line.split(b" ", 2)[1])
-    headers: dict[bytes, bytes] = {}
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip().lower()
-    if headers.get(b"transfer-encoding") == b"chunked":
-        while size := int((await reader.readline()).split(b";")[0], 16):
-            await reader.readexactly(size + 2)
-        await reader.readline()
-    else:
-        await reader.readexactly(int(headers.get(b"content-length", b"0")))
-    return status, headers.get(b"connection") != b"close"
-
-
 async def agent(
     request: bytes,
     port: int,
@@ -197,7 +177,7 @@ async def agent(
             if writer is None or reader is None:
                 reader, writer = await asyncio.open_connection(HOST, port)
             writer.write(request)
-            status, keep_open = await asyncio.wait_for(read_status(reader), REQUEST_TIMEOUT_S)
+            status, keep_open, _ = await asyncio.wait_for(read_response(reader), REQUEST_TIMEOUT_S)
             outcome = str(status)
         except (OSError, EOFError, ValueError, TimeoutError) as exc:
             outcome, keep_open = type(exc).__name__, False
@@ -353,29 +333,17 @@ def main() -> None:
     version, max_connections = server_facts(args.admin_url)
     pool_max = int(os.environ.get("DATABASE_POOL_MAX_SIZE") or DEFAULT_POOL_MAX)
     pool_env = {k: v for k, v in os.environ.items() if k.startswith("DATABASE_POOL_")}
-    var_dir = tempfile.mkdtemp(prefix="bench-agents-")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(args.source),
-        "DJANGO_SETTINGS_MODULE": "poolsadmin.settings",
-        "DEBUG": "false",
-        "SECRET_KEY": secrets.token_hex(32),
-        "ALLOWED_HOSTS": HOST,
-        "DATABASE_URL": url_for(args.admin_url, BENCH_DB),
-        "CHANNEL_LAYER_URL": "",
-        "LOG_LEVEL": "WARNING",
-        "POOLSADMIN_VAR_DIR": var_dir,
-    }
+    database_url = url_for(args.admin_url, BENCH_DB)
+    env = process_env(
+        source=args.source, database_url=database_url, prefix="bench-agents-", debug=False
+    )
+    var_dir = env["POOLSADMIN_VAR_DIR"]
     print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}; load {os.getloadavg()[0]:.2f}")
     print(f"PostgreSQL {version}, max_connections {max_connections}; {args.admin_url}")
     print(f"serving {args.source} {args.label}; pool env {pool_env or '(defaults)'}")
 
     recreate(args.admin_url, BENCH_DB)
-    manage(args.source, env, "migrate", "--noinput", "-v0")
-    printed = manage(
-        args.source, env, "shell", "--no-imports", "-c", SETUP.format(agents=args.agents)
-    )
-    setup = json.loads(printed.strip().splitlines()[-1])
+    setup = database_setup(args.source, env, SETUP.format(agents=args.agents))
     pgbench_init(args.admin_url)
     print(
         f"{args.agents} agents x 1 heartbeat every {args.interval:g} s x {args.seconds:.0f} s"

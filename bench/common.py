@@ -4,12 +4,16 @@ docs/benchmarks.md. A benchmark prints figures; it asserts nothing about time.""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import platform
 import re
+import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -17,6 +21,7 @@ import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -139,6 +144,25 @@ def append_results(
 # --- processes under test ---------------------------------------------------------------------
 
 
+def process_env(*, source: Path, database_url: str, prefix: str, debug: bool) -> dict[str, str]:
+    """The environment of the processes under test: settings from `source`, a fresh
+    SECRET_KEY, the in-memory channel layer, warnings only, and a new var directory (its
+    POOLSADMIN_VAR_DIR, where the benches put the processes' logs)."""
+    var_dir = tempfile.mkdtemp(prefix=prefix)
+    return {
+        **os.environ,
+        "PYTHONPATH": str(source),
+        "DJANGO_SETTINGS_MODULE": "poolsadmin.settings",
+        "DEBUG": "true" if debug else "false",
+        "SECRET_KEY": secrets.token_hex(32),
+        "ALLOWED_HOSTS": HOST,
+        "DATABASE_URL": database_url,
+        "CHANNEL_LAYER_URL": "",
+        "LOG_LEVEL": "WARNING",
+        "POOLSADMIN_VAR_DIR": var_dir,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
@@ -162,6 +186,16 @@ def manage(source: Path, env: dict[str, str], *args: str) -> str:
     if done.returncode != 0:
         raise SystemExit(f"manage.py {args[0]} failed:\n{done.stdout}\n{done.stderr}")
     return done.stdout
+
+
+def database_setup(source: Path, env: dict[str, str], code: str) -> dict[str, Any]:
+    """Migrate the database of `env` with the code of `source`, then run `code` there
+    (`manage.py shell -c`, that checkout's own services) and return the JSON object its last
+    line prints."""
+    manage(source, env, "migrate", "--noinput", "-v0")
+    printed = manage(source, env, "shell", "--no-imports", "-c", code)
+    found: dict[str, Any] = json.loads(printed.strip().splitlines()[-1])
+    return found
 
 
 def start_web(source: Path, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -220,3 +254,23 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """One HTTP/1.1 response: its status, whether the connection stays open, its body."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("the server closed the connection")
+    status = int(status_line.split(b" ", 2)[1])
+    headers: dict[bytes, bytes] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip().lower()
+    body = b""
+    if headers.get(b"transfer-encoding") == b"chunked":
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readline()
+    else:
+        body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return status, headers.get(b"connection") != b"close", body
