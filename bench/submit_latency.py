@@ -5,11 +5,11 @@ steady rate, with agents long-polling (issue 9, item 5: p95 < 300 ms at 50 tasks
         [--runs 3] [--wait 20] [--admin-url postgres://postgres@127.0.0.1:5432/postgres]
         [--source DIR] [--label TEXT] [--smoke] [--no-record]
 
-Sets up its own database on the server of --admin-url (`poolsadmin_bench_submit`: dropped,
-created, migrated) with a static pool of --agents registered agents (4 slots each), 10
-workspaces and an admin API token, then, --runs times:
+Sets up a template database on the server of --admin-url (migrated, a static pool of --agents
+registered agents with 4 slots each, 10 workspaces, an admin API token), then, --runs times:
 
-1. starts one web process as the image does (`daphne --proxy-headers`) and one
+1. makes `poolsadmin_bench_submit` a fresh copy of it (no work left over from an earlier
+   run), starts one web process as the image does (`daphne --proxy-headers`) and one
    `manage.py worker` (the scheduler wakes on the submission's notice, lib/wake.py);
 2. runs one raw-HTTP client per agent (asyncio streams, keep-alive), each heartbeating with
    `"wait": --wait` (agents/nudge.py); an assignment is accepted and reported `success` at
@@ -61,6 +61,7 @@ from bench.common import (  # noqa: E402
 )
 
 BENCH_DB = "poolsadmin_bench_submit"
+TEMPLATE_DB = "poolsadmin_bench_submit_template"  # each run starts from a copy of it
 P95_GOAL_MS = 300
 SUBMITTERS = 16  # connections the submissions share (a submission never waits for another)
 REQUEST_TIMEOUT_S = 60.0
@@ -237,6 +238,7 @@ async def load(args: argparse.Namespace, port: int, setup: dict[str, Any], run: 
 
 def one_run(args: argparse.Namespace, env: dict[str, str], setup: dict[str, Any], n: int) -> Run:
     run = Run()
+    recreate(args.admin_url, BENCH_DB, template=TEMPLATE_DB)
     port = free_port()
     var_dir = Path(env["POOLSADMIN_VAR_DIR"])
     worker = start_worker(args.source, env, var_dir / f"worker-{n}.log")
@@ -269,16 +271,19 @@ def main() -> None:
     args.source = args.source.resolve()
 
     version, _ = server_facts(args.admin_url)
-    database_url = url_for(args.admin_url, BENCH_DB)
     env = process_env(
-        source=args.source, database_url=database_url, prefix="bench-submit-", debug=True
+        source=args.source,
+        database_url=url_for(args.admin_url, BENCH_DB),
+        prefix="bench-submit-",
+        debug=True,
     )
     var_dir = env["POOLSADMIN_VAR_DIR"]
     print(f"{now_stamp()}; {machine()}; load {os.getloadavg()[0]:.2f}")
     print(f"PostgreSQL {version}; {args.admin_url}; serving {args.source} {args.label}")
-    recreate(args.admin_url, BENCH_DB)
+    recreate(args.admin_url, TEMPLATE_DB)
     try:
-        setup = database_setup(args.source, env, SETUP.format(agents=args.agents))
+        template_env = {**env, "DATABASE_URL": url_for(args.admin_url, TEMPLATE_DB)}
+        setup = database_setup(args.source, template_env, SETUP.format(agents=args.agents))
         print(
             f"{args.rate:g} plans/s for {args.seconds:g} s, {args.agents} agents long-polling "
             f"{args.wait:g} s, worker running, {args.runs} runs\n"
@@ -300,7 +305,8 @@ def main() -> None:
                 flush=True,
             )
     finally:
-        drop(args.admin_url, BENCH_DB)
+        for database in (BENCH_DB, TEMPLATE_DB):
+            drop(args.admin_url, database)
     print(f"logs: {var_dir}")
     rows: list[tuple[str, str, str, bool | None]] = []
     shape = f"{args.rate:g} plans/s through the API, {args.agents} agents long-polling"
