@@ -6,7 +6,8 @@ wait ends, and then the heartbeat is answered as usual. Work still travels only 
 answers, so any web replica serves any agent and an agent that asks no wait gets today's
 answer at once.
 
-* The scheduler's dispatch calls `agents_nudge` inside its transaction: on commit, a
+* The scheduler's dispatch calls `agents_nudge` inside its transaction (and so does a
+  cancel of a task an agent runs: the cancellation is in the answer too): on commit, a
   `pg_notify` on AGENTS_CHANNEL carries the agent ids (lib/wake.py `notify`), and this
   process's waiters are woken directly.
 * Each web process has one LISTEN connection (`Fanout`) that wakes the threads waiting for
@@ -19,14 +20,13 @@ answer at once.
 
 from __future__ import annotations
 
-import functools
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from django.db import connection
 
-from poolsadmin.agents.models import Agent
-from poolsadmin.agents.services import HeartbeatAnswer, agent_heartbeat
 from poolsadmin.lib.wake import Fanout, notify
 from poolsadmin.tasks.models import TaskStatus, WorkspaceTask
 
@@ -38,9 +38,9 @@ SAFETY_POLL_SECONDS = 5.0
 _fanout = Fanout(AGENTS_CHANNEL)
 
 
-def agents_nudge(*, agent_ids: Iterable[str]) -> None:
-    """Wake the heartbeats of `agent_ids` that wait for work, when the current transaction
-    (the dispatch that gave them the work) commits."""
+def agents_nudge(*, agent_ids: Iterable[str | None]) -> None:
+    """Wake the heartbeats of `agent_ids` that wait, when the current transaction (the
+    dispatch that gave them work, the cancel of their task) commits."""
     notify(AGENTS_CHANNEL, [a for a in agent_ids if a], fanout=_fanout)
 
 
@@ -65,34 +65,22 @@ def _release_connection() -> None:
         connection.close()
 
 
-def agent_heartbeat_wait(
-    *,
-    agent: Agent,
-    running_task_ids: list[int],
-    cpu: float | None = None,
-    memory: float | None = None,
-    wait: float = 0.0,
-) -> HeartbeatAnswer:
-    """`agent_heartbeat`; if its answer has no assignment and no cancellation and `wait` > 0,
-    wait until work is dispatched to the agent or `wait` seconds pass, and if work came, the
-    heartbeat again (its answer has the work, `woken` set). Without work, the first answer."""
-    beat = functools.partial(
-        agent_heartbeat, agent=agent, running_task_ids=running_task_ids, cpu=cpu, memory=memory
-    )
-    with _fanout.waiter(agent.agent_id) as woken:
-        # Registered before the heartbeat reads the ledger: a dispatch that commits after the
-        # read wakes it; one that committed before is in the answer.
-        first = beat()
-        if wait <= 0 or first.assignments or first.cancellations:
-            return first
-        _release_connection()
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            step = SAFETY_POLL_SECONDS if _fanout.listening.is_set() else POLL_SECONDS
-            if woken.wait(min(left, step)) or _has_assignment(agent.agent_id):
-                break
-        else:
-            return first
-    answer = beat()
-    answer.woken = True
-    return answer
+@contextmanager
+def nudge_waiter(*, agent_id: str) -> Iterator[threading.Event]:
+    """An Event that the next nudge of `agent_id` sets, from now on: enter it before reading
+    the ledger, so that no dispatch between the read and the wait is missed."""
+    with _fanout.waiter(agent_id) as woken:
+        yield woken
+
+
+def nudge_wait(*, woken: threading.Event, agent_id: str, seconds: float) -> bool:
+    """Wait up to `seconds` for a nudge of `agent_id` (or, where nothing listens, for work
+    the agent has not acknowledged yet, looked up in the ledger). True if it came. Holds no
+    database connection while it waits."""
+    _release_connection()
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        step = SAFETY_POLL_SECONDS if _fanout.listening.is_set() else POLL_SECONDS
+        if woken.wait(min(left, step)) or _has_assignment(agent_id):
+            return True
+    return False

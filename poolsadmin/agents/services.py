@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from django.db import IntegrityError, transaction
 
 from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
+from poolsadmin.agents.nudge import nudge_wait, nudge_waiter
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -434,6 +436,34 @@ def agent_heartbeat(
                         "reuse_workdir": task.reuse_workdir,
                     }
                 )
+    return answer
+
+
+def agent_heartbeat_wait(
+    *,
+    agent: Agent,
+    running_task_ids: list[int],
+    cpu: float | None = None,
+    memory: float | None = None,
+    wait: float = 0.0,
+) -> HeartbeatAnswer:
+    """`agent_heartbeat`; if its answer has no assignment and no cancellation and `wait` > 0,
+    wait until the agent is nudged (work dispatched to it, a task of it cancelled) or `wait`
+    seconds pass, and if it was, the heartbeat again: its answer has the news, `woken` set.
+    Otherwise the first answer (agents/nudge.py)."""
+    beat = functools.partial(
+        agent_heartbeat, agent=agent, running_task_ids=running_task_ids, cpu=cpu, memory=memory
+    )
+    with nudge_waiter(agent_id=agent.agent_id) as woken:
+        # Entered before the heartbeat reads the ledger: a dispatch that commits after the
+        # read wakes it; one that committed before is in the answer.
+        first = beat()
+        if wait <= 0 or first.assignments or first.cancellations:
+            return first
+        if not nudge_wait(woken=woken, agent_id=agent.agent_id, seconds=wait):
+            return first
+    answer = beat()
+    answer.woken = True
     return answer
 
 

@@ -27,8 +27,8 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from poolsadmin.agents.liveness import HEARING_HEADER, hearing_proof, hearing_touch
-from poolsadmin.agents.nudge import MAX_WAIT_SECONDS, agent_heartbeat_wait
-from poolsadmin.agents.services import agent_register
+from poolsadmin.agents.nudge import MAX_WAIT_SECONDS
+from poolsadmin.agents.services import agent_heartbeat_wait, agent_register
 from poolsadmin.api.agent_auth import (
     AGENT_SECRET_HEADER,
     pool_task,

@@ -20,7 +20,8 @@ from poolsadmin.agents.services import Registration
 from poolsadmin.pools.services import pool_token_create
 from poolsadmin.scheduler.services import task_dispatch
 from poolsadmin.tasks.models import WorkspaceTask
-from tests.ledger import ADMIN, make_agent_with_secret, make_pool, make_workspace, submit
+from poolsadmin.tasks.services import task_cancel
+from tests.ledger import ADMIN, make_agent_with_secret, make_pool, make_workspace, run, submit
 
 # Longer than any wait these tests need: only work for the agent ends the wait in time.
 LONG_WAIT = 20
@@ -108,6 +109,24 @@ def test_a_waiting_heartbeat_answers_with_the_work_dispatched_during_its_wait(
     body = _answered(thread, answers)
     assert [a["task_id"] for a in body["assignments"]] == [task.pk]
     assert body["woken"] is True  # the wait ended because the work came, not because it ran out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_waiting_heartbeat_answers_with_the_cancel_of_a_task_its_agent_runs(
+    setup: tuple[str, Registration, WorkspaceTask],
+) -> None:
+    token, registration, task = setup
+    task = run(task)
+    body = {"running_task_ids": [task.pk], "wait": LONG_WAIT, "cpu": 0.25}
+    thread, answers = _in_thread(lambda: _heartbeat(token, registration, body))
+    _until(_waiting_for_work(registration.agent, 0.25))
+
+    task_cancel(task_id=task.pk, actor=ADMIN, reason="not needed")
+
+    answer = _answered(thread, answers)
+    # Only the nudge can end this wait early: looking at the ledger finds new work, not cancels.
+    assert [c["task_id"] for c in answer["cancellations"]] == [task.pk]
+    assert answer["woken"] is True
 
 
 @pytest.mark.postgres_only
