@@ -454,11 +454,14 @@ def agent_heartbeat_wait(
     beat = functools.partial(
         agent_heartbeat, agent=agent, running_task_ids=running_task_ids, cpu=cpu, memory=memory
     )
+    if wait <= 0:
+        # No waiter, and so no LISTEN connection in a process whose agents never wait.
+        return beat()
     with nudge_waiter(agent_id=agent.agent_id) as woken:
         # Entered before the heartbeat reads the ledger: a dispatch that commits after the
         # read wakes it; one that committed before is in the answer.
         first = beat()
-        if wait <= 0 or first.assignments or first.cancellations:
+        if first.assignments or first.cancellations:
             return first
         if not nudge_wait(woken=woken, agent_id=agent.agent_id, seconds=wait):
             return first
