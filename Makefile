@@ -58,11 +58,12 @@ worker: install
 	DEBUG=true $(BIN)/python manage.py worker
 
 # Figures, not assertions (docs/benchmarks.md): the pool page, its live partial and the JSON
-# pool detail at 100 and 1,000 pods x 4 slots; 200 agents heartbeating once a second against
-# one web process; the scheduler's dispatches/s against `pgbench -N` on the same server; one
-# reconcile + autoscale round over 1,000 pods; one slot change pushed to 200 open pool pages
-# on one web process with Redis (BENCH_REDIS_URL, a database of its own: flushed). The
-# PostgreSQL scripts create and drop their own databases on the server of BENCH_ADMIN_URL.
+# pool detail at 100 and 1,000 pods x 4 slots; 1,000 agents heartbeating every 5 s against
+# one web process; submission -> assignment at 50 tasks/s with long-polling agents; the
+# scheduler's dispatches/s against `pgbench -N` on the same server; one reconcile +
+# autoscale round over 1,000 pods; one slot change pushed to 200 open pool pages on one web
+# process with Redis (BENCH_REDIS_URL, a database of its own: flushed). The PostgreSQL
+# scripts create and drop their own databases on the server of BENCH_ADMIN_URL.
 # `bench-smoke` runs each at a tiny size (CI runs it, so the scripts cannot rot) and records
 # nothing.
 BENCH_ADMIN_URL ?= postgres://postgres@127.0.0.1:5432/postgres
@@ -70,13 +71,15 @@ BENCH_REDIS_URL ?= redis://127.0.0.1:6379/11
 bench: install
 	$(BIN)/python bench/pool_page.py
 	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL)
+	$(BIN)/python bench/submit_latency.py --admin-url $(BENCH_ADMIN_URL)
 	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL)
 	$(BIN)/python bench/reconcile_pass.py
 	$(BIN)/python bench/fanout.py --admin-url $(BENCH_ADMIN_URL) --redis-url $(BENCH_REDIS_URL)
 
 bench-smoke: install
 	$(BIN)/python bench/pool_page.py --smoke
-	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL) --agents 5 --seconds 3 --runs 1
+	$(BIN)/python bench/agents_heartbeat.py --admin-url $(BENCH_ADMIN_URL) --smoke
+	$(BIN)/python bench/submit_latency.py --admin-url $(BENCH_ADMIN_URL) --smoke
 	$(BIN)/python bench/scheduler.py --admin-url $(BENCH_ADMIN_URL) --smoke
 	$(BIN)/python bench/reconcile_pass.py --smoke
 	$(BIN)/python bench/fanout.py --admin-url $(BENCH_ADMIN_URL) --redis-url $(BENCH_REDIS_URL) --smoke

@@ -5,14 +5,24 @@ docs/benchmarks.md. A benchmark prints figures; it asserts nothing about time.""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import platform
 import re
+import secrets
+import socket
 import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -20,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
 PGBENCH_DB = "poolsadmin_pgbench"
 HOST = "127.0.0.1"
+BIN = Path(sys.executable).parent
 
 
 def standard_arguments(parser: argparse.ArgumentParser, *, source: str) -> None:
@@ -140,3 +151,138 @@ def append_results(
     block = text[section_start:block_end].rstrip("\n") + "\n" + new_rows
     rest = text[block_end:].lstrip("\n")
     BENCHMARKS_MD.write_text(text[:section_start] + block + ("\n" + rest if rest else ""))
+
+
+# --- processes under test ---------------------------------------------------------------------
+
+
+def process_env(*, source: Path, database_url: str, prefix: str, debug: bool) -> dict[str, str]:
+    """The environment of the processes under test: settings from `source`, a fresh
+    SECRET_KEY, the in-memory channel layer, warnings only, and a new var directory (its
+    POOLSADMIN_VAR_DIR, where the benches put the processes' logs)."""
+    var_dir = tempfile.mkdtemp(prefix=prefix)
+    return {
+        **os.environ,
+        "PYTHONPATH": str(source),
+        "DJANGO_SETTINGS_MODULE": "poolsadmin.settings",
+        "DEBUG": "true" if debug else "false",
+        "SECRET_KEY": secrets.token_hex(32),
+        "ALLOWED_HOSTS": HOST,
+        "DATABASE_URL": database_url,
+        "CHANNEL_LAYER_URL": "",
+        "LOG_LEVEL": "WARNING",
+        "POOLSADMIN_VAR_DIR": var_dir,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def manage(source: Path, env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"manage.py {args[0]} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def database_setup(source: Path, env: dict[str, str], code: str) -> dict[str, Any]:
+    """Migrate the database of `env` with the code of `source`, then run `code` there
+    (`manage.py shell -c`, that checkout's own services) and return the JSON object its last
+    line prints."""
+    manage(source, env, "migrate", "--noinput", "-v0")
+    printed = manage(source, env, "shell", "--no-imports", "-c", code)
+    found: dict[str, Any] = json.loads(printed.strip().splitlines()[-1])
+    return found
+
+
+def start_web(source: Path, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """One web process as the image runs it (the Dockerfile's CMD: daphne --proxy-headers),
+    once it answers."""
+    with log.open("wb") as out:
+        web = subprocess.Popen(
+            [
+                str(BIN / "daphne"),
+                "--proxy-headers",
+                "-b",
+                HOST,
+                "-p",
+                str(port),
+                "poolsadmin.asgi:application",
+            ],
+            cwd=source,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if web.poll() is not None:
+            raise SystemExit(f"daphne exited with {web.returncode}:\n{log.read_text()}")
+        # Any answer of the API is a server up: pages need collected static files with DEBUG
+        # off, and the API is never redirected to HTTPS.
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/api/v1/", timeout=5):
+                return web
+        except urllib.error.HTTPError:
+            return web
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    web.kill()
+    raise SystemExit(f"daphne did not answer within 60 s:\n{log.read_text()}")
+
+
+def start_worker(source: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`manage.py worker` (scheduler, reconciler, autoscaler, ...), as the worker Deployment
+    runs it."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "manage.py", "worker"],
+            cwd=source,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
+    """One HTTP/1.1 response: its status, whether the connection stays open, its body."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("the server closed the connection")
+    status = int(status_line.split(b" ", 2)[1])
+    headers: dict[bytes, bytes] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip().lower()
+    body = b""
+    if headers.get(b"transfer-encoding") == b"chunked":
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += (await reader.readexactly(size + 2))[:-2]
+        await reader.readline()
+    else:
+        body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return status, headers.get(b"connection") != b"close", body

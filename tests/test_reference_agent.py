@@ -22,6 +22,7 @@ from django.core.management.base import CommandError
 from pytest_django.live_server_helper import LiveServer
 
 from poolsadmin.agents.models import Agent
+from poolsadmin.agents.nudge import agents_waiting
 from poolsadmin.agents.reference import (
     AgentApiError,
     AgentTransportError,
@@ -32,7 +33,7 @@ from poolsadmin.agents.services import agent_retire
 from poolsadmin.events.models import Event
 from poolsadmin.pools.models import AgentPool, Slot, SlotState
 from poolsadmin.pools.services import pool_token_create
-from poolsadmin.scheduler.services import scheduler_pass
+from poolsadmin.scheduler.services import scheduler_pass, task_dispatch
 from poolsadmin.tasks.models import Stage, TaskStatus, Workspace, WorkspaceTask
 from poolsadmin.tasks.services import task_cancel, task_confirm_apply
 from tests.ledger import (
@@ -87,6 +88,7 @@ def new_agent(live_server: LiveServer, pool: AgentPool) -> Iterator[AgentFactory
         failure_ratio: float = 0.0,
         command: str | None = None,
         state_file: Path | None = None,
+        long_poll: float = 0.0,
     ) -> ReferenceAgent:
         agent = ReferenceAgent(
             url=live_server.url,
@@ -100,6 +102,7 @@ def new_agent(live_server: LiveServer, pool: AgentPool) -> Iterator[AgentFactory
                 failure_ratio=failure_ratio,
             ),
             state_file=state_file,
+            long_poll=long_poll,
         )
         agents.append(agent)
         return agent
@@ -129,6 +132,32 @@ def test_the_agent_registers_once_and_heartbeats_into_its_pool(
     assert agent.agent_id == row.agent_id
     assert (row.pool_id, row.version, row.reported_task_ids) == (pool.pool_id, "reference-1", [])
     assert Slot.objects.filter(pod__agent=row).count() == pool.slots_per_pod
+
+
+def test_a_long_polling_agent_gets_the_work_dispatched_during_its_heartbeat(
+    new_agent: AgentFactory, workspace: Workspace
+) -> None:
+    agent = new_agent(long_poll=20, duration=60)
+    agent.register()
+    assert agent.agent_id is not None
+    task = submit(workspace, "plan")
+    stepping = threading.Thread(target=agent.step, daemon=True)
+    stepping.start()
+    wait_for(lambda: agents_waiting(agent_id=str(agent.agent_id)) == 1, "the heartbeat to wait")
+    # The heartbeat committed (its usage figures are recorded; registering records none), so
+    # it read the ledger before the dispatch below: the work can reach the agent in this step
+    # only through the wait.
+    wait_for(
+        lambda: Agent.objects.filter(pk=agent.agent_id, memory__isnull=False).exists(),
+        "the heartbeat to have read the ledger",
+    )
+
+    assert task_dispatch(task_id=task.pk).dispatched
+
+    stepping.join(DEADLINE_SECONDS)
+    # One step: the heartbeat that was waiting answered with the work, and the agent took it.
+    assert agent.running_task_ids == [task.pk]
+    assert refresh(task).acked_at is not None
 
 
 def test_a_simulated_plan_ends_in_success_and_frees_the_slot(

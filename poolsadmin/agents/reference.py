@@ -7,6 +7,10 @@ lines carry `agent_id`, `pool_id` and, about a task, `task_id` and `pod`; no lin
 pool token or the agent secret, and a task's command does not get the token in its
 environment. Work travels in heartbeat answers:
 
+* with `long_poll` seconds, every heartbeat asks the server to wait that long for work
+  (`"wait"`, agents/nudge.py): an assignment arrives as it is dispatched, and the next
+  heartbeat goes out right after the answer instead of `heartbeat_interval` later (a server
+  that does not know `wait` answers at once, and the agent keeps its interval);
 * an assignment is accepted, then run in its own thread;
 * every heartbeat lists the tasks still held (running, or finished with the outcome not yet
   delivered), so the server's cross-check does not take them for lost;
@@ -61,6 +65,8 @@ MAX_BACKOFF_SECONDS = 30.0
 # Variables holding this agent's credentials (`manage.py agent` reads the pool token from the
 # first), kept out of a task command's environment.
 CREDENTIAL_ENV = frozenset({"POOLSADMIN_AGENT_TOKEN", "POOLSADMIN_AGENT_STATE_FILE"})
+# Pause between two long-poll heartbeats: the server's wait is the pace.
+LONG_POLL_PAUSE_SECONDS = 0.05
 # Exit code of `terraform plan -detailed-exitcode` when the plan has changes.
 EXIT_CHANGES = 2
 
@@ -120,8 +126,13 @@ class ReferenceAgent:
         max_backoff: float = MAX_BACKOFF_SECONDS,
         pod_uid: str = "",
         state_file: Path | None = None,
+        long_poll: float = 0.0,
     ) -> None:
         self.url = url.rstrip("/")
+        # Seconds each heartbeat asks the server to wait for work (0: answer at once). A stop
+        # waits for the heartbeat in flight, so at most this long.
+        self.long_poll = long_poll
+        self._server_waits = False  # the last answer said whether its wait was cut short
         # Longest wait between two attempts while the server cannot be used. Keep it well
         # under the pool's heartbeat timeout: after an outage of poolsadmin, an agent has its
         # timeout to be heard again.
@@ -212,10 +223,14 @@ class ReferenceAgent:
             try:
                 # The agent id is in the path: after registering again (an admin retired
                 # this identity) the heartbeat goes out under the new one.
+                body: dict[str, Any] = {"running_task_ids": self.running_task_ids, **_usage()}
+                if self.long_poll > 0:
+                    body["wait"] = self.long_poll
                 answer = self._call_as_agent(
                     "POST",
                     lambda agent_id: f"/api/v1/agents/{agent_id}/heartbeat",
-                    {"running_task_ids": self.running_task_ids, **_usage()},
+                    body,
+                    timeout=self.timeout + self.long_poll,
                 )
             except AgentApiError as error:
                 if error.status in (403, 404):
@@ -226,6 +241,7 @@ class ReferenceAgent:
                     )
                     self.agent_id = None
                 raise
+            self._server_waits = "woken" in answer
             agent_id = self.agent_id
             assert agent_id is not None
             for cancellation in answer.get("cancellations", []):
@@ -261,9 +277,16 @@ class ReferenceAgent:
                 if failures:
                     logger.info("agent %s: server reachable again", self.name, extra=self._ids())
                 failures = 0
-                stop.wait(self.heartbeat_interval)
+                stop.wait(self._pause())
         finally:
             self.abandon_all()
+
+    def _pause(self) -> float:
+        """Seconds until the next heartbeat: at once after a long poll the server held (its
+        wait paces the agent), else the interval."""
+        if self.long_poll > 0 and self._server_waits:
+            return min(self.heartbeat_interval, LONG_POLL_PAUSE_SECONDS)
+        return self.heartbeat_interval
 
     def wait_idle(self, stop: threading.Event, timeout: float | None = None) -> bool:
         """Accept nothing new; wait until every started task has finished and its outcome has
@@ -299,6 +322,8 @@ class ReferenceAgent:
         method: str,
         path: str | Callable[[str], str],
         body: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """A call that acts as this agent (`path` may be built from its agent id). If the
         server refuses the agent's identity (an admin retired it), register again once and
@@ -309,7 +334,7 @@ class ReferenceAgent:
             return path if isinstance(path, str) else path(who[0] if who else "")
 
         try:
-            return self._call(method, at(identity), body, identity=identity)
+            return self._call(method, at(identity), body, identity=identity, timeout=timeout)
         except AgentApiError as error:
             if not _identity_refused(error):
                 raise
@@ -320,7 +345,7 @@ class ReferenceAgent:
             if self._identity() == identity:
                 self.register()
             identity = self._identity()
-        return self._call(method, at(identity), body, identity=identity)
+        return self._call(method, at(identity), body, identity=identity, timeout=timeout)
 
     def _call(
         self,
@@ -330,6 +355,7 @@ class ReferenceAgent:
         *,
         identity: tuple[str, str] | None = None,
         proof: str | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
         headers = {
@@ -344,7 +370,7 @@ class ReferenceAgent:
             headers["X-Agent-Secret"] = proof
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as error:
             payload = _json_object(error.read()) or {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import re
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from django.db import IntegrityError, transaction
 
 from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
+from poolsadmin.agents.nudge import nudge_wait, nudge_waiter
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -277,9 +279,10 @@ def agent_authenticate(*, pool: AgentPool, agent_id: str, secret: str) -> Agent:
     The pool token proves only that the caller is some agent of the pool; the secret proves
     which one, so no agent can heartbeat, accept or report as another. Unknown agent:
     NotFound; agent of another pool, missing or wrong secret: Forbidden. Writes nothing."""
-    agent = Agent.objects.filter(pk=agent_id).first()
-    if agent is None:
-        raise NotFound(f"agent {agent_id} does not exist", field="agent_id")
+    try:
+        agent = Agent.objects.get(pk=agent_id)
+    except Agent.DoesNotExist:
+        raise NotFound(f"agent {agent_id} does not exist", field="agent_id") from None
     if agent.pool_id != pool.pool_id:
         raise Forbidden(f"agent {agent_id} does not belong to the token's pool", field="agent_id")
     if agent.retired_at is not None:
@@ -301,6 +304,51 @@ def agent_authenticate(*, pool: AgentPool, agent_id: str, secret: str) -> Agent:
 class HeartbeatAnswer:
     assignments: list[dict[str, Any]] = field(default_factory=list)
     cancellations: list[dict[str, Any]] = field(default_factory=list)
+    # A heartbeat that waited for work (agents/nudge.py): the wait ended because work came.
+    woken: bool = False
+
+
+# The columns of a heartbeat's own tasks that its answer and cross-check read.
+HEARTBEAT_TASK_FIELDS = (
+    "id",
+    "workspace_id",
+    "task_type",
+    "status",
+    "acked_at",
+    "apply_started_at",
+    "pod_name",
+    "slot_index",
+    "reuse_workdir",
+    "unreported_since",
+)
+
+
+def _agent_heard(
+    *, agent: Agent, now: datetime, reported: list[int], cpu: float | None, memory: float | None
+) -> str:
+    """Record the heartbeat on the agent's row, which stays locked until the transaction
+    ends; return the status the agent had. Forbidden if it was retired meanwhile: a heartbeat
+    on its way while the agent was retired must not bring the retired identity back online.
+
+    The steady state is one conditional update: from the status the agent had when the
+    request authenticated it (online, in nearly every heartbeat). If that status changed
+    since (the reconciler marked it offline, an admin drained or retired it), the row is
+    locked and read first, as the general case."""
+    heard = {"last_ping_at": now, "reported_task_ids": reported, "cpu": cpu, "memory": memory}
+    live = Agent.objects.filter(pk=agent.pk, retired_at__isnull=True)
+    if live.filter(status=agent.status).update(status=_status_heard(agent.status), **heard):
+        return agent.status
+    was = live.select_for_update().values_list("status", flat=True).first()
+    if was is None:
+        raise Forbidden(f"agent {agent.agent_id} was retired", field="agent_secret")
+    live.update(status=_status_heard(was), **heard)
+    return was
+
+
+def _status_heard(was: str) -> str:
+    # A draining agent stays draining (it finishes its work and takes no new); anyone else
+    # who is heard is online.
+    return AgentStatus.DRAINING if was == AgentStatus.DRAINING else AgentStatus.ONLINE
 
 
 def agent_heartbeat(
@@ -325,24 +373,7 @@ def agent_heartbeat(
     reported = sorted(set(running_task_ids))
     answer = HeartbeatAnswer()
     with transaction.atomic():
-        # Locked, and live: a heartbeat that was on its way while the agent was retired must
-        # not bring the retired identity back online.
-        was = (
-            Agent.objects.select_for_update()
-            .filter(pk=agent.pk, retired_at__isnull=True)
-            .values_list("status", flat=True)
-            .first()
-        )
-        if was is None:
-            raise Forbidden(f"agent {agent.agent_id} was retired", field="agent_secret")
-        status = AgentStatus.DRAINING if was == AgentStatus.DRAINING else AgentStatus.ONLINE
-        Agent.objects.filter(pk=agent.pk).update(
-            last_ping_at=now,
-            status=status,
-            reported_task_ids=reported,
-            cpu=cpu,
-            memory=memory,
-        )
+        was = _agent_heard(agent=agent, now=now, reported=reported, cpu=cpu, memory=memory)
         if was == AgentStatus.OFFLINE:
             event_record(
                 actor=f"agent:{agent.agent_id}",
@@ -356,18 +387,29 @@ def agent_heartbeat(
             broadcast_pool_changed(
                 pool_id=agent.pool_id, kind="agent", payload={"agent": agent.agent_name}
             )
+        # Only what the answer and the cross-check read, and no join: this runs 200 times a
+        # second at fleet size (issue 9).
         mine = {
             t.pk: t
             for t in WorkspaceTask.objects.filter(
                 agent_id=agent.agent_id,
                 status__in=[TaskStatus.RUNNING, TaskStatus.APPLY_PENDING],
-            ).select_related("workspace")
+            )
+            .order_by()
+            .only(*HEARTBEAT_TASK_FIELDS)
         }
         running_acked = [
             t for t in mine.values() if t.status == TaskStatus.RUNNING and t.acked_at is not None
         ]
-        missing = [t.pk for t in running_acked if t.pk not in reported]
-        present = [t.pk for t in running_acked if t.pk in reported]
+        # Only the tasks whose mark changes: a steady heartbeat (every task it runs reported,
+        # as before) writes nothing but the agent row. The agent's row lock, taken above,
+        # orders this agent's heartbeats, the only writers of the mark besides a dispatch.
+        missing = [
+            t.pk for t in running_acked if t.pk not in reported and t.unreported_since is None
+        ]
+        present = [
+            t.pk for t in running_acked if t.pk in reported and t.unreported_since is not None
+        ]
         if missing:
             WorkspaceTask.objects.filter(
                 pk__in=missing, status=TaskStatus.RUNNING, unreported_since__isnull=True
@@ -394,6 +436,37 @@ def agent_heartbeat(
                         "reuse_workdir": task.reuse_workdir,
                     }
                 )
+    return answer
+
+
+def agent_heartbeat_wait(
+    *,
+    agent: Agent,
+    running_task_ids: list[int],
+    cpu: float | None = None,
+    memory: float | None = None,
+    wait: float = 0.0,
+) -> HeartbeatAnswer:
+    """`agent_heartbeat`; if its answer has no assignment and no cancellation and `wait` > 0,
+    wait until the agent is nudged (work dispatched to it, a task of it cancelled) or `wait`
+    seconds pass, and if it was, the heartbeat again: its answer has the news, `woken` set.
+    Otherwise the first answer (agents/nudge.py)."""
+    beat = functools.partial(
+        agent_heartbeat, agent=agent, running_task_ids=running_task_ids, cpu=cpu, memory=memory
+    )
+    if wait <= 0:
+        # No waiter, and so no LISTEN connection in a process whose agents never wait.
+        return beat()
+    with nudge_waiter(agent_id=agent.agent_id) as woken:
+        # Entered before the heartbeat reads the ledger: a dispatch that commits after the
+        # read wakes it; one that committed before is in the answer.
+        first = beat()
+        if first.assignments or first.cancellations:
+            return first
+        if not nudge_wait(woken=woken, agent_id=agent.agent_id, seconds=wait):
+            return first
+    answer = beat()
+    answer.woken = True
     return answer
 
 

@@ -5,9 +5,11 @@ agent's own secret (see agent_auth).
   secret is shown this once. Registering again under a taken name needs that agent's
   `X-Agent-Secret` (it is then rotated), or in a k8s pool a new pod of that name (`pod_uid`);
   otherwise 409, field `name`.
-* `POST <agent_id>/heartbeat`, `POST tasks/<id>/accept` and `PUT tasks/<id>/status` (body
-  `agent_id`), `GET tasks/<id>` (header `X-Agent-Id`) act as one agent and need its
-  `X-Agent-Secret`.
+* `POST <agent_id>/heartbeat` `{running_task_ids, cpu?, memory?, wait?}`: with `wait`
+  (seconds, 0-20) a heartbeat that has nothing for the agent is answered when work is
+  dispatched to it or the wait ends (`woken` says which; agents/nudge.py).
+* the heartbeat, `POST tasks/<id>/accept` and `PUT tasks/<id>/status` (body `agent_id`),
+  `GET tasks/<id>` (header `X-Agent-Id`) act as one agent and need its `X-Agent-Secret`.
 
 Each view authenticates, parses and checks the body (400 naming the field), proves which agent
 is asking and that the agent and task belong to the token's pool, and calls one service. The
@@ -25,7 +27,8 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from poolsadmin.agents.liveness import HEARING_HEADER, hearing_proof, hearing_touch
-from poolsadmin.agents.services import agent_heartbeat, agent_register
+from poolsadmin.agents.nudge import MAX_WAIT_SECONDS
+from poolsadmin.agents.services import agent_heartbeat_wait, agent_register
 from poolsadmin.api.agent_auth import (
     AGENT_SECRET_HEADER,
     pool_task,
@@ -123,8 +126,17 @@ def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpRespo
     running = _task_ids(data, "running_task_ids")
     cpu = field_number(data, "cpu", low=0, high=CPU_MAX)
     memory = field_number(data, "memory", low=0, high=MEMORY_MAX)
-    answer = agent_heartbeat(agent=agent, running_task_ids=running, cpu=cpu, memory=memory)
-    return JsonResponse({"assignments": answer.assignments, "cancellations": answer.cancellations})
+    wait = field_number(data, "wait", low=0, high=MAX_WAIT_SECONDS)
+    answer = agent_heartbeat_wait(
+        agent=agent, running_task_ids=running, cpu=cpu, memory=memory, wait=wait or 0.0
+    )
+    body: dict[str, Any] = {
+        "assignments": answer.assignments,
+        "cancellations": answer.cancellations,
+    }
+    if wait is not None:  # an agent that asks no wait gets the answer it always got
+        body["woken"] = answer.woken
+    return JsonResponse(body)
 
 
 @allow_methods("POST")

@@ -30,6 +30,7 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import Q
 
 from poolsadmin.agents.liveness import liveness_read
+from poolsadmin.agents.nudge import agents_nudge
 from poolsadmin.events.models import Event
 from poolsadmin.events.services import event_record, events_write
 from poolsadmin.lib import clock
@@ -176,6 +177,8 @@ def _dispatch_batch(
             no_plan_and_apply_room = True
     if placements:
         outcomes.extend(_claim(placements=placements, heads=heads, actor=actor, now=now))
+        # On commit: the agents' heartbeats that wait for work answer now (agents/nudge.py).
+        agents_nudge(agent_ids=[o.agent_id for o in outcomes if o.dispatched])
     return outcomes
 
 

@@ -13,6 +13,7 @@ from django.db import transaction
 from django.db.models import Q
 
 from poolsadmin.agents.models import Agent
+from poolsadmin.agents.nudge import agents_nudge
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -309,9 +310,10 @@ def task_cancel(*, task_id: int, actor: str, reason: str, force: bool = False) -
     """pending | apply_pending | running -> cancelled, with a reason (SPEC 8: destructive
     actions need one).
 
-    The agent running it hears of it in its next heartbeat answer: it still reports the task,
-    which the ledger no longer assigns to it (I-510). Cancelling an apply that is applying
-    needs `force`, and then keeps the workspace lock: the apply may have changed things.
+    The agent running it hears of it in its next heartbeat answer (at once if that heartbeat
+    waits): it still reports the task, which the ledger no longer assigns to it (I-510).
+    Cancelling an apply that is applying needs `force`, and then keeps the workspace lock:
+    the apply may have changed things.
     """
     if not reason.strip():
         raise InvalidInput("a reason is required to cancel a task", field="reason")
@@ -327,6 +329,8 @@ def task_cancel(*, task_id: int, actor: str, reason: str, force: bool = False) -
                 "Repeat with force to cancel anyway."
             )
         message = f"Cancelled by {actor}: {reason}"
+        # The agent that runs it hears the cancel now if its heartbeat waits (agents/nudge.py).
+        agents_nudge(agent_ids=[task.agent_id])
         task = _transition(
             task,
             expected=task.status,

@@ -9,7 +9,7 @@ import threading
 import pytest
 from django.db import connections, transaction
 
-from poolsadmin.lib.wake import Listener
+from poolsadmin.lib.wake import Listener, _payloads
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import TaskStatus
 from poolsadmin.worker.loops import Loop
@@ -80,3 +80,13 @@ def test_on_sqlite_the_listener_only_waits() -> None:
     stop = threading.Event()
     stop.set()
     assert Listener().wait(5.0, stop) is False
+
+
+def test_many_keys_go_in_several_notices_each_under_the_servers_payload_limit() -> None:
+    keys = [f"agent-{i:016d}" for i in range(1000)]  # 22 bytes each: 22,000 in all
+
+    payloads = list(_payloads(keys))
+
+    assert len(payloads) > 1
+    assert all(len(p.encode()) < 8000 for p in payloads)
+    assert [key for p in payloads for key in p.split(",")] == keys

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from poolsadmin.agents.nudge import MAX_WAIT_SECONDS
 from poolsadmin.agents.reference import (
     AgentApiError,
     AgentTransportError,
@@ -54,6 +55,13 @@ class Command(BaseCommand):
         )
         parser.add_argument("--interval", type=float, default=2.0, help="heartbeat seconds")
         parser.add_argument(
+            "--long-poll",
+            type=float,
+            default=0.0,
+            help="seconds each heartbeat asks the server to wait for work, 0-20 (0: none); "
+            "work then arrives as it is dispatched, and stopping takes up to this long",
+        )
+        parser.add_argument(
             "--command",
             default=None,
             help="shell command per task, with TASK_ID, WORKSPACE_ID, ACTION, TASK_TYPE and "
@@ -86,6 +94,8 @@ class Command(BaseCommand):
             raise CommandError(f"a pool token is required: --token or ${TOKEN_ENV}")
         if options["interval"] <= 0 or options["duration"] < 0:
             raise CommandError("--interval must be positive and --duration not negative")
+        if not 0 <= options["long_poll"] <= MAX_WAIT_SECONDS:
+            raise CommandError(f"--long-poll must be from 0 to {MAX_WAIT_SECONDS} seconds")
         agent = ReferenceAgent(
             url=options["url"],
             token=options["token"],
@@ -99,6 +109,7 @@ class Command(BaseCommand):
             ),
             pod_uid=options["pod_uid"],
             state_file=Path(options["state_file"]) if options["state_file"] else None,
+            long_poll=options["long_poll"],
         )
         stop = threading.Event()
 
