@@ -211,8 +211,10 @@ def dashboard_pool(
         for s in v.slots:
             counts[s.state] += 1
 
-    # The queue's diagnoses reuse this page's capacity snapshot and pool instance.
-    cache = {pool.pool_id: views}
+    # The queue's diagnoses reuse this page's capacity snapshot and pool instance, in the
+    # scheduler's order (busiest first, ties to the oldest: a stable sort of the page's
+    # oldest-first order), so they name the pod the scheduler would take.
+    cache = {pool.pool_id: sorted(views, key=lambda v: -v.busy)}
     waiting = WorkspaceTask.objects.filter(pool=pool).select_related("workspace")
     queued = list(in_dispatch_order(waiting.filter(QUEUED))[:QUEUE_LIMIT])
     unconfirmed = list(

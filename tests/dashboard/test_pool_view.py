@@ -16,10 +16,12 @@ from django.urls import reverse
 
 from poolsadmin.dashboard.live import pool_live_html
 from poolsadmin.dashboard.pool_view import ALL_CARDS_UP_TO, CARDS_PER_PAGE, PoolView
+from poolsadmin.dashboard.selectors import dashboard_pool
 from poolsadmin.lib import clock
-from poolsadmin.pools.actions import pod_drain
+from poolsadmin.pools.actions import pod_drain, pod_undrain
 from poolsadmin.pools.models import AgentPool, Pod, Slot
 from poolsadmin.realtime.consumers import _view_of
+from poolsadmin.scheduler.diagnosis import task_diagnose
 from poolsadmin.tasks.models import WorkspaceTask
 from tests.ledger import (
     make_agent,
@@ -261,3 +263,22 @@ def test_the_queue_costs_as_many_queries_with_many_waiting_tasks_as_with_one(
             submit(make_workspace(pool), "drift_check")
             assert waiting.status == "apply_pending"
     assert queries(many) == queries(few)
+
+
+def test_the_queue_names_the_pod_the_scheduler_would_take(viewer_client: Client) -> None:
+    """The page keeps its pods oldest first, but a queued task's diagnosis names the pod the
+    scheduler would pick: the busiest (bin-packing), as the task's own page says."""
+    pool = make_pool(name="binpack")
+    older = make_agent(pool, "older")
+    make_agent(pool, "newer")
+    pod_drain(pod_id=pod_of(older).pk, actor="user:test", reason="test")
+    run(submit(make_workspace(pool), "plan"))  # on the newer pod: the older one drains
+    pod_undrain(pod_id=pod_of(older).pk, actor="user:test", reason="test")
+    waiting = submit(make_workspace(pool), "plan")
+
+    with clock.frozen_at(clock.now()):
+        page = dashboard_pool(pool_id=pool.pool_id)
+        alone = task_diagnose(task=WorkspaceTask.objects.get(pk=waiting.pk))
+    assert [entry.task.pk for entry in page.queue] == [waiting.pk]
+    assert "places it on newer" in alone.text
+    assert page.queue[0].diagnosis == alone
