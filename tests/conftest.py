@@ -14,6 +14,7 @@ from django.contrib.auth.models import Group, User
 from django.db import connection
 from django.test import Client
 
+from poolsadmin.agents import nudge
 from poolsadmin.api.roles import ROLE_ADMIN, ROLE_VIEWER
 from poolsadmin.api.services import api_token_create
 from poolsadmin.lib import clock
@@ -64,6 +65,15 @@ def _fast_password_hashing(settings: Any) -> None:
     """Personas and the demo seed create users with passwords; the default hasher spends
     about a second on each, on purpose, which tests do not need."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def _agents_fanout_stopped() -> Iterator[None]:
+    """The LISTEN connection that a long-polling heartbeat starts in this process (any test
+    whose agent long-polls, through the test client or a live server) is its own, outside
+    Django's pool: it must not outlive the test, or the test database cannot be dropped."""
+    yield
+    nudge._fanout.stop()
 
 
 @pytest.fixture(autouse=True)

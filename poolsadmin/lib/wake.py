@@ -174,9 +174,11 @@ class Fanout:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            self._stop.clear()
+            # Each thread has its own stop: a stop() racing a restart ends the old thread
+            # and cannot clear the new one's.
+            self._stop = threading.Event()
             self._thread = threading.Thread(
-                target=self._listen, name=f"fanout-{self.channel}", daemon=True
+                target=self._listen, args=(self._stop,), name=f"fanout-{self.channel}", daemon=True
             )
             self._thread.start()
 
@@ -184,18 +186,18 @@ class Fanout:
         """End the listening thread and its connection (tests; the next waiter starts it
         again)."""
         with self._lock:
-            thread = self._thread
+            thread, stop = self._thread, self._stop
             self._thread = None
-        self._stop.set()
+        stop.set()
         if thread is not None:
             thread.join()
 
-    def _listen(self) -> None:
-        while not self._stop.is_set():
+    def _listen(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
                 with listen_connect(self.channel) as conn:
                     self.listening.set()
-                    while not self._stop.is_set():
+                    while not stop.is_set():
                         # A timeout, so that stop() is noticed within a second.
                         for notice in conn.notifies(timeout=1.0):
                             self.deliver(notice.payload.split(","))
@@ -203,4 +205,4 @@ class Fanout:
                 logger.warning("lost the LISTEN connection on %s: %s", self.channel, exc)
             finally:
                 self.listening.clear()
-            self._stop.wait(1.0)
+            stop.wait(1.0)

@@ -78,13 +78,6 @@ def _waiting_for_work(agent: Agent, cpu: float) -> Callable[[], bool]:
     return check
 
 
-@pytest.fixture(autouse=True)
-def _fanout_stopped() -> Any:
-    # The LISTEN connection a waiting heartbeat starts must not outlive the test database.
-    yield
-    nudge._fanout.stop()
-
-
 @pytest.fixture
 def setup() -> tuple[str, Registration, WorkspaceTask]:
     pool = make_pool(name="p1")
