@@ -17,6 +17,7 @@ Kinds: bigint, integer, text, boolean, timestamptz (aware datetimes), jsonb (any
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -25,12 +26,16 @@ from django.db import connection
 
 Columns = Sequence[tuple[str, str]]
 KINDS = frozenset({"bigint", "integer", "text", "boolean", "timestamptz", "jsonb"})
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+RESERVED = frozenset({"n", "key", "value"})
 
 
 def rowset_sql(columns: Columns, *, alias: str = "v") -> str:
     """A FROM item with one `%s` parameter (`rowset_param`): a table of `columns` and `n`."""
     for name, kind in columns:
-        if kind not in KINDS or not name.isidentifier():
+        # Lower case: PostgreSQL folds an unquoted name, and the JSON key would then not
+        # match (the column would read NULL). `n`, `key` and `value` are the rowset's own.
+        if kind not in KINDS or not _NAME.fullmatch(name) or name in RESERVED:
             raise ValueError(f"rowset column {name!r} of kind {kind!r}")
     if connection.vendor == "postgresql":
         typed = ", ".join(f"{name} {kind}" for name, kind in columns)
