@@ -366,14 +366,16 @@ def slots_take(
         return []
     now = clock.now()
     rows = rowset_param(SLOT_CLAIM_COLUMNS, ((c.slot.pk, c.task_id, c.task_type) for c in claims))
-    with transaction.get_connection().cursor() as cursor:
+    connection = transaction.get_connection()
+    with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE slots SET state = 'running', task_id = v.task_id, task_type = v.task_type, "
             f"since = %s, reserved_until = NULL, version = slots.version + 1 "
             f"FROM {rowset_sql(SLOT_CLAIM_COLUMNS)} "
             f"WHERE slots.id = v.slot_id AND slots.state = 'idle' AND slots.task_id IS NULL "
             f"RETURNING slots.id",
-            [now, rows],
+            # As the ORM writes a time (SQLite: naive UTC text, not "...+00:00").
+            [connection.ops.adapt_datetimefield_value(now), rows],
         )
         taken = {row[0] for row in cursor.fetchall()}
     won = [c for c in claims if c.slot.pk in taken]

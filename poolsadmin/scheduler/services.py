@@ -320,8 +320,10 @@ def _tasks_running(placements: list[Placement], *, now: datetime) -> None:
             )
         )
     sql = TASKS_RUNNING_SQL.format(rows=rowset_sql(TASKS_RUNNING_COLUMNS))
-    with transaction.get_connection().cursor() as cursor:
-        cursor.execute(sql, [now, now, now, rowset_param(TASKS_RUNNING_COLUMNS, rows)])
+    connection = transaction.get_connection()
+    at = connection.ops.adapt_datetimefield_value(now)  # as the ORM writes a time
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [at, at, at, rowset_param(TASKS_RUNNING_COLUMNS, rows)])
         updated = len(cursor.fetchall())
     if updated != len(placements):
         # Unreachable while the batch holds the row locks; if it happens, roll back the batch.

@@ -240,3 +240,25 @@ def test_a_pool_another_scheduler_holds_is_skipped_and_the_other_pools_dispatch(
         release.set()
         holder.join(30)
     assert scheduler_pass().dispatched == [waiting.pk]
+
+
+@pytest.mark.sqlite_only
+def test_a_batch_writes_its_times_as_the_orm_does() -> None:
+    """SQLite keeps times as text, and the ORM writes naive UTC ("2026-12-01 17:00:00.5"):
+    the batch's raw statements write the same, not an aware "...+00:00" that compares
+    differently as text at the same instant."""
+    pool = make_pool()
+    make_agent(pool, "a1")
+    task = submit(make_workspace(pool))
+    assert scheduler_pass().dispatched == [task.pk]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT CAST(since AS TEXT) FROM slots WHERE task_id = %s", [task.pk])
+        (since,) = cursor.fetchone()
+        cursor.execute(
+            "SELECT CAST(dispatched_at AS TEXT), CAST(started_at AS TEXT) "
+            "FROM workspace_tasks WHERE id = %s",
+            [task.pk],
+        )
+        times = cursor.fetchone()
+    for value in (since, *times):
+        assert isinstance(value, str) and "+" not in value, value
