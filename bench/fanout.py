@@ -49,20 +49,18 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.agents_heartbeat import (  # noqa: E402
-    free_port,
-    log_errors,
-    manage,
-    process_cpu_seconds,
-    start_web,
-    stop_web,
-)
+from bench.agents_heartbeat import log_errors  # noqa: E402
 from bench.common import (  # noqa: E402
     append_results,
     drop,
+    free_port,
     machine,
+    manage,
+    process_cpu_seconds,
     recreate,
     standard_arguments,
+    start_web,
+    stop_process,
     url_for,
 )
 
@@ -305,7 +303,7 @@ def main() -> None:
                 pool_id = args.setup["pools"][str(pods)]
                 runs += asyncio.run(measure_size(args, env, port, web.pid, pods, pool_id))
             finally:
-                stop_web(web)
+                stop_process(web)
             for message, count in log_errors(log).most_common(3):
                 print(f"{pods} pods, server log: {count} x {message}")
     finally:
