@@ -37,7 +37,12 @@ from poolsadmin.pools.selectors import (
     pool_capacity_rows,
     pool_freeze_state,
 )
-from poolsadmin.scheduler.diagnosis import DecisionCache, reserved_slots, task_diagnose
+from poolsadmin.scheduler.diagnosis import (
+    DecisionCache,
+    held_slots,
+    planner_names,
+    task_diagnose,
+)
 from poolsadmin.scheduler.rules import Diagnosis, in_dispatch_order, serial_heads
 from poolsadmin.tasks.detail import TaskDetail, task_detail
 from poolsadmin.tasks.models import QUEUED, TaskStatus, WorkspaceTask
@@ -179,28 +184,6 @@ def dashboard_pool(
     tasks = {
         t.pk: t for t in WorkspaceTask.objects.filter(pk__in=task_ids).select_related("workspace")
     }
-    agent_names = {v.agent.agent_id: v.agent.agent_name for v in views if v.agent is not None}
-    missing = {t.plan_agent_id for t in tasks.values() if t.plan_agent_id} - agent_names.keys()
-    if missing:
-        agent_names.update(
-            Agent.objects.filter(pk__in=missing).values_list("agent_id", "agent_name")
-        )
-
-    def card(row: PodView) -> PodCard | None:
-        v = full.get(row.pod.pk)
-        if v is None:
-            return None  # deleted between the two reads: the next refresh drops it
-        return PodCard(
-            view=v,
-            cells=[
-                SlotCell(
-                    slot=s,
-                    task=tasks.get(s.task_id) if s.task_id is not None else None,
-                    plan_agent_name=_plan_agent(tasks.get(s.task_id or 0), agent_names),
-                )
-                for s in v.slots
-            ],
-        )
 
     owners = {
         t.pk: Owner(task_id=t.pk, workspace_id=t.workspace_id, workspace_name=t.workspace.name)
@@ -224,16 +207,33 @@ def dashboard_pool(
     )
     for task in queued + unconfirmed:
         task.pool = pool
+    # Who planned the reserved slots' tasks (their cells and cards say) and the unconfirmed
+    # applies (their diagnoses say); the pool's own agents are known from the snapshot.
+    agent_names = planner_names(
+        [*tasks.values(), *unconfirmed],
+        known={v.agent.agent_id: v.agent.agent_name for v in views if v.agent is not None},
+    )
     # What the diagnoses would otherwise read once per task.
-    planners = {t.plan_agent_id for t in unconfirmed if t.plan_agent_id} - agent_names.keys()
-    if planners:
-        agent_names.update(
-            Agent.objects.filter(pk__in=planners).values_list("agent_id", "agent_name")
-        )
     decisions: DecisionCache = {}
     liveness = liveness_read()
     heads = serial_heads(tasks=queued + unconfirmed)
-    own_slots = reserved_slots(views)
+    own_slots = held_slots(queued + unconfirmed)
+
+    def card(row: PodView) -> PodCard | None:
+        v = full.get(row.pod.pk)
+        if v is None:
+            return None  # deleted between the two reads: the next refresh drops it
+        return PodCard(
+            view=v,
+            cells=[
+                SlotCell(
+                    slot=s,
+                    task=tasks.get(s.task_id) if s.task_id is not None else None,
+                    plan_agent_name=_plan_agent(tasks.get(s.task_id or 0), agent_names),
+                )
+                for s in v.slots
+            ],
+        )
 
     def diagnose(task: WorkspaceTask) -> Diagnosis:
         return task_diagnose(

@@ -8,11 +8,13 @@ one row per change of (code, blocker).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
 
 from poolsadmin.agents.liveness import Liveness, liveness_read
+from poolsadmin.agents.models import Agent
 from poolsadmin.autoscaler.models import ScaleAction, ScaleDecision
 from poolsadmin.lib import clock
 from poolsadmin.lib.humanize import duration, stamp
@@ -49,16 +51,28 @@ Placed = tuple[list[tuple[PodView, Slot | SlotRow | None]], Diagnosis | None]
 PlacementCache = dict[tuple[str, str], Placed]
 
 
-def reserved_slots(views: list[PodView]) -> dict[int, Slot | SlotRow]:
-    """The slots of a capacity snapshot that hold a task (reserved or running), by task id,
-    each with its pod: `task_diagnose`'s `own_slots` for the snapshot's pool."""
-    held: dict[int, Slot | SlotRow] = {}
-    for view in views:
-        for slot in view.slots:
-            if slot.task_id is not None:
-                slot.pod = view.pod  # the snapshot's pod: no query to name it
-                held[slot.task_id] = slot
-    return held
+def held_slots(tasks: Iterable[WorkspaceTask]) -> dict[int, Slot]:
+    """The slot each apply_pending task of `tasks` holds (its reservation), with its pod, by
+    task id: `task_diagnose`'s `own_slots`. One query for any number of tasks, none when
+    none is apply_pending."""
+    ids = [t.pk for t in tasks if t.status == TaskStatus.APPLY_PENDING]
+    if not ids:
+        return {}
+    held = Slot.objects.select_related("pod").filter(task_id__in=ids)
+    return {s.task_id: s for s in held if s.task_id is not None}
+
+
+def planner_names(
+    tasks: Iterable[WorkspaceTask], *, known: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Agent id -> name of the agents that planned `tasks` (an unconfirmed apply's diagnosis
+    names its planner), with `known` (names already read: not read again): `task_diagnose`'s
+    `agent_names`. One query at most."""
+    names = dict(known or {})
+    missing = {t.plan_agent_id for t in tasks if t.plan_agent_id} - names.keys()
+    if missing:
+        names.update(Agent.objects.filter(pk__in=missing).values_list("agent_id", "agent_name"))
+    return names
 
 
 def _capacity(pool: AgentPool, now: datetime, cache: CapacityCache | None) -> list[PodView]:
@@ -129,7 +143,7 @@ def _liveness_words(*, now: datetime, liveness: Liveness | None, allowance: time
 def _placed(
     *,
     task: WorkspaceTask,
-    own_slot: Slot | SlotRow | None,
+    own_slot: Slot | None,
     now: datetime,
     cache: CapacityCache | None,
     decisions: DecisionCache | None,
@@ -168,11 +182,11 @@ def task_diagnose(
     liveness: Liveness | None = None,
     heads: dict[str, WorkspaceTask] | None = None,
     agent_names: dict[str, str] | None = None,
-    own_slots: dict[int, Slot | SlotRow] | None = None,
+    own_slots: dict[int, Slot] | None = None,
     placements: PlacementCache | None = None,
 ) -> Diagnosis:
     """Why `task` waits, or what it does. The caches, `heads` (rule 2's, `serial_heads`),
-    `agent_names` (agent id -> name), `own_slots` (`reserved_slots` of the task's pool) and
+    `agent_names` (agent id -> name), `own_slots` (`held_slots`) and
     `placements` are for a caller that diagnoses many tasks at one instant: each is then
     read or worked out once, not once per task."""
     now = now or clock.now()
@@ -196,7 +210,7 @@ def task_diagnose(
             f"{stamp(task.apply_started_at or task.started_at)}.",
         )
 
-    own_slot: Slot | SlotRow | None = None
+    own_slot: Slot | None = None
     if task.status == TaskStatus.APPLY_PENDING:
         if own_slots is not None:
             own_slot = own_slots.get(task.pk)
@@ -346,6 +360,8 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
     for task in waiting:
         task.pool = pools[task.pool_id]
     heads = serial_heads(tasks=waiting)
+    own_slots = held_slots(waiting)
+    agent_names = planner_names(waiting)
     open_rows = _open_rows(waiting)
     for task in waiting:
         try:
@@ -356,6 +372,8 @@ def diagnosis_record_all(*, limit: int = 2000) -> int:
                 decisions=decisions,
                 liveness=liveness,
                 heads=heads,
+                agent_names=agent_names,
+                own_slots=own_slots,
                 placements=placements,
             )
             if diagnosis_record(task=task, diagnosis=diagnosis, now=now, open_rows=open_rows):

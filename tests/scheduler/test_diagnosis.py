@@ -145,3 +145,29 @@ def test_a_pass_diagnoses_each_task_as_diagnosing_it_alone_would() -> None:
         "dispatchable",
         "dispatchable",
     ]
+
+
+def test_a_diagnosis_pass_reads_applies_slots_and_planners_once_not_per_task() -> None:
+    """Applies waiting for confirmation (a nightly run leaves hundreds) and confirmed applies
+    cost the unchanged pass no query each: their reserved slots and their planners' names
+    are read once for the pass."""
+    pool = make_pool(slots_per_pod=2, plan_and_apply_per_pod=1)
+    for i in range(8):
+        make_agent(pool, f"P{i}")
+
+    def add_applies(n: int) -> None:
+        for _ in range(n):
+            plan_with_changes(submit(make_workspace(pool), "plan_and_apply"))
+            confirmed = plan_with_changes(submit(make_workspace(pool), "plan_and_apply"))
+            task_confirm_apply(task_id=confirmed.pk, actor="user:test")
+
+    def unchanged_pass() -> int:
+        diagnosis_record_all()
+        with CaptureQueriesContext(connection) as unchanged:
+            assert diagnosis_record_all() == 0
+        return len(unchanged)
+
+    add_applies(1)
+    few = unchanged_pass()
+    add_applies(3)
+    assert unchanged_pass() == few
