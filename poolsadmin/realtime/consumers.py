@@ -26,7 +26,14 @@ from poolsadmin.lib.errors import InvalidInput
 from poolsadmin.lib.input import text_problem
 from poolsadmin.lib.logs import log_ids
 from poolsadmin.pools.models import AgentPool
-from poolsadmin.realtime.fanout import CHANGED, CLOSE_NO_POOL, LiveKey, live_perms, pool_hub
+from poolsadmin.realtime.fanout import (
+    CHANGED,
+    CLOSE_NO_POOL,
+    LiveKey,
+    PoolHub,
+    live_perms,
+    pool_hub,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,7 @@ class PoolConsumer(AsyncWebsocketConsumer):
 
     pool_id: str
     key: LiveKey | None = None
+    hub: PoolHub | None = None  # the hub subscribed to: left at the end, never looked up again
     check_task: asyncio.Task[None] | None = None
     user_pk: Any = None
     session_key: str | None = None
@@ -104,7 +112,8 @@ class PoolConsumer(AsyncWebsocketConsumer):
         self.key = LiveKey(
             perms=access, view=None if notify else _view_of(query_string), notify=notify
         )
-        pool_hub(self.pool_id).subscribe(self.key, self)
+        self.hub = pool_hub(self.pool_id)
+        self.hub.subscribe(self.key, self)
         self.check_task = asyncio.create_task(self._check_forever())
 
     async def _access_at_connect(self) -> int | frozenset[str]:
@@ -136,11 +145,11 @@ class PoolConsumer(AsyncWebsocketConsumer):
             if isinstance(access, int):
                 await self.refuse(access)
                 return
-            if access != self.key.perms:  # a changed role: other buttons, another render
-                hub = pool_hub(self.pool_id)
-                hub.unsubscribe(self.key, self)
-                self.key = LiveKey(perms=access, view=self.key.view, notify=self.key.notify)
-                hub.subscribe(self.key, self)
+            if access != self.key.perms and self.hub is not None:
+                # A changed role: other buttons, another render.
+                new = LiveKey(perms=access, view=self.key.view, notify=self.key.notify)
+                self.hub.rekey(self.key, new, self)
+                self.key = new
 
     async def refuse(self, code: int) -> None:
         """Leave the hub and close with `code` (see fanout.Socket)."""
@@ -148,9 +157,9 @@ class PoolConsumer(AsyncWebsocketConsumer):
         await self.close(code=code)
 
     def _leave(self) -> None:
-        if self.key is not None:
-            pool_hub(self.pool_id).unsubscribe(self.key, self)
-            self.key = None
+        if self.key is not None and self.hub is not None:
+            self.hub.unsubscribe(self.key, self)
+        self.key = self.hub = None
 
     async def disconnect(self, code: int) -> None:
         if self.check_task is not None:

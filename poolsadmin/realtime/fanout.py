@@ -159,6 +159,12 @@ class PoolHub:
         self.pages.setdefault(key, LivePage()).sockets.add(socket)
         self.mark_stale([key])
 
+    def rekey(self, old: LiveKey, new: LiveKey, socket: Socket) -> None:
+        """Move a socket to another key (its person's role changed). Subscribed first: the
+        hub's last socket changing key must not shut the hub down on the way."""
+        self.subscribe(new, socket)
+        self.unsubscribe(old, socket)
+
     def unsubscribe(self, key: LiveKey, socket: Socket) -> None:
         page = self.pages.get(key)
         if page is None:

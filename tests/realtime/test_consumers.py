@@ -709,6 +709,38 @@ def test_an_admin_demoted_to_viewer_gets_the_viewers_page_at_the_next_check(
     assert 'disabled title="needs pools.manage_pool"' in html
 
 
+@pytest.mark.usefixtures("quick_checks")
+def test_a_demoted_admins_page_still_gets_changes_and_leaves_no_hub_behind(
+    world: World, admin: User, viewer: User
+) -> None:
+    """The only socket of a pool changing key (a changed role) stays on a live hub: later
+    changes still reach it, and when it goes the pool's hub goes with it."""
+
+    def demote() -> None:
+        admin.is_superuser = False
+        admin.save()
+        admin.groups.set(viewer.groups.all())
+        admin.user_permissions.clear()
+
+    async def scenario() -> tuple[str, bool]:
+        page = socket(world.pool.pool_id, admin)
+        try:
+            await open_page(page)
+            await database_sync_to_async(demote)()
+            while "needs pools.manage_pool" not in await page.receive_from(timeout=TIMEOUT):
+                pass
+            await database_sync_to_async(release)(world.reserved)
+            while reserved_cells(after := await page.receive_from(timeout=TIMEOUT)):
+                pass
+        finally:
+            await page.disconnect()
+        return after, world.pool.pool_id in fanout._hubs_of_this_loop()
+
+    after, hub_left = async_to_sync(scenario)()
+    assert reserved_cells(after) == []
+    assert not hub_left
+
+
 # --- the production channel layer --------------------------------------------------------------
 
 
