@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 import pytest
 from django.db import connection
 from django.test import Client
@@ -17,6 +16,7 @@ from django.test import Client
 from poolsadmin.agents import nudge
 from poolsadmin.agents.models import Agent
 from poolsadmin.agents.services import Registration
+from poolsadmin.lib.wake import notify
 from poolsadmin.pools.services import pool_token_create
 from poolsadmin.scheduler.services import task_dispatch
 from poolsadmin.tasks.models import WorkspaceTask
@@ -128,23 +128,23 @@ def test_a_notice_from_another_process_wakes_the_waiting_heartbeat(
     setup: tuple[str, Registration, WorkspaceTask], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token, registration, task = setup
-    agent_id = registration.agent.agent_id
-    # Neither this process's own delivery nor the waiter's safety look at the ledger: only
-    # the notice, which another process's dispatch sends, can end the wait in time.
-    monkeypatch.setattr("poolsadmin.scheduler.services.agents_nudge", lambda **kwargs: None)
-    monkeypatch.setattr(nudge, "SAFETY_POLL_SECONDS", 10 * LONG_WAIT)
+
+    # Neither this process's own delivery nor the waiter's looks at the ledger: only the
+    # dispatch's notice, as another process's dispatch sends it (pg_notify, no delivery in
+    # the process), can wake the wait.
+    def notice_only(*, agent_ids: Any) -> None:
+        notify(nudge.AGENTS_CHANNEL, [a for a in agent_ids if a], fanout=None)
+
+    monkeypatch.setattr("poolsadmin.scheduler.services.agents_nudge", notice_only)
+    # The waiter's looks at the ledger (before the connection listens, and at the end of the
+    # wait) find nothing: without the notice the answer would say `woken: false`.
+    monkeypatch.setattr(nudge, "_has_assignment", lambda agent_id: False)
     thread, answers = _in_thread(
         lambda: _heartbeat(token, registration, {"wait": LONG_WAIT, "cpu": 0.5})
     )
     _until(_waiting_for_work(registration.agent, 0.5))
     _until(nudge._fanout.listening.is_set)
     task_dispatch(task_id=task.pk)
-
-    params = connection.get_connection_params()
-    params.pop("cursor_factory", None)
-    params.pop("context", None)
-    with psycopg.connect(**params, autocommit=True) as other:
-        other.execute("SELECT pg_notify(%s, %s)", [nudge.AGENTS_CHANNEL, agent_id])
 
     body = _answered(thread, answers)
     assert [a["task_id"] for a in body["assignments"]] == [task.pk]
