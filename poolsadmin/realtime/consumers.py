@@ -31,6 +31,7 @@ from poolsadmin.realtime.fanout import (
     CLOSE_NO_POOL,
     LiveKey,
     PoolHub,
+    live_key,
     live_perms,
     pool_hub,
 )
@@ -109,9 +110,7 @@ class PoolConsumer(AsyncWebsocketConsumer):
         session = self.scope.get("session")
         self.session_key = session.session_key if session is not None else None
         await self.accept()
-        self.key = LiveKey(
-            perms=access, view=None if notify else _view_of(query_string), notify=notify
-        )
+        self.key = live_key(perms=access, view=None if notify else _view_of(query_string))
         self.hub = pool_hub(self.pool_id)
         self.hub.subscribe(self.key, self)
         self.check_task = asyncio.create_task(self._check_forever())
@@ -145,9 +144,9 @@ class PoolConsumer(AsyncWebsocketConsumer):
             if isinstance(access, int):
                 await self.refuse(access)
                 return
-            if access != self.key.perms and self.hub is not None:
+            new = live_key(perms=access, view=self.key.view)
+            if new != self.key and self.hub is not None:
                 # A changed role: other buttons, another render.
-                new = LiveKey(perms=access, view=self.key.view, notify=self.key.notify)
                 self.hub.rekey(self.key, new, self)
                 self.key = new
 

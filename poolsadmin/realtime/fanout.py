@@ -61,11 +61,16 @@ CHANGED = "changed"
 
 @dataclass(frozen=True)
 class LiveKey:
-    """Everything the pushed text depends on besides the pool's ledger."""
+    """Everything the pushed text depends on besides the pool's ledger (`live_key`)."""
 
     perms: frozenset[str]  # the action permissions the person holds (the buttons)
-    view: PoolView | None = None
-    notify: bool = False
+    view: PoolView | None = None  # None: a notify socket (`CHANGED`, whoever asks)
+
+
+def live_key(*, perms: frozenset[str], view: PoolView | None) -> LiveKey:
+    """The key of a socket: a notify socket's text depends on no permission, so every notify
+    socket of the pool shares one key, and a changed role does not move it."""
+    return LiveKey(perms=perms if view is not None else frozenset(), view=view)
 
 
 def live_perms(user: Any) -> frozenset[str]:
