@@ -659,9 +659,9 @@ def test_the_periodic_refresh_sends_every_region_again(
     assert list(live.live_regions(async_to_sync(scenario)()) or ()) == list(live.LIVE_REGIONS)
 
 
-def test_pages_of_two_views_get_their_own_cards(
-    world: World, viewer: User, counted_renders: list[str]
-) -> None:
+def test_pages_of_two_views_get_their_own_cards(world: World, viewer: User) -> None:
+    make_agent(world.pool, "P2")  # idle: a card by default, none among the reserved
+
     async def scenario() -> tuple[str, str]:
         default = socket(world.pool.pool_id, viewer)
         reserved_only = WebsocketCommunicator(
@@ -676,6 +676,10 @@ def test_pages_of_two_views_get_their_own_cards(
 
     default_html, reserved_html = async_to_sync(scenario)()
     assert default_html != reserved_html
+    # The cards follow the view (the filter form's query alone would make the texts differ).
+    assert 'aria-label="Pod P1"' in default_html and 'aria-label="Pod P1"' in reserved_html
+    assert 'aria-label="Pod P2"' in default_html
+    assert 'aria-label="Pod P2"' not in reserved_html
 
 
 @pytest.mark.usefixtures("quick_checks")
