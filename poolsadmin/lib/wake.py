@@ -6,20 +6,22 @@
 notice's payload, and one LISTEN connection per process hands each notice to the threads
 waiting for its keys, so a waiter holds a thread and an Event, never a database connection.
 
-On PostgreSQL `wake()` is a `pg_notify` inside the caller's transaction: the server delivers it
+On PostgreSQL `wake()` is a `notify` inside the caller's transaction: the server delivers it
 at commit and drops it on rollback, so a loop is never woken for a change that did not happen,
-and the notices of one transaction on one channel fold into one. `Listener.wait()` waits on a
-connection of its own that LISTENs. On SQLite, or while the listening connection cannot be
-made, `wait()` just sleeps: the loops' polling is the fallback, and it is always there, since a
-notice can be missed (a listener that reconnects, a worker that starts after the commit).
+and the notices of one transaction on one channel fold into one. `Listener.wait()` is a waiter
+of a `Fanout` of its own, held for good. On SQLite, or while the listening connection cannot
+be made, `wait()` just sleeps: the loops' polling is the fallback, and it is always there,
+since a notice can be missed (a listener that reconnects, a worker that starts after the
+commit).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import psycopg
 from django.db import connection, transaction
@@ -27,14 +29,14 @@ from django.db import connection, transaction
 logger = logging.getLogger(__name__)
 
 WORK_CHANNEL = "poolsadmin_work"  # a task became dispatchable, or capacity came free
+WORK_KEY = "work"  # the one key of its notices
+STOP_CHECK_SECONDS = 0.25  # how soon a waiting Listener notices `stop`
+FIRST_LISTEN_SECONDS = 10.0  # a Listener's first wait, for its connection to listen
 
 
 def wake(channel: str = WORK_CHANNEL) -> None:
     """Wake the listeners of `channel` when the current transaction commits."""
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, '')", [channel])
+    notify(channel, [WORK_KEY])
 
 
 def listen_connect(channel: str) -> psycopg.Connection[object]:
@@ -46,48 +48,6 @@ def listen_connect(channel: str) -> psycopg.Connection[object]:
     conn = psycopg.connect(**params, autocommit=True)
     conn.execute(f'LISTEN "{channel}"')
     return conn
-
-
-class Listener:
-    """A connection that LISTENs on one channel, made on first use and again after an error."""
-
-    def __init__(self, channel: str = WORK_CHANNEL) -> None:
-        self.channel = channel
-        self._conn: psycopg.Connection[object] | None = None
-
-    def _connect(self) -> psycopg.Connection[object] | None:
-        if connection.vendor != "postgresql":
-            return None
-        if self._conn is None or self._conn.closed:
-            self._conn = listen_connect(self.channel)
-        return self._conn
-
-    def wait(self, timeout: float, stop: threading.Event) -> bool:
-        """Wait up to `timeout` seconds for a notice (True) or for `stop`; False otherwise."""
-        try:
-            conn = self._connect()
-        except psycopg.Error as exc:
-            logger.warning("cannot LISTEN on %s, polling instead: %s", self.channel, exc)
-            conn = None
-        if conn is None:
-            stop.wait(timeout)
-            return False
-        try:
-            woken = any(True for _ in conn.notifies(timeout=timeout, stop_after=1))
-        except psycopg.Error as exc:
-            logger.warning("lost the LISTEN connection on %s: %s", self.channel, exc)
-            self.close()
-            stop.wait(min(timeout, 1.0))
-            return False
-        if woken:  # several commits may have notified meanwhile: one pass sees them all
-            for _ in conn.notifies(timeout=0):
-                pass
-        return woken
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
 
 
 # PostgreSQL refuses a payload of 8,000 bytes or more: longer key lists go in several notices.
@@ -206,3 +166,39 @@ class Fanout:
             finally:
                 self.listening.clear()
             stop.wait(1.0)
+
+
+class Listener:
+    """One loop's wake-up on `channel` (the worker's scheduler): a `Fanout` waiter held for
+    the listener's whole life, so a notice that arrives while the loop runs a pass wakes its
+    next wait, and the notices of many commits fold into one wake-up."""
+
+    def __init__(self, channel: str = WORK_CHANNEL) -> None:
+        self._fanout = Fanout(channel)
+        self._held = ExitStack()
+        self._woken: threading.Event | None = None
+
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
+        """Wait up to `timeout` seconds for a notice (True); False otherwise, and at once
+        when `stop` is set. On SQLite, or until the connection listens, it only waits."""
+        if connection.vendor != "postgresql":
+            stop.wait(timeout)
+            return False
+        if self._woken is None:
+            self._woken = self._held.enter_context(self._fanout.waiter(WORK_KEY))
+            # The first wait lasts until the connection listens (as long as connecting may
+            # take): a notice sent before that would be lost.
+            self._fanout.listening.wait(max(timeout, FIRST_LISTEN_SECONDS))
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if not self._fanout.listening.is_set():
+                self._fanout.listening.wait(min(left, STOP_CHECK_SECONDS))
+            elif self._woken.wait(min(left, STOP_CHECK_SECONDS)):
+                self._woken.clear()
+                return True
+        return False
+
+    def close(self) -> None:
+        self._held.close()
+        self._woken = None
+        self._fanout.stop()
