@@ -1,13 +1,15 @@
-"""ASGI entry point: HTTP through Django, WebSockets through Channels (live dashboard)."""
+"""ASGI entry point: HTTP through Django's WSGI handler in a pool of threads (lib/http_app.py),
+WebSockets through Channels (live dashboard)."""
 
 from __future__ import annotations
 
 import os
 
-from django.core.asgi import get_asgi_application
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "poolsadmin.settings")
-django_asgi_app = get_asgi_application()
+
+from poolsadmin.lib.http_app import http_application
+
+http_app = http_application()  # sets Django up, before the imports that need its apps
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
@@ -24,7 +26,7 @@ if settings.POOLSADMIN_HEARING_KEEPER:
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http_app,
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),

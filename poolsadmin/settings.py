@@ -153,7 +153,6 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
-    "servestatic",  # its system checks of the middleware and storage settings
     "django_htmx",
     "template_partials",
     "axes",
@@ -179,7 +178,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # Static files before sessions and the database: a stylesheet costs no query. After
     # security, so they get the HTTPS redirect and HSTS too.
-    "servestatic.middleware.ServeStaticMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -223,12 +222,20 @@ ASGI_APPLICATION = "poolsadmin.asgi.application"
 # reading "slot idle" and one failing at COMMIT. The busy timeout makes the loser wait.
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 SQLITE_BUSY_TIMEOUT_SECONDS = env_int("SQLITE_BUSY_TIMEOUT_SECONDS", 20, minimum=1)
+# HTTP under daphne runs Django's WSGI handler in a pool of threads (poolsadmin/asgi.py,
+# lib/http_app.py): at most HTTP_THREADS requests work at once (the others wait on the event
+# loop; more threads only contend for the interpreter), and up to LONG_POLLS_MAX heartbeats
+# wait for work, each on a thread of its own with no database connection. Past LONG_POLLS_MAX
+# a heartbeat that asks to wait is answered at once.
+HTTP_THREADS = env_int("HTTP_THREADS", 8, minimum=1)
+LONG_POLLS_MAX = env_int("LONG_POLLS_MAX", 1000, minimum=0)
+
 # PostgreSQL: a bounded pool of connections per process (Django's psycopg pool), never
-# persistent connections. Under ASGI every request runs in a thread of its own, and a
-# persistent connection belongs to its thread: 200 agents heartbeating against one daphne
-# process held a connection per request thread and ran the server out of them ("too many
-# clients already", issue 8). With the pool a process never holds more than MAX_SIZE; a
-# request that gets none within TIMEOUT answers 503 with Retry-After (lib/db.py).
+# persistent connections. A persistent connection belongs to its thread: 200 agents
+# heartbeating against one daphne process (a thread per request then) held a connection per
+# request thread and ran the server out of them ("too many clients already", issue 8). With
+# the pool a process never holds more than MAX_SIZE; a request that gets none within TIMEOUT
+# answers 503 with Retry-After (lib/db.py).
 DATABASE_POOL_MIN_SIZE = env_int("DATABASE_POOL_MIN_SIZE", 2, minimum=0)
 DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1)
 DATABASE_POOL_TIMEOUT_SECONDS = env_int("DATABASE_POOL_TIMEOUT_SECONDS", 10, minimum=1)
@@ -368,15 +375,15 @@ TIME_ZONE = "UTC"
 USE_I18N = False
 USE_TZ = True
 
-# Served by ServeStatic (whitenoise's fork with an async middleware, so files stream under
-# ASGI without a thread per response). With DEBUG on it serves the source files as they
-# change; with DEBUG off it serves what `manage.py collectstatic` put in STATIC_ROOT, under
-# hashed names from the manifest (cached for good) and gzipped. htmx is django-htmx's copy.
+# Served by WhiteNoise's middleware (sync, like the rest of the chain). With DEBUG on it
+# serves the source files as they change; with DEBUG off it serves what `manage.py
+# collectstatic` put in STATIC_ROOT, under hashed names from the manifest (cached for good)
+# and compressed. htmx is django-htmx's copy.
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or VAR_DIR / "staticfiles")
 if DEBUG:
-    # Only collectstatic fills it, for DEBUG off; ServeStatic warns on every start without it.
+    # Only collectstatic fills it, for DEBUG off; WhiteNoise warns on every start without it.
     STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -384,7 +391,7 @@ STORAGES = {
         "BACKEND": (
             "django.contrib.staticfiles.storage.StaticFilesStorage"
             if DEBUG
-            else "servestatic.storage.CompressedManifestStaticFilesStorage"
+            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
         )
     },
 }

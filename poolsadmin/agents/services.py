@@ -13,7 +13,7 @@ from django.db import IntegrityError, transaction
 
 from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
-from poolsadmin.agents.nudge import nudge_wait, nudge_waiter
+from poolsadmin.agents.nudge import nudge_hold, nudge_wait, nudge_waiter
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -306,6 +306,9 @@ class HeartbeatAnswer:
     cancellations: list[dict[str, Any]] = field(default_factory=list)
     # A heartbeat that waited for work (agents/nudge.py): the wait ended because work came.
     woken: bool = False
+    # False: it asked to wait, but its process already held as many waiting heartbeats as it
+    # may (LONG_POLLS_MAX), so it was answered at once (the answer then has no `woken`).
+    held: bool = True
 
 
 # The columns of a heartbeat's own tasks that its answer and cross-check read.
@@ -450,21 +453,27 @@ def agent_heartbeat_wait(
     """`agent_heartbeat`; if its answer has no assignment and no cancellation and `wait` > 0,
     wait until the agent is nudged (work dispatched to it, a task of it cancelled) or `wait`
     seconds pass, and if it was, the heartbeat again: its answer has the news, `woken` set.
-    Otherwise the first answer (agents/nudge.py)."""
+    Otherwise the first answer; at once, `held` False, if this process holds as many waiting
+    heartbeats as it may (agents/nudge.py)."""
     beat = functools.partial(
         agent_heartbeat, agent=agent, running_task_ids=running_task_ids, cpu=cpu, memory=memory
     )
     if wait <= 0:
         # No waiter, and so no LISTEN connection in a process whose agents never wait.
         return beat()
-    with nudge_waiter(agent_id=agent.agent_id) as woken:
-        # Entered before the heartbeat reads the ledger: a dispatch that commits after the
-        # read wakes it; one that committed before is in the answer.
-        first = beat()
-        if first.assignments or first.cancellations:
-            return first
-        if not nudge_wait(woken=woken, agent_id=agent.agent_id, seconds=wait):
-            return first
+    with nudge_hold() as held:
+        if not held:
+            answer = beat()
+            answer.held = False
+            return answer
+        with nudge_waiter(agent_id=agent.agent_id) as woken:
+            # Entered before the heartbeat reads the ledger: a dispatch that commits after
+            # the read wakes it; one that committed before is in the answer.
+            first = beat()
+            if first.assignments or first.cancellations:
+                return first
+            if not nudge_wait(woken=woken, agent_id=agent.agent_id, seconds=wait):
+                return first
     answer = beat()
     answer.woken = True
     return answer

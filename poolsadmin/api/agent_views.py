@@ -7,7 +7,8 @@ agent's own secret (see agent_auth).
   otherwise 409, field `name`.
 * `POST <agent_id>/heartbeat` `{running_task_ids, cpu?, memory?, wait?}`: with `wait`
   (seconds, 0-20) a heartbeat that has nothing for the agent is answered when work is
-  dispatched to it or the wait ends (`woken` says which; agents/nudge.py).
+  dispatched to it or the wait ends (`woken` says which; agents/nudge.py). A process that
+  already holds LONG_POLLS_MAX waiting heartbeats answers at once, without `woken`.
 * the heartbeat, `POST tasks/<id>/accept` and `PUT tasks/<id>/status` (body `agent_id`),
   `GET tasks/<id>` (header `X-Agent-Id`) act as one agent and need its `X-Agent-Secret`.
 
@@ -134,7 +135,9 @@ def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpRespo
         "assignments": answer.assignments,
         "cancellations": answer.cancellations,
     }
-    if wait is not None:  # an agent that asks no wait gets the answer it always got
+    # An agent that asks no wait gets the answer it always got; so does one whose wait this
+    # process cannot hold now (answer.held: the agent paces itself by its interval).
+    if wait is not None and answer.held:
         body["woken"] = answer.woken
     return JsonResponse(body)
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
@@ -19,36 +17,18 @@ class RequestLogMiddleware:
     """With `LOG_REQUESTS`, one line per request (`poolsadmin.request`): method, path (never
     the query string or a header), status, milliseconds, and the task, pool and agent ids of
     the URL. It replaces daphne's own access log, which is plain text on stdout whatever
-    LOG_FORMAT says: run daphne with `-v 0` then.
+    LOG_FORMAT says: run daphne with `-v 0` then."""
 
-    Sync and async (like HealthProbeMiddleware, for the same reason: no extra crossing
-    between the event loop and a thread per request under ASGI)."""
-
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
         self.enabled = bool(getattr(settings, "LOG_REQUESTS", False))
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
 
-    def __call__(self, request: HttpRequest) -> Any:
-        if iscoroutinefunction(self):
-            return self._acall(request)
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
         if not self.enabled:
             return self.get_response(request)
         started = time.monotonic()
         response = self.get_response(request)
         self._log(request, response, started)
-        return response
-
-    async def _acall(self, request: HttpRequest) -> HttpResponseBase:
-        started = time.monotonic()
-        pending: Awaitable[HttpResponseBase] = self.get_response(request)
-        response = await pending
-        if self.enabled:
-            self._log(request, response, started)
         return response
 
     def _log(self, request: HttpRequest, response: HttpResponseBase, started: float) -> None:

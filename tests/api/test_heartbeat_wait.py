@@ -200,3 +200,43 @@ def test_a_bad_wait_is_a_400_naming_it_and_writes_nothing(
     assert response.status_code == 400
     assert response.json()["field"] == "wait"
     assert Agent.objects.filter(pk=registration.agent.pk).values().get() == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_past_long_polls_max_a_heartbeat_that_asks_to_wait_is_answered_at_once(
+    setup: tuple[str, Registration, WorkspaceTask], settings: Any
+) -> None:
+    """Each waiting heartbeat holds a thread of the web process: past LONG_POLLS_MAX a wait is
+    not held (the dashboard, the API and the probes keep their threads). The answer has no
+    `woken`, as for an agent that asked no wait, so the agent paces itself by its interval."""
+    settings.LONG_POLLS_MAX = 1
+    token, registration, task = setup
+    other = make_agent_with_secret(registration.agent.pool, "P2")
+    thread, answers = _in_thread(
+        lambda: _heartbeat(token, registration, {"wait": LONG_WAIT, "cpu": 0.5})
+    )
+    _until(_waiting_for_work(registration.agent, 0.5))
+
+    second = _heartbeat(token, other, {"wait": LONG_WAIT})
+
+    # Not held: a held wait would have ended after LONG_WAIT with `woken: false`.
+    assert second.status_code == 200
+    assert second.json() == {"assignments": [], "cancellations": []}
+    # The first still waits, and its place is given back when it is answered.
+    task_dispatch(task_id=task.pk)
+    assert _answered(thread, answers)["woken"] is True
+    third = _heartbeat(token, other, {"wait": 0.2})
+    assert third.json() == {"assignments": [], "cancellations": [], "woken": False}
+
+
+@pytest.mark.django_db
+def test_with_long_polls_max_0_no_heartbeat_waits(
+    setup: tuple[str, Registration, WorkspaceTask], settings: Any
+) -> None:
+    settings.LONG_POLLS_MAX = 0
+    token, registration, _ = setup
+
+    body = _heartbeat(token, registration, {"wait": LONG_WAIT}).json()
+
+    assert body == {"assignments": [], "cancellations": []}
+    assert nudge.agents_waiting(agent_id=registration.agent.agent_id) == 0

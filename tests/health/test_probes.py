@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.recorder import MigrationRecorder
-from django.test import AsyncClient, Client
+from django.test import Client
 
 from poolsadmin.settings import redis_channel_layer
 
@@ -133,23 +132,3 @@ def test_probes_refuse_other_methods(client: Client, path: str) -> None:
     response = client.post(path)
     assert response.status_code == 405
     assert response["Allow"] == "GET, HEAD"
-
-
-# Under ASGI (daphne) the probes' middleware runs in async mode (it is sync and async, so a
-# request does not cross to a thread and back before ServeStatic's async middleware).
-
-
-def _get_async(path: str) -> Any:
-    return async_to_sync(AsyncClient().get)(path)
-
-
-def test_healthz_answers_through_the_async_handler() -> None:
-    response = _get_async("/healthz")
-    assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
-
-
-@pytest.mark.django_db(transaction=True)
-def test_readyz_answers_through_the_async_handler() -> None:
-    response = _get_async("/readyz")
-    assert response.status_code == 200, response.content

@@ -1,0 +1,149 @@
+"""HTTP under daphne: Django's WSGI handler, run in a pool of threads (a2wsgi), with admission.
+
+Django's ASGI handler serves a sync view by crossing from the event loop to a thread and back
+at each sync/async boundary of the middleware chain, and it starts a new thread for every
+request (and another to join it). For a heartbeat, whose view and four queries take about a
+millisecond, that machinery was most of the ~6 ms of CPU it cost one daphne process (issue 9:
+157 heartbeats/s at 94 % CPU, p95 over 6 s). Every view of poolsadmin is sync, so HTTP runs
+Django's sync handler instead, whole, in a thread of a pool that is kept: one crossing per
+request, the same middleware chain as the test client's. WebSockets stay on Channels.
+
+Admission: at most HTTP_THREADS requests work at once; the others wait on the event loop, in
+order, where waiting costs nothing (a thread per waiting request would be created for each,
+and they would all contend for the interpreter and the database pool: 503s past its timeout).
+A heartbeat that waits for work (agents/nudge.py) gives its place up while it waits (`idle`)
+and takes one again to answer; such heartbeats are capped at LONG_POLLS_MAX (each holds a
+thread), so the pool has HTTP_THREADS + LONG_POLLS_MAX threads, started only when needed, and
+a few more for the probes, which skip admission: a busy process still answers /healthz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+from a2wsgi import WSGIMiddleware
+from a2wsgi.wsgi_typing import WSGIApp
+from django.conf import settings
+from django.core.wsgi import get_wsgi_application
+
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_THREADS = 4
+
+
+def http_application() -> HttpAdmission:
+    """The ASGI application for HTTP: Django's WSGI handler in a pool of threads, behind
+    admission."""
+    _parse_content_type_once()
+    # A Django response is iterable bytes, as WSGI asks; django-stubs types it otherwise.
+    django_wsgi = cast(WSGIApp, get_wsgi_application())
+    threads = settings.HTTP_THREADS + settings.LONG_POLLS_MAX + PROBE_THREADS
+    return HttpAdmission(WSGIMiddleware(django_wsgi, workers=threads), settings.HTTP_THREADS)
+
+
+class _Place:
+    """A request's place among the HTTP_THREADS that work: taken on the event loop before its
+    thread starts, given back when it ends, and given up and taken again around a wait."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, places: asyncio.Semaphore) -> None:
+        self._loop = loop
+        self._places = places
+        self._lock = threading.Lock()
+        self._held = True
+        self._ended = False
+
+    def give_up(self) -> None:  # on the request's thread
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._loop.call_soon_threadsafe(self._places.release)
+
+    def take_again(self) -> None:  # on the request's thread; waits for a place
+        asyncio.run_coroutine_threadsafe(self._places.acquire(), self._loop).result()
+        with self._lock:
+            if not self._ended:
+                self._held = True
+                return
+        # The request ended meanwhile (its client went away): the place is not its any more.
+        self._loop.call_soon_threadsafe(self._places.release)
+
+    def end(self) -> None:  # on the event loop
+        with self._lock:
+            self._ended = True
+            held, self._held = self._held, False
+        if held:
+            self._places.release()
+
+
+_place: contextvars.ContextVar[_Place | None] = contextvars.ContextVar("http_place", default=None)
+
+
+class HttpAdmission:
+    """ASGI middleware: at most `places` requests inside `app` at once (probes aside); the
+    request's thread sees its place (a2wsgi runs it in a copy of the request's context)."""
+
+    def __init__(self, app: WSGIMiddleware, places: int) -> None:
+        self.app = app
+        self.places = places
+        # One per event loop (daphne has one; a test may run several, one after another).
+        self._semaphores: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Semaphore
+        ] = weakref.WeakKeyDictionary()
+
+    @property
+    def executor(self) -> Any:
+        return self.app.executor
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        places = self._semaphores.get(loop)
+        if places is None:
+            places = self._semaphores[loop] = asyncio.Semaphore(self.places)
+        await places.acquire()
+        place = _Place(loop, places)
+        token = _place.set(place)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _place.reset(token)
+            place.end()
+
+
+@contextmanager
+def idle() -> Iterator[None]:
+    """While the block runs (a heartbeat waiting for work), the current request's place goes to
+    a request that works; it takes a place again, waiting if need be, when the block ends.
+    Outside a request of the HTTP application (tests, the worker): nothing."""
+    place = _place.get()
+    if place is None:
+        yield
+        return
+    place.give_up()
+    try:
+        yield
+    finally:
+        place.take_again()
+
+
+def _parse_content_type_once() -> None:
+    """daphne's HTTP (twisted.web) parses every request's Content-Type header through the
+    email package, whatever the type, to see whether it is a form it should decode: about 15 %
+    of the web process's CPU when 1,000 agents heartbeat (the same "application/json" each
+    time). The parse is a pure function of the header's bytes, so it is kept for the few
+    values clients send (bounded: an odd client cannot grow it). A Twisted without that
+    function is left as it is (tests/lib/test_http_app.py says when it went)."""
+    from twisted.web import http
+
+    parse = getattr(http, "_parseContentType", None)
+    if parse is None or hasattr(parse, "cache_info"):
+        return
+    http._parseContentType = functools.lru_cache(maxsize=64)(parse)
