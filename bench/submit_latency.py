@@ -12,8 +12,9 @@ registered agents with 4 slots each, 10 workspaces, an admin API token), then, -
    run), starts one web process as the image does (`daphne --proxy-headers`) and one
    `manage.py worker` (the scheduler wakes on the submission's notice, lib/wake.py);
 2. runs one raw-HTTP client per agent (asyncio streams, keep-alive), each heartbeating with
-   `"wait": --wait` (agents/nudge.py); an assignment is accepted and reported `success` at
-   once, so its slot comes free again, and the agent heartbeats again;
+   `"wait": --wait` (agents/nudge.py); as the reference agent does, an assignment is
+   accepted in the heartbeat loop and its outcome (`success`, at once, so its slot comes
+   free again) reported from beside it, and the agent heartbeats again at once;
 3. submits plans through `POST /api/v1/workspaces/<id>/tasks` at --rate a second for
    --seconds (each at its own instant, on its own connection pool, never waiting for the
    previous answer);
@@ -150,17 +151,43 @@ class Connection:
 async def agent(
     port: int, token: str, agent_id: str, secret: str, wait: float, stop_at: float, run: Run
 ) -> None:
+    """As the reference agent (agents/reference.py) does: heartbeat, accept each assignment
+    in the heartbeat loop, and report its outcome from beside the loop (there a task's
+    thread; here one reporter per agent on a connection of its own), so that the next
+    heartbeat goes out at once, naming the tasks held until their reports are answered."""
     loop = asyncio.get_running_loop()
     conn = Connection(port)
     headers = {"Authorization": f"Bearer {token}", "X-Agent-Secret": secret}
     base = "/api/v1/agents"
+    held: set[int] = set()
+    outcomes: asyncio.Queue[int] = asyncio.Queue()
+
+    async def reporter() -> None:
+        reports = Connection(port)
+        try:
+            while True:
+                task_id = await outcomes.get()
+                try:
+                    await reports.call(
+                        "PUT",
+                        f"{base}/tasks/{task_id}/status",
+                        headers,
+                        {"agent_id": agent_id, "status": "success"},
+                    )
+                except (OSError, EOFError, ValueError, TimeoutError) as exc:
+                    run.agent_errors[f"report {type(exc).__name__}"] += 1
+                held.discard(task_id)
+        finally:
+            reports.close()
+
+    reporting = asyncio.ensure_future(reporter())
     while loop.time() < stop_at:
         try:
             status, answer = await conn.call(
                 "POST",
                 f"{base}/{agent_id}/heartbeat",
                 headers,
-                {"running_task_ids": [], "wait": wait},
+                {"running_task_ids": sorted(held), "wait": wait},
             )
             now = time.monotonic()
             if status != 200:
@@ -173,15 +200,12 @@ async def agent(
                 await conn.call(
                     "POST", f"{base}/tasks/{task_id}/accept", headers, {"agent_id": agent_id}
                 )
-                await conn.call(
-                    "PUT",
-                    f"{base}/tasks/{task_id}/status",
-                    headers,
-                    {"agent_id": agent_id, "status": "success"},
-                )
+                held.add(task_id)
+                outcomes.put_nowait(task_id)
         except (OSError, EOFError, ValueError, TimeoutError) as exc:
             run.agent_errors[type(exc).__name__] += 1
             await asyncio.sleep(1.0)
+    reporting.cancel()
     conn.close()
 
 
@@ -275,7 +299,7 @@ def main() -> None:
         source=args.source,
         database_url=url_for(args.admin_url, BENCH_DB),
         prefix="bench-submit-",
-        debug=True,
+        debug=False,
     )
     var_dir = env["POOLSADMIN_VAR_DIR"]
     print(f"{now_stamp()}; {machine()}; load {os.getloadavg()[0]:.2f}")
