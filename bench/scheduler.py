@@ -296,7 +296,9 @@ def main() -> None:
                     (
                         f"2 processes / 1, {pools} pool(s) x {pods} pods",
                         f"{faster:.2f}",
-                        ">= 1 (faster on the 50-pool layout)",
+                        # One pool is one claim: a second process takes turns with the
+                        # first, so "never slower" is within the noise of the rounds.
+                        ">= 0.95 (never slower)" if pools == 1 else "> 1 (faster)",
                         faster >= 0.95 if pools == 1 else faster > 1.0,
                     )
                 )

@@ -210,7 +210,7 @@ def test_a_waiting_request_gives_its_place_to_one_that_works() -> None:
         working = asyncio.ensure_future(_get(app, "/work"))
         await _entered(held, 1)  # in, while the first holds no place: it would wait otherwise
         held.go.set()
-        return await asyncio.gather(waiting, working)
+        return list(await asyncio.gather(waiting, working))
 
     assert async_to_sync(scenario)() == [200, 200]
 
