@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import queue
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -44,7 +46,52 @@ def http_application() -> HttpAdmission:
     # A Django response is iterable bytes, as WSGI asks; django-stubs types it otherwise.
     django_wsgi = cast(WSGIApp, get_wsgi_application())
     threads = settings.HTTP_THREADS + settings.LONG_POLLS_MAX + PROBE_THREADS
-    return HttpAdmission(WSGIMiddleware(django_wsgi, workers=threads), settings.HTTP_THREADS)
+    return HttpAdmission(WsgiInThreads(django_wsgi, threads), settings.HTTP_THREADS)
+
+
+class Threads(Executor):
+    """Daemon threads, started as needed up to `most` and kept. Like ThreadPoolExecutor, but a
+    process exits without joining them: a request whose thread waits on daphne's event loop
+    when it stops (a response's last message, sent as SIGTERM arrives) would otherwise hold
+    the exit forever (ThreadPoolExecutor joins its threads at interpreter exit)."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.started = 0
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # one per thread waiting for work
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._work.put((future, functools.partial(fn, *args, **kwargs)))
+        if not self._idle.acquire(blocking=False):
+            with self._lock:
+                if self.started < self.most:
+                    self.started += 1
+                    name = f"http-{self.started}"
+                    threading.Thread(target=self._serve, name=name, daemon=True).start()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            future, call = self._work.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call())
+                except BaseException as error:  # the future carries it to the caller
+                    future.set_exception(error)
+            del future, call
+            self._idle.release()
+
+
+class WsgiInThreads(WSGIMiddleware):
+    """a2wsgi's WSGI-to-ASGI adapter on `Threads`."""
+
+    def __init__(self, app: WSGIApp, threads: int) -> None:
+        super().__init__(app, workers=1)  # its own pool starts no thread until used: never
+        # a2wsgi calls only `submit` (through run_in_executor), which Threads has.
+        self.executor = cast(ThreadPoolExecutor, Threads(threads))
 
 
 class _Place:

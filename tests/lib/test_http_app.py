@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from a2wsgi import WSGIMiddleware
 from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
 from twisted.web import http as twisted_http
 
-from poolsadmin.lib.http_app import PROBE_THREADS, HttpAdmission, http_application, idle
+from poolsadmin.lib.http_app import (
+    PROBE_THREADS,
+    HttpAdmission,
+    Threads,
+    WsgiInThreads,
+    http_application,
+    idle,
+)
 from poolsadmin.pools.services import pool_token_create
 from tests.ledger import ADMIN, make_agent_with_secret, make_pool
+from tests.processes import ROOT
 
 PATIENCE_SECONDS = 30
 
@@ -112,7 +121,7 @@ def test_a_heartbeat_is_answered_on_a_thread_of_the_pool(app: Any) -> None:
     assert status == 200, content
     assert headers["content-type"] == "application/json"
     assert json.loads(content) == {"assignments": [], "cancellations": []}
-    assert seen and seen[0].startswith("WSGI")  # a2wsgi's pool, not a thread per request
+    assert seen and seen[0].startswith("http-")  # a kept thread of the pool, not one per request
 
 
 def test_the_pool_has_threads_for_requests_and_for_waiting_heartbeats(settings: Any) -> None:
@@ -120,7 +129,7 @@ def test_the_pool_has_threads_for_requests_and_for_waiting_heartbeats(settings: 
     settings.LONG_POLLS_MAX = 5
 
     # and a few for the probes, which are answered even when every place is taken
-    assert http_application().executor._max_workers == 7 + 5 + PROBE_THREADS
+    assert http_application().executor.most == 7 + 5 + PROBE_THREADS
 
 
 def test_twisted_parses_each_content_type_once_with_the_same_result(app: Any) -> None:
@@ -165,7 +174,7 @@ class _Held:
 
 
 def _admitted(held: _Held, places: int) -> HttpAdmission:
-    return HttpAdmission(WSGIMiddleware(held, workers=10), places)
+    return HttpAdmission(WsgiInThreads(held, 10), places)
 
 
 async def _get(app: Any, path: str) -> int:
@@ -233,3 +242,42 @@ def test_a_probe_is_answered_while_every_place_is_taken() -> None:
 def test_idle_outside_a_request_does_nothing() -> None:
     with idle():
         pass
+
+
+def test_the_threads_are_started_as_needed_and_kept() -> None:
+    threads = Threads(most=3)
+    names = [threads.submit(lambda: threading.current_thread().name).result() for _ in range(4)]
+
+    assert names == ["http-1"] * 4  # one at a time: the one thread, kept
+    assert threads.started == 1
+    assert threads.submit(lambda n: n * 2, 21).result(PATIENCE_SECONDS) == 42
+    with pytest.raises(ZeroDivisionError):
+        threads.submit(lambda: 1 / 0).result(PATIENCE_SECONDS)
+
+
+def test_no_more_threads_than_most_however_many_wait() -> None:
+    threads = Threads(most=2)
+    go = threading.Event()
+    futures = [threads.submit(go.wait, PATIENCE_SECONDS) for _ in range(5)]
+
+    assert threads.started == 2
+    go.set()
+    assert [f.result(PATIENCE_SECONDS) for f in futures] == [True] * 5
+
+
+def test_a_thread_stuck_in_a_request_does_not_hold_the_process_exit(tmp_path: Path) -> None:
+    """As when daphne stops while a response's last message waits for its event loop: with
+    ThreadPoolExecutor the interpreter joins the thread at exit, forever (it happened in CI)."""
+    script = (
+        "import threading\n"
+        "from poolsadmin.lib.http_app import Threads\n"
+        "threads = Threads(most=1)\n"
+        "threads.submit(threading.Event().wait)\n"
+        "print('exiting', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=PATIENCE_SECONDS, cwd=ROOT
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"exiting\n"
