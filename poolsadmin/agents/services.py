@@ -374,7 +374,6 @@ def agent_heartbeat(
     """
     now = clock.now()
     reported = sorted(set(running_task_ids))
-    answer = HeartbeatAnswer()
     with transaction.atomic():
         was = _agent_heard(agent=agent, now=now, reported=reported, cpu=cpu, memory=memory)
         if was == AgentStatus.OFFLINE:
@@ -390,17 +389,7 @@ def agent_heartbeat(
             broadcast_pool_changed(
                 pool_id=agent.pool_id, kind="agent", payload={"agent": agent.agent_name}
             )
-        # Only what the answer and the cross-check read, and no join: this runs 200 times a
-        # second at fleet size (issue 9).
-        mine = {
-            t.pk: t
-            for t in WorkspaceTask.objects.filter(
-                agent_id=agent.agent_id,
-                status__in=[TaskStatus.RUNNING, TaskStatus.APPLY_PENDING],
-            )
-            .order_by()
-            .only(*HEARTBEAT_TASK_FIELDS)
-        }
+        mine = _agent_tasks(agent)
         running_acked = [
             t for t in mine.values() if t.status == TaskStatus.RUNNING and t.acked_at is not None
         ]
@@ -421,24 +410,45 @@ def agent_heartbeat(
             WorkspaceTask.objects.filter(pk__in=present, unreported_since__isnull=False).update(
                 unreported_since=None
             )
-        for task_id in reported:
-            if task_id not in mine:
-                answer.cancellations.append(
-                    {"task_id": task_id, "reason": "the ledger does not assign it to this agent"}
-                )
-        for task in sorted(mine.values(), key=lambda t: t.pk):
-            if task.status == TaskStatus.RUNNING and task.acked_at is None:
-                answer.assignments.append(
-                    {
-                        "task_id": task.pk,
-                        "workspace_id": task.workspace_id,
-                        "task_type": task.task_type,
-                        "action": "apply" if task.is_applying else "plan",
-                        "pod": task.pod_name,
-                        "slot": task.slot_index,
-                        "reuse_workdir": task.reuse_workdir,
-                    }
-                )
+    return _answer(mine, reported)
+
+
+def _agent_tasks(agent: Agent) -> dict[int, WorkspaceTask]:
+    # Only what the answer and the cross-check read, and no join: this runs 200 times a
+    # second at fleet size (issue 9).
+    return {
+        t.pk: t
+        for t in WorkspaceTask.objects.filter(
+            agent_id=agent.agent_id,
+            status__in=[TaskStatus.RUNNING, TaskStatus.APPLY_PENDING],
+        )
+        .order_by()
+        .only(*HEARTBEAT_TASK_FIELDS)
+    }
+
+
+def _answer(mine: dict[int, WorkspaceTask], reported: list[int]) -> HeartbeatAnswer:
+    """A heartbeat's answer: the agent's dispatches it has not acknowledged, and a cancel of
+    each task it reports that the ledger does not assign to it."""
+    answer = HeartbeatAnswer()
+    for task_id in reported:
+        if task_id not in mine:
+            answer.cancellations.append(
+                {"task_id": task_id, "reason": "the ledger does not assign it to this agent"}
+            )
+    for task in sorted(mine.values(), key=lambda t: t.pk):
+        if task.status == TaskStatus.RUNNING and task.acked_at is None:
+            answer.assignments.append(
+                {
+                    "task_id": task.pk,
+                    "workspace_id": task.workspace_id,
+                    "task_type": task.task_type,
+                    "action": "apply" if task.is_applying else "plan",
+                    "pod": task.pod_name,
+                    "slot": task.slot_index,
+                    "reuse_workdir": task.reuse_workdir,
+                }
+            )
     return answer
 
 
@@ -452,7 +462,7 @@ def agent_heartbeat_wait(
 ) -> HeartbeatAnswer:
     """`agent_heartbeat`; if its answer has no assignment and no cancellation and `wait` > 0,
     wait until the agent is nudged (work dispatched to it, a task of it cancelled) or `wait`
-    seconds pass, and if it was, the heartbeat again: its answer has the news, `woken` set.
+    seconds pass, and if it was, the answer read again: it has the news, `woken` set.
     Otherwise the first answer; at once, `held` False, if this process holds as many waiting
     heartbeats as it may (agents/nudge.py)."""
     beat = functools.partial(
@@ -474,7 +484,9 @@ def agent_heartbeat_wait(
                 return first
             if not nudge_wait(woken=woken, agent_id=agent.agent_id, seconds=wait):
                 return first
-    answer = beat()
+    # The first heartbeat recorded the agent and cross-checked its tasks a moment ago; the
+    # answer is read again (one query, no write): the news the nudge announced.
+    answer = _answer(_agent_tasks(agent), sorted(set(running_task_ids)))
     answer.woken = True
     return answer
 

@@ -82,11 +82,23 @@ def request_agent(request: HttpRequest, *, pool: AgentPool, agent_id: str | None
 
 
 def pool_task(*, pool: AgentPool, task_id: int) -> WorkspaceTask:
-    """The task `task_id`, which must run in `pool`. A task never changes pool, so checking
-    outside the service's transaction is safe."""
+    """The task `task_id`, which must run in `pool` (as `pool_task_check`)."""
     task = WorkspaceTask.objects.filter(pk=task_id).first()
-    if task is None:
-        raise NotFound(f"task {task_id} does not exist")
-    if task.pool_id != pool.pool_id:
-        raise Forbidden(f"task {task_id} does not belong to the token's pool")
+    _check_pool(pool, task_id, None if task is None else task.pool_id)
+    assert task is not None
     return task
+
+
+def pool_task_check(*, pool: AgentPool, task_id: int) -> None:
+    """NotFound unless the task `task_id` exists, Forbidden unless it runs in `pool`: its pool
+    column only (accept and report run this before their service reads the task). A task
+    never changes pool, so checking outside the service's transaction is safe."""
+    found = list(WorkspaceTask.objects.filter(pk=task_id).values_list("pool_id", flat=True))
+    _check_pool(pool, task_id, found[0] if found else None)
+
+
+def _check_pool(pool: AgentPool, task_id: int, pool_id: str | None) -> None:
+    if pool_id is None:
+        raise NotFound(f"task {task_id} does not exist")
+    if pool_id != pool.pool_id:
+        raise Forbidden(f"task {task_id} does not belong to the token's pool")

@@ -33,6 +33,7 @@ from poolsadmin.agents.services import agent_heartbeat_wait, agent_register
 from poolsadmin.api.agent_auth import (
     AGENT_SECRET_HEADER,
     pool_task,
+    pool_task_check,
     pool_token_required,
     request_agent,
 )
@@ -148,7 +149,7 @@ def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpRespo
 def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     data = json_body(request)
     agent = request_agent(request, pool=pool, agent_id=field_str(data, "agent_id"))
-    pool_task(pool=pool, task_id=task_id)
+    pool_task_check(pool=pool, task_id=task_id)
     return JsonResponse(task_json(task_accept(task_id=task_id, agent=agent)))
 
 
@@ -161,7 +162,7 @@ def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
     status = field_str(data, "status")
     stage = field_str(data, "stage", required=False)
     error_message = field_str(data, "error_message", required=False)
-    pool_task(pool=pool, task_id=task_id)
+    pool_task_check(pool=pool, task_id=task_id)
     task = task_report(
         task_id=task_id, agent=agent, status=status, stage=stage, error_message=error_message
     )

@@ -14,6 +14,7 @@ from django.db import connection
 from django.test import Client
 
 from poolsadmin.agents import nudge
+from poolsadmin.agents import services as agent_services
 from poolsadmin.agents.models import Agent
 from poolsadmin.agents.services import Registration
 from poolsadmin.lib.wake import notify
@@ -240,3 +241,31 @@ def test_with_long_polls_max_0_no_heartbeat_waits(
 
     assert body == {"assignments": [], "cancellations": []}
     assert nudge.agents_waiting(agent_id=registration.agent.agent_id) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_woken_heartbeat_reads_its_answer_again_without_recording_the_heartbeat_twice(
+    setup: tuple[str, Registration, WorkspaceTask], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first heartbeat recorded the agent and cross-checked its tasks; after the nudge only
+    the answer is read again (the heartbeat is the API's hottest request, issue 9)."""
+    token, registration, task = setup
+    recorded: list[int] = []
+    record = agent_services.agent_heartbeat
+
+    def counting(**kwargs: Any) -> Any:
+        recorded.append(1)
+        return record(**kwargs)
+
+    monkeypatch.setattr(agent_services, "agent_heartbeat", counting)
+    thread, answers = _in_thread(
+        lambda: _heartbeat(token, registration, {"wait": LONG_WAIT, "cpu": 0.5})
+    )
+    _until(_waiting_for_work(registration.agent, 0.5))
+
+    task_dispatch(task_id=task.pk)
+
+    body = _answered(thread, answers)
+    assert [a["task_id"] for a in body["assignments"]] == [task.pk]
+    assert body["woken"] is True
+    assert recorded == [1]
