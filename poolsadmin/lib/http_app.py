@@ -89,8 +89,9 @@ class WsgiInThreads(WSGIMiddleware):
     """a2wsgi's WSGI-to-ASGI adapter on `Threads`."""
 
     def __init__(self, app: WSGIApp, threads: int) -> None:
-        super().__init__(app, workers=1)  # its own pool starts no thread until used: never
-        # a2wsgi calls only `submit` (through run_in_executor), which Threads has.
+        # a2wsgi makes a ThreadPoolExecutor of its own, which starts no thread until it is
+        # used (never); it calls only `submit` (run_in_executor), which Threads has.
+        super().__init__(app, workers=1)
         self.executor = cast(ThreadPoolExecutor, Threads(threads))
 
 
