@@ -13,10 +13,11 @@ answer at once.
 * Each web process has one LISTEN connection (`Fanout`) that wakes the threads waiting for
   those ids. A waiting heartbeat holds a thread and an Event, not a database connection: it
   hands its connection back to the pool before it waits.
-* A process holds at most LONG_POLLS_MAX waiting heartbeats (`nudge_hold`): each takes one
-  of the threads set aside for them (lib/http_app.py). Past that a heartbeat that asks to
-  wait is answered at once, without `woken`, as if it had asked none: the agent paces itself
-  by its interval, and the dashboard, the API and the probes keep their threads.
+* A process holds at most LONG_POLLS_MAX waiting heartbeats (the Fanout counts its waiters;
+  `nudge_waiter` gives None past them): each takes one of the threads set aside for them
+  (lib/http_app.py). Past that a heartbeat that asks to wait is answered at once, without
+  `woken`, as if it had asked none: the agent paces itself by its interval, and the
+  dashboard, the API and the probes keep their threads.
 * Where nothing listens (SQLite, or while the LISTEN connection is being made again) the
   waiter looks at the ledger itself every POLL_SECONDS, and, as a safety net for a lost
   notice, every SAFETY_POLL_SECONDS while listening.
@@ -42,8 +43,6 @@ POLL_SECONDS = 0.25
 SAFETY_POLL_SECONDS = 5.0
 
 _fanout = Fanout(AGENTS_CHANNEL)
-_holding = 0  # heartbeats of this process inside `nudge_hold`
-_holding_lock = threading.Lock()
 
 
 def agents_nudge(*, agent_ids: Iterable[str | None]) -> None:
@@ -74,27 +73,11 @@ def _release_connection() -> None:
 
 
 @contextmanager
-def nudge_hold() -> Iterator[bool]:
-    """True (and one of the LONG_POLLS_MAX places taken until the block ends) if this process
-    may hold one more waiting heartbeat; False if it holds as many as it may."""
-    global _holding
-    with _holding_lock:
-        held = _holding < settings.LONG_POLLS_MAX
-        if held:
-            _holding += 1
-    try:
-        yield held
-    finally:
-        if held:
-            with _holding_lock:
-                _holding -= 1
-
-
-@contextmanager
-def nudge_waiter(*, agent_id: str) -> Iterator[threading.Event]:
+def nudge_waiter(*, agent_id: str) -> Iterator[threading.Event | None]:
     """An Event that the next nudge of `agent_id` sets, from now on: enter it before reading
-    the ledger, so that no dispatch between the read and the wait is missed."""
-    with _fanout.waiter(agent_id) as woken:
+    the ledger, so that no dispatch between the read and the wait is missed. None if this
+    process already holds LONG_POLLS_MAX waiting heartbeats."""
+    with _fanout.waiter(agent_id, most=settings.LONG_POLLS_MAX) as woken:
         yield woken
 
 

@@ -13,7 +13,7 @@ from django.db import IntegrityError, transaction
 
 from poolsadmin.agents.liveness import Liveness, liveness_read
 from poolsadmin.agents.models import Agent, AgentStatus
-from poolsadmin.agents.nudge import nudge_hold, nudge_wait, nudge_waiter
+from poolsadmin.agents.nudge import nudge_wait, nudge_waiter
 from poolsadmin.events.services import event_record
 from poolsadmin.lib import clock
 from poolsadmin.lib.errors import Conflict, Forbidden, InvalidInput, NotFound
@@ -471,19 +471,18 @@ def agent_heartbeat_wait(
     if wait <= 0:
         # No waiter, and so no LISTEN connection in a process whose agents never wait.
         return beat()
-    with nudge_hold() as held:
-        if not held:
+    with nudge_waiter(agent_id=agent.agent_id) as woken:
+        if woken is None:  # this process holds as many waiting heartbeats as it may
             answer = beat()
             answer.held = False
             return answer
-        with nudge_waiter(agent_id=agent.agent_id) as woken:
-            # Entered before the heartbeat reads the ledger: a dispatch that commits after
-            # the read wakes it; one that committed before is in the answer.
-            first = beat()
-            if first.assignments or first.cancellations:
-                return first
-            if not nudge_wait(woken=woken, agent_id=agent.agent_id, seconds=wait):
-                return first
+        # Entered before the heartbeat reads the ledger: a dispatch that commits after the
+        # read wakes it; one that committed before is in the answer.
+        first = beat()
+        if first.assignments or first.cancellations:
+            return first
+        if not nudge_wait(woken=woken, agent_id=agent.agent_id, seconds=wait):
+            return first
     # The first heartbeat recorded the agent and cross-checked its tasks a moment ago; the
     # answer is read again (one query, no write): the news the nudge announced.
     answer = _answer(_agent_tasks(agent), sorted(set(running_task_ids)))

@@ -96,6 +96,7 @@ class Fanout:
         self.listening = threading.Event()
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
+        self._count = 0  # waiters of every key
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -111,20 +112,29 @@ class Fanout:
             return len(self._waiters.get(key, ()))
 
     @contextmanager
-    def waiter(self, key: str) -> Iterator[threading.Event]:
+    def waiter(self, key: str, *, most: int | None = None) -> Iterator[threading.Event | None]:
         """An Event set by the next notice for `key` from now on; register it before reading
-        the state it waits on, so that no change between the read and the wait is missed."""
-        self._start_listener()
+        the state it waits on, so that no change between the read and the wait is missed.
+        None, and nothing registered, if `most` waiters (of every key) are registered
+        already."""
         woken = threading.Event()
         with self._lock:
-            self._waiters.setdefault(key, set()).add(woken)
+            full = most is not None and self._count >= most
+            if not full:
+                self._waiters.setdefault(key, set()).add(woken)
+                self._count += 1
+        if full:
+            yield None
+            return
+        self._start_listener()
         try:
             yield woken
         finally:
             with self._lock:
                 waiters = self._waiters.get(key)
-                if waiters is not None:
+                if waiters is not None and woken in waiters:
                     waiters.discard(woken)
+                    self._count -= 1
                     if not waiters:
                         del self._waiters[key]
 
@@ -185,7 +195,9 @@ class Listener:
             stop.wait(timeout)
             return False
         if self._woken is None:
-            self._woken = self._held.enter_context(self._fanout.waiter(WORK_KEY))
+            woken = self._held.enter_context(self._fanout.waiter(WORK_KEY))
+            assert woken is not None  # a waiter without `most` is always registered
+            self._woken = woken
             # The first wait lasts until the connection listens (as long as connecting may
             # take): a notice sent before that would be lost.
             self._fanout.listening.wait(max(timeout, FIRST_LISTEN_SECONDS))

@@ -9,7 +9,7 @@ import threading
 import pytest
 from django.db import connections, transaction
 
-from poolsadmin.lib.wake import Listener, _payloads
+from poolsadmin.lib.wake import Fanout, Listener, _payloads
 from poolsadmin.scheduler.services import scheduler_pass
 from poolsadmin.tasks.models import TaskStatus
 from poolsadmin.worker.loops import Loop
@@ -89,3 +89,15 @@ def test_many_keys_go_in_several_notices_each_under_the_servers_payload_limit() 
     assert len(payloads) > 1
     assert all(len(p.encode()) < 8000 for p in payloads)
     assert [key for p in payloads for key in p.split(",")] == keys
+
+
+def test_a_fanout_registers_no_waiter_past_most_and_counts_the_ones_that_leave() -> None:
+    fanout = Fanout("poolsadmin_test_most")
+    with fanout.waiter("a", most=2) as first, fanout.waiter("b", most=2) as second:
+        assert first is not None and second is not None
+        with fanout.waiter("a", most=2) as third:
+            assert third is None
+            assert fanout.waiting("a") == 1
+    with fanout.waiter("a", most=1) as again:  # the two left: there is room again
+        assert again is not None
+    fanout.stop()
