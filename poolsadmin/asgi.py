@@ -7,9 +7,14 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "poolsadmin.settings")
 
-from poolsadmin.lib.http_app import http_application
+import django
 
-http_app = http_application()  # sets Django up, before the imports that need its apps
+django.setup(set_prefix=False)  # as get_wsgi_application does, before the imports below
+
+from poolsadmin.health.middleware import PROBES  # noqa: E402
+from poolsadmin.lib.http_app import http_application  # noqa: E402
+
+http_app = http_application(exempt=PROBES)  # a saturated process still answers its probes
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

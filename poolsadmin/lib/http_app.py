@@ -25,7 +25,7 @@ import functools
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, cast
@@ -35,18 +35,19 @@ from a2wsgi.wsgi_typing import WSGIApp
 from django.conf import settings
 from django.core.wsgi import get_wsgi_application
 
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
-PROBE_THREADS = 4
+PROBE_THREADS = 4  # beyond the others, for the paths that skip admission
 
 
-def http_application() -> HttpAdmission:
+def http_application(*, exempt: Iterable[str]) -> HttpAdmission:
     """The ASGI application for HTTP: Django's WSGI handler in a pool of threads, behind
-    admission."""
+    admission, which the paths of `exempt` (the health probes) skip."""
     _parse_content_type_once()
     # A Django response is iterable bytes, as WSGI asks; django-stubs types it otherwise.
     django_wsgi = cast(WSGIApp, get_wsgi_application())
     threads = settings.HTTP_THREADS + settings.LONG_POLLS_MAX + PROBE_THREADS
-    return HttpAdmission(WsgiInThreads(django_wsgi, threads), settings.HTTP_THREADS)
+    return HttpAdmission(
+        WsgiInThreads(django_wsgi, threads), places=settings.HTTP_THREADS, exempt=exempt
+    )
 
 
 class Threads(Executor):
@@ -92,7 +93,8 @@ class WsgiInThreads(WSGIMiddleware):
         # a2wsgi makes a ThreadPoolExecutor of its own, which starts no thread until it is
         # used (never); it calls only `submit` (run_in_executor), which Threads has.
         super().__init__(app, workers=1)
-        self.executor = cast(ThreadPoolExecutor, Threads(threads))
+        self.threads = Threads(threads)
+        self.executor = cast(ThreadPoolExecutor, self.threads)
 
 
 class _Place:
@@ -133,23 +135,21 @@ _place: contextvars.ContextVar[_Place | None] = contextvars.ContextVar("http_pla
 
 
 class HttpAdmission:
-    """ASGI middleware: at most `places` requests inside `app` at once (probes aside); the
-    request's thread sees its place (a2wsgi runs it in a copy of the request's context)."""
+    """ASGI middleware: at most `places` requests inside `app` at once (those of `exempt`
+    paths aside); the request's thread sees its place (a2wsgi runs it in a copy of the
+    request's context)."""
 
-    def __init__(self, app: WSGIMiddleware, places: int) -> None:
+    def __init__(self, app: WsgiInThreads, *, places: int, exempt: Iterable[str]) -> None:
         self.app = app
         self.places = places
+        self.exempt = frozenset(exempt)
         # One per event loop (daphne has one; a test may run several, one after another).
         self._semaphores: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, asyncio.Semaphore
         ] = weakref.WeakKeyDictionary()
 
-    @property
-    def executor(self) -> Any:
-        return self.app.executor
-
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in PROBE_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
         loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
 from twisted.web import http as twisted_http
 
+from poolsadmin.health.middleware import PROBES
 from poolsadmin.lib.http_app import (
     PROBE_THREADS,
     HttpAdmission,
@@ -68,7 +69,7 @@ def _request(
 
 @pytest.fixture(scope="module")
 def app() -> Any:
-    return http_application()
+    return http_application(exempt=PROBES)
 
 
 def test_a_probe_is_answered(app: Any) -> None:
@@ -83,7 +84,9 @@ def test_a_static_file_is_served_by_whitenoise(settings: Any, collected_static: 
     # production, from the files it finds there when the application starts.
     settings.STATIC_ROOT = collected_static
 
-    status, headers, content = _request(http_application(), "GET", "/static/css/app.css")
+    status, headers, content = _request(
+        http_application(exempt=PROBES), "GET", "/static/css/app.css"
+    )
 
     assert status == 200
     assert headers["content-type"].startswith("text/css")
@@ -129,7 +132,7 @@ def test_the_pool_has_threads_for_requests_and_for_waiting_heartbeats(settings: 
     settings.LONG_POLLS_MAX = 5
 
     # and a few for the probes, which are answered even when every place is taken
-    assert http_application().executor.most == 7 + 5 + PROBE_THREADS
+    assert http_application(exempt=PROBES).app.threads.most == 7 + 5 + PROBE_THREADS
 
 
 def test_twisted_parses_each_content_type_once_with_the_same_result(app: Any) -> None:
@@ -174,7 +177,7 @@ class _Held:
 
 
 def _admitted(held: _Held, places: int) -> HttpAdmission:
-    return HttpAdmission(WsgiInThreads(held, 10), places)
+    return HttpAdmission(WsgiInThreads(held, 10), places=places, exempt=PROBES)
 
 
 async def _get(app: Any, path: str) -> int:
