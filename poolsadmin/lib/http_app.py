@@ -1,4 +1,4 @@
-"""HTTP under daphne: Django's WSGI handler, run in a pool of threads (a2wsgi), with admission.
+"""HTTP under daphne: Django's WSGI handler, run in a pool of threads, with admission.
 
 Django's ASGI handler serves a sync view by crossing from the event loop to a thread and back
 at each sync/async boundary of the middleware chain, and it starts a new thread for every
@@ -6,7 +6,8 @@ request (and another to join it). For a heartbeat, whose view and four queries t
 millisecond, that machinery was most of the ~6 ms of CPU it cost one daphne process (issue 9:
 157 heartbeats/s at 94 % CPU, p95 over 6 s). Every view of poolsadmin is sync, so HTTP runs
 Django's sync handler instead, whole, in a thread of a pool that is kept: one crossing per
-request, the same middleware chain as the test client's. WebSockets stay on Channels.
+request, the same middleware chain as the test client's (WsgiInThreads: the body is read
+before the thread starts and the response sent after it ends). WebSockets stay on Channels.
 
 Admission: at most HTTP_THREADS requests work at once; the others wait on the event loop, in
 order, where waiting costs nothing (a thread per waiting request would be created for each,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import io
 import queue
 import threading
 import weakref
@@ -31,11 +33,16 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 from a2wsgi import WSGIMiddleware
-from a2wsgi.wsgi_typing import WSGIApp
+from a2wsgi.wsgi import build_environ
+from a2wsgi.wsgi_typing import ExceptionInfo, WSGIApp
 from django.conf import settings
 from django.core.wsgi import get_wsgi_application
 
 PROBE_THREADS = 4  # beyond the others, for the paths that skip admission
+# A request body up to this size is read on the event loop before the request's thread starts,
+# and a response up to this size is sent from the event loop after it ends (WsgiInThreads);
+# larger ones stream, message by message, as a2wsgi streams them.
+BUFFERED_BYTES = 1024 * 1024
 
 
 def http_application(*, exempt: Iterable[str]) -> HttpAdmission:
@@ -87,7 +94,15 @@ class Threads(Executor):
 
 
 class WsgiInThreads(WSGIMiddleware):
-    """a2wsgi's WSGI-to-ASGI adapter on `Threads`."""
+    """a2wsgi's WSGI-to-ASGI adapter on `Threads`, with one crossing each way for a request
+    whose body and response fit in BUFFERED_BYTES (every request of the API and the pages).
+
+    a2wsgi's thread crosses back to the event loop and waits there for each message: the
+    body, the response's start, each chunk and its end, five round trips of a thread and the
+    loop for a heartbeat. In a virtual machine each wake-up is a context switch that costs
+    more than the interpreter's work around it (issue 9: about a third of the web process's
+    CPU was the kernel switching tasks). Here the loop reads the body before the thread
+    starts and sends the response after it ends; the thread only runs Django."""
 
     def __init__(self, app: WSGIApp, threads: int) -> None:
         # a2wsgi makes a ThreadPoolExecutor of its own, which starts no thread until it is
@@ -95,6 +110,111 @@ class WsgiInThreads(WSGIMiddleware):
         super().__init__(app, workers=1)
         self.threads = Threads(threads)
         self.executor = cast(ThreadPoolExecutor, self.threads)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        started = await _body_start(receive)
+        if started is None:  # the client left before its request was whole: nothing to run
+            return
+        body, more = started
+        if more:  # too big to hold: a2wsgi reads the rest as the thread asks for it
+            await super().__call__(scope, _replay(body, receive), send)
+            return
+        loop = asyncio.get_running_loop()
+        reply = _Reply(loop, send)
+        environ = build_environ(scope, cast(Any, io.BytesIO(body)))
+        call = functools.partial(contextvars.copy_context().run, reply.run, self.app, environ)
+        await loop.run_in_executor(self.threads, call)
+        await reply.finish()
+
+
+async def _body_start(receive: Any) -> tuple[bytes, bool] | None:
+    """The request body's first BUFFERED_BYTES (all of it, as a rule), and whether more
+    follows; None if the client went away first."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            return None
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(body), False
+        if len(body) >= BUFFERED_BYTES:
+            return bytes(body), True
+
+
+def _replay(first: bytes, receive: Any) -> Any:
+    """`receive` that gives `first` (read already) and then what is still to come."""
+    replayed = False
+
+    async def again() -> Any:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": first, "more_body": True}
+        return await receive()
+
+    return again
+
+
+class _Reply:
+    """A response collected on the request's thread and sent from the event loop when the
+    thread ends; past BUFFERED_BYTES (a large static file) the thread hands what it has to
+    the loop and waits for it to be sent, chunk by chunk."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: Any) -> None:
+        self._loop = loop
+        self._send = send
+        self._start: dict[str, Any] | None = None
+        self._started = False  # the start went to the client
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def run(self, app: WSGIApp, environ: Any) -> None:  # on the request's thread
+        iterable = app(environ, self._start_response)
+        try:
+            for chunk in iterable:
+                self._write(chunk)
+        finally:
+            close = getattr(iterable, "close", None)
+            if close is not None:
+                close()
+
+    def _start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExceptionInfo | None = None
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None and self._started:
+            raise exc_info[1].with_traceback(exc_info[2])
+        self._start = {
+            "type": "http.response.start",
+            "status": int(status.split(" ", 1)[0]),
+            "headers": [
+                (name.strip().encode("latin1").lower(), value.strip().encode("latin1"))
+                for name, value in headers
+            ],
+        }
+        return self._write
+
+    def _write(self, chunk: bytes) -> None:
+        if chunk:
+            self._chunks.append(chunk)
+            self._size += len(chunk)
+        if self._size > BUFFERED_BYTES:
+            asyncio.run_coroutine_threadsafe(self._flush(more=True), self._loop).result()
+
+    async def _flush(self, *, more: bool) -> None:
+        if not self._started:
+            assert self._start is not None, "a WSGI application writes after start_response"
+            self._started = True
+            await self._send(self._start)
+        body, self._chunks, self._size = b"".join(self._chunks), [], 0
+        if body or not more:
+            await self._send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def finish(self) -> None:  # on the event loop, once the thread has ended
+        await self._flush(more=False)
 
 
 class _Place:

@@ -287,3 +287,151 @@ def test_a_thread_stuck_in_a_request_does_not_hold_the_process_exit(tmp_path: Pa
 
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"exiting\n"
+
+
+# The crossings between the event loop and a request's thread (WsgiInThreads), with WSGI
+# applications of the test's own.
+
+
+def _scope(method: str, path: str, body_size: int) -> dict[str, Any]:
+    return {"type": "http", "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "query_string": b"", "root_path": "",
+            "headers": [(b"content-length", str(body_size).encode())],
+            "server": ("testserver", 80)}  # fmt: skip
+
+
+def _exchange(
+    app: Any, scope: dict[str, Any], inputs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every message the application sends for `inputs`, to the response's last."""
+
+    async def talk() -> list[dict[str, Any]]:
+        communicator = ApplicationCommunicator(app, scope)
+        for message in inputs:
+            await communicator.send_input(message)
+        sent = [await communicator.receive_output(PATIENCE_SECONDS)]
+        while True:
+            sent.append(await communicator.receive_output(PATIENCE_SECONDS))
+            if not sent[-1].get("more_body"):
+                return sent
+
+    return async_to_sync(talk)()
+
+
+class _Echo:
+    """Answers with the size of the body it read, its own thread's crossings to the event loop
+    counted (a2wsgi crosses for each read and each message of the response)."""
+
+    def __init__(self, *, answer_size: int = 0, chunk: int = 64 * 1024) -> None:
+        self.answer_size = answer_size
+        self.chunk = chunk
+        self.calls = 0
+        self.crossings = 0
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        self.calls += 1
+        original = asyncio.run_coroutine_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.crossings += 1
+            return original(*args, **kwargs)
+
+        asyncio.run_coroutine_threadsafe = counted
+        try:
+            size = len(environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"])))
+            write = start_response("200 OK", [("Content-Type", "text/plain")])
+            write(b"read ")  # WSGI's write callable, before the iterable's chunks
+            yield f"{size}".encode()
+            left = self.answer_size
+            while left > 0:
+                yield b"x" * min(self.chunk, left)
+                left -= self.chunk
+        finally:
+            asyncio.run_coroutine_threadsafe = original
+
+
+def test_a_small_request_crosses_to_its_thread_and_back_once() -> None:
+    echo = _Echo()
+    body = b"{}" * 100
+
+    sent = _exchange(
+        WsgiInThreads(echo, 2),
+        _scope("POST", "/echo", len(body)),
+        [{"type": "http.request", "body": body, "more_body": False}],
+    )
+
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200
+    assert sent[1] == {"type": "http.response.body", "body": b"read 200", "more_body": False}
+    assert echo.calls == 1
+    assert echo.crossings == 0  # the body was read, and the answer sent, on the event loop
+
+
+def test_a_body_sent_in_several_messages_is_read_whole() -> None:
+    parts = [b"a" * 1000, b"b" * 1000, b"c" * 10]
+
+    sent = _exchange(
+        WsgiInThreads(_Echo(), 2),
+        _scope("POST", "/echo", 2010),
+        [{"type": "http.request", "body": p, "more_body": n < 2} for n, p in enumerate(parts)],
+    )
+
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"read 2010"
+
+
+def test_a_body_larger_than_the_buffer_streams_to_the_thread(monkeypatch: Any) -> None:
+    monkeypatch.setattr("poolsadmin.lib.http_app.BUFFERED_BYTES", 1000)
+    parts = [b"a" * 800, b"b" * 800, b"c" * 800]
+
+    sent = _exchange(
+        WsgiInThreads(_Echo(), 2),
+        _scope("POST", "/echo", 2400),
+        [{"type": "http.request", "body": p, "more_body": n < 2} for n, p in enumerate(parts)],
+    )
+
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    assert body == b"read 2400"
+
+
+def test_an_answer_larger_than_the_buffer_is_sent_as_it_is_made(monkeypatch: Any) -> None:
+    monkeypatch.setattr("poolsadmin.lib.http_app.BUFFERED_BYTES", 1000)
+    echo = _Echo(answer_size=5000, chunk=700)
+
+    sent = _exchange(
+        WsgiInThreads(echo, 2),
+        _scope("GET", "/big", 0),
+        [{"type": "http.request", "body": b"", "more_body": False}],
+    )
+
+    bodies = [m["body"] for m in sent[1:]]
+    assert b"".join(bodies) == b"read 0" + b"x" * 5000
+    assert len(bodies) > 2  # in parts, not held whole until the end
+    assert all(len(part) <= 1000 + 700 for part in bodies)
+    assert echo.crossings == len(bodies) - 1  # each part but the last crossed from the thread
+
+
+def test_a_request_whose_client_left_before_its_body_ended_is_not_run() -> None:
+    echo = _Echo()
+
+    async def talk() -> bool:
+        communicator = ApplicationCommunicator(WsgiInThreads(echo, 2), _scope("POST", "/x", 10))
+        await communicator.send_input({"type": "http.request", "body": b"12345", "more_body": True})
+        await communicator.send_input({"type": "http.disconnect"})
+        await communicator.wait(PATIENCE_SECONDS)  # the application ends, having sent nothing
+        return await communicator.receive_nothing()
+
+    assert async_to_sync(talk)()
+    assert echo.calls == 0
+
+
+def test_an_error_of_the_application_reaches_the_server() -> None:
+    def failing(environ: Any, start_response: Any) -> Any:
+        raise RuntimeError("boom")
+
+    async def talk() -> None:
+        communicator = ApplicationCommunicator(WsgiInThreads(failing, 2), _scope("GET", "/", 0))
+        await communicator.send_input({"type": "http.request", "body": b"", "more_body": False})
+        await communicator.wait(PATIENCE_SECONDS)  # raises what the application raised
+
+    with pytest.raises(RuntimeError, match="boom"):  # daphne answers 500 and logs it
+        async_to_sync(talk)()
