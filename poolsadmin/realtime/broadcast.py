@@ -7,19 +7,20 @@ once per pool, not forty times (issue 9). On a channel layer that crosses proces
 the event is handed to this process's publisher, one thread with one event loop and so one
 long-lived connection pool, instead of a fresh thread, loop and Redis connection per change
 (about 8.5 ms each, on the committing thread). The in-memory layer reaches only this
-process's sockets, on the loop that serves them: it is sent to at once, as before.
+process's hubs (realtime/fanout.py): the send is handed to the event loop they listen on,
+and a pool that no hub of this process listens to (every pool, in the worker) costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer, get_channel_layer
 from django.db import transaction
 
@@ -124,11 +125,36 @@ def _publish(pool_id: str, message: dict[str, Any]) -> None:
         if layer is None:
             return
         if isinstance(layer, InMemoryChannelLayer):
-            async_to_sync(layer.group_send)(pool_group(pool_id), message)
+            _send_on_hub_loops(layer, pool_id, message)
         else:
             publisher.put(layer, pool_id, message)
     except Exception:
         _failed(pool_id)
+
+
+_sending: set[asyncio.Task[None]] = set()  # held until done: a loop keeps weak references
+
+
+def _send_on_hub_loops(layer: InMemoryChannelLayer, pool_id: str, message: dict[str, Any]) -> None:
+    """The in-memory layer's queues belong to the event loop of the hub that listens, so the
+    send runs there. A request's thread has no loop of its own: async_to_sync made a new one,
+    in a new thread, for every change, and put into the hub's queue from that thread (which
+    does not wake the hub's loop: the page heard of it at the loop's next wake-up)."""
+    from poolsadmin.realtime.fanout import pool_hub_loops  # fanout imports this module
+
+    def send() -> None:
+        task = asyncio.ensure_future(layer.group_send(pool_group(pool_id), message))
+        _sending.add(task)
+        task.add_done_callback(sent)
+
+    def sent(task: asyncio.Task[None]) -> None:
+        _sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _failed(pool_id, task.exception())
+
+    for loop in pool_hub_loops(pool_id):
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (a test's)
+            loop.call_soon_threadsafe(send)
 
 
 class _OnCommit:

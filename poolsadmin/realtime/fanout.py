@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -281,18 +282,29 @@ class PoolHub:
 
 
 # One registry per event loop: a hub's tasks and its channel layer connections belong to
-# the loop it was made on (tests run each scenario on a loop of its own).
+# the loop it was made on (tests run each scenario on a loop of its own). The lock is for
+# pool_hub_loops, which publishers call from their own threads.
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, PoolHub]] = (
     weakref.WeakKeyDictionary()
 )
+_hubs_lock = threading.Lock()
 
 
 def _hubs_of_this_loop() -> dict[str, PoolHub]:
     loop = asyncio.get_running_loop()
-    hubs = _hubs.get(loop)
-    if hubs is None:
-        hubs = _hubs[loop] = {}
+    with _hubs_lock:
+        hubs = _hubs.get(loop)
+        if hubs is None:
+            hubs = _hubs[loop] = {}
     return hubs
+
+
+def pool_hub_loops(pool_id: str) -> list[asyncio.AbstractEventLoop]:
+    """The event loops on which a hub of the pool listens in this process (under daphne, its
+    one loop); from any thread."""
+    with _hubs_lock:
+        found = [loop for loop, hubs in _hubs.items() if pool_id in hubs]
+    return [loop for loop in found if not loop.is_closed()]
 
 
 def pool_hub(pool_id: str) -> PoolHub:

@@ -197,3 +197,64 @@ def test_over_redis_a_transaction_reaches_each_pools_group_once() -> None:
                 await layer.group_discard(pool_group(pool), channel)
 
     assert async_to_sync(scenario)() == [("pool-a", "pool.changed"), ("pool-b", "pool.changed")]
+
+
+def test_on_the_in_memory_layer_a_change_committed_on_a_plain_thread_is_sent_on_the_hubs_loop(
+    settings: Any,
+) -> None:
+    """The in-memory layer's queues belong to the event loop of the pool's hub (daphne's):
+    a request's thread (not one of asgiref's) hands the send to that loop, which it wakes.
+    async_to_sync there ran it on a new loop in a new thread, for every change, touching
+    the hub's queue from the wrong thread (it waited for the next wake-up of daphne's loop)."""
+    from poolsadmin.realtime.fanout import _hubs
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    layer = get_channel_layer()
+    sends: list[threading.Thread] = []
+    original = layer.group_send
+
+    async def recording(group: str, message: dict[str, Any]) -> None:
+        sends.append(threading.current_thread())
+        await original(group, message)
+
+    layer.group_send = recording
+    loop = asyncio.new_event_loop()
+    serving = threading.Thread(target=loop.run_forever, name="daphne's loop", daemon=True)
+    serving.start()
+
+    async def listen() -> str:
+        channel = await layer.new_channel()
+        await layer.group_add(pool_group("pool-a"), channel)
+        return channel
+
+    try:
+        channel = asyncio.run_coroutine_threadsafe(listen(), loop).result(5)
+        _hubs[loop] = {"pool-a": object()}  # type: ignore[dict-item]  # a hub listens there
+        committer = threading.Thread(target=change, args=("pool-a",), name="a request's thread")
+        committer.start()
+        committer.join(5)
+        message = asyncio.run_coroutine_threadsafe(layer.receive(channel), loop).result(5)
+    finally:
+        _hubs.pop(loop, None)
+        loop.call_soon_threadsafe(loop.stop)
+        serving.join(5)
+        loop.close()
+
+    assert message["type"] == "pool.changed"
+    assert sends == [serving]
+
+
+def test_on_the_in_memory_layer_a_pool_nobody_listens_to_costs_no_send(settings: Any) -> None:
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    layer = get_channel_layer()
+    sends: list[str] = []
+
+    async def recording(group: str, message: dict[str, Any]) -> None:
+        sends.append(group)
+
+    layer.group_send = recording
+    committer = threading.Thread(target=change, args=("pool-nobody-watches",))
+    committer.start()
+    committer.join(5)
+
+    assert sends == []  # the worker's changes, for instance: its process serves no page
