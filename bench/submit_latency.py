@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
@@ -50,7 +52,9 @@ from bench.common import (  # noqa: E402
     drop,
     free_port,
     machine,
+    machine_cpu_seconds,
     now_stamp,
+    process_cpu_seconds,
     process_env,
     read_response,
     recreate,
@@ -101,6 +105,9 @@ class Run:
     submit_errors: Counter[str] = field(default_factory=Counter)
     agent_errors: Counter[str] = field(default_factory=Counter)
     load: float = 0.0
+    stages: str = ""  # the server's own timestamps, stage by stage (stages_of)
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU ms per submission, by process
+    machine_busy: float = 0.0  # share of the machine's CPU in use while the load ran
 
     @property
     def latencies(self) -> list[float]:
@@ -260,6 +267,34 @@ async def load(args: argparse.Namespace, port: int, setup: dict[str, Any], run: 
     await asyncio.gather(pace(), *submitters, *agents)
 
 
+STAGES_SQL = """
+SELECT percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY dispatched_at - created_at),
+       percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY acked_at - dispatched_at),
+       percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY completed_at - acked_at),
+       count(*) FILTER (WHERE dispatched_at IS NULL)
+FROM workspace_tasks
+"""
+
+
+def stages_of(database_url: str) -> str:
+    """Where a submission's time went, by the ledger's own timestamps (p50/p95 ms): created ->
+    dispatched is the scheduler's share, dispatched -> acked the agent's heartbeat answer and
+    its accept, acked -> completed the agent's report; and the tasks never dispatched."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(STAGES_SQL).fetchone()
+    assert row is not None
+    *spans, undispatched = row
+
+    def ms(pair: list[Any] | None) -> str:
+        if not pair or pair[0] is None:
+            return "-"
+        return "/".join(f"{value.total_seconds() * 1000:.0f}" for value in pair)
+
+    names = ("created->dispatched", "dispatched->acked", "acked->completed")
+    text = ", ".join(f"{name} {ms(span)}" for name, span in zip(names, spans, strict=True))
+    return f"{text} ms (p50/p95); never dispatched {undispatched}"
+
+
 def one_run(args: argparse.Namespace, env: dict[str, str], setup: dict[str, Any], n: int) -> Run:
     run = Run()
     recreate(args.admin_url, BENCH_DB, template=TEMPLATE_DB)
@@ -268,8 +303,21 @@ def one_run(args: argparse.Namespace, env: dict[str, str], setup: dict[str, Any]
     worker = start_worker(args.source, env, var_dir / f"worker-{n}.log")
     web = start_web(args.source, env, port, var_dir / f"daphne-{n}.log")
     try:
+        before = {"web": process_cpu_seconds(web.pid), "worker": process_cpu_seconds(worker.pid)}
+        clients = time.process_time()
+        busy, total = machine_cpu_seconds()
         asyncio.run(load(args, port, setup, run))
         run.load = os.getloadavg()[0]
+        busy_after, total_after = machine_cpu_seconds()
+        run.machine_busy = (busy_after - busy) / max(total_after - total, 1e-9)
+        count = max(len(run.submitted), 1)
+        run.cpu_ms = {
+            name: (process_cpu_seconds(proc.pid) - before[name]) * 1000 / count
+            for name, proc in (("web", web), ("worker", worker))
+        }
+        run.cpu_ms["clients"] = (time.process_time() - clients) * 1000 / count
+        run.cpu_ms["machine"] = (busy_after - busy) * 1000 / count
+        run.stages = stages_of(url_for(args.admin_url, BENCH_DB))
     finally:
         stop_process(web)
         stop_process(worker)
@@ -284,6 +332,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--wait", type=float, default=20.0, help="the heartbeats' long poll")
     parser.add_argument("--admin-url", default="postgres://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/12",
+        help="the channel layer, as in production ('' for the in-memory one)",
+    )
     parser.add_argument("--source", type=Path, default=ROOT, help="the checkout to serve")
     parser.add_argument("--label", default="", help="what is measured, for the output")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one run, no record")
@@ -301,6 +354,7 @@ def main() -> None:
         prefix="bench-submit-",
         debug=False,
     )
+    env["CHANNEL_LAYER_URL"] = args.redis_url  # the dashboard's live push, as in production
     var_dir = env["POOLSADMIN_VAR_DIR"]
     print(f"{now_stamp()}; {machine()}; load {os.getloadavg()[0]:.2f}")
     print(f"PostgreSQL {version}; {args.admin_url}; serving {args.source} {args.label}")
@@ -326,6 +380,12 @@ def main() -> None:
                 f"| {len(run.latencies)} | {run.quantile(50) * 1000:.0f} "
                 f"| {run.quantile(95) * 1000:.0f} | {run.quantile(99) * 1000:.0f} "
                 f"| {dict(run.agent_errors) or 0} | {run.load:.1f} |",
+                flush=True,
+            )
+            cpu = ", ".join(f"{name} {ms:.1f}" for name, ms in run.cpu_ms.items())
+            print(
+                f"  server side: {run.stages}; CPU ms per submission: {cpu}; machine busy "
+                f"{run.machine_busy:.0%}",
                 flush=True,
             )
     finally:
