@@ -273,8 +273,9 @@ def agent_retire(*, agent: Agent, actor: str, reason: str) -> bool:
     return True
 
 
-def agent_authenticate(*, pool: AgentPool, agent_id: str, secret: str) -> Agent:
-    """The agent `agent_id` of `pool`, if `secret` is the one it got when it last registered.
+def agent_authenticate(*, pool_id: str, agent_id: str, secret: str) -> Agent:
+    """The agent `agent_id` of the pool `pool_id`, if `secret` is the one it got when it last
+    registered.
 
     The pool token proves only that the caller is some agent of the pool; the secret proves
     which one, so no agent can heartbeat, accept or report as another. Unknown agent:
@@ -283,7 +284,7 @@ def agent_authenticate(*, pool: AgentPool, agent_id: str, secret: str) -> Agent:
         agent = Agent.objects.get(pk=agent_id)
     except Agent.DoesNotExist:
         raise NotFound(f"agent {agent_id} does not exist", field="agent_id") from None
-    if agent.pool_id != pool.pool_id:
+    if agent.pool_id != pool_id:
         raise Forbidden(f"agent {agent_id} does not belong to the token's pool", field="agent_id")
     if agent.retired_at is not None:
         raise Forbidden(

@@ -30,37 +30,47 @@ from poolsadmin.pools.services import pool_token_authenticate
 from poolsadmin.tasks.models import WorkspaceTask
 
 P = ParamSpec("P")
-PoolView = Callable[Concatenate[HttpRequest, AgentPool, P], HttpResponse]
+PoolView = Callable[Concatenate[HttpRequest, str, P], HttpResponse]
 
 AGENT_ID_HEADER = "X-Agent-Id"
 AGENT_SECRET_HEADER = "X-Agent-Secret"
 
 
-def request_pool(request: HttpRequest) -> AgentPool:
-    """The pool of the request's bearer token, or Unauthenticated."""
+def request_pool_id(request: HttpRequest) -> str:
+    """The pool of the request's bearer token (its id: the token row alone, no join, for the
+    200 heartbeats a second of a fleet), or Unauthenticated."""
     scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthenticated("missing bearer token (Authorization: Bearer apt_<pool_id>_<hex>)")
-    return pool_token_authenticate(secret=secret.strip()).pool
+    return pool_token_authenticate(secret=secret.strip()).pool_id
+
+
+def token_pool(*, pool_id: str) -> AgentPool:
+    """The token's pool, whole (register reads its type and slots); Unauthenticated if it
+    went since the token was checked."""
+    pool = AgentPool.objects.filter(pk=pool_id).first()
+    if pool is None:
+        raise Unauthenticated("the pool token's pool no longer exists")
+    return pool
 
 
 def pool_token_required(view: PoolView[P]) -> Callable[Concatenate[HttpRequest, P], HttpResponse]:
-    """Authenticate the pool token and pass its pool to the view."""
+    """Authenticate the pool token and pass its pool's id to the view."""
 
     @functools.wraps(view)
     def wrapper(request: HttpRequest, *args: P.args, **kwargs: P.kwargs) -> HttpResponse:
         try:
-            pool = request_pool(request)
+            pool_id = request_pool_id(request)
         except Unauthenticated as error:
             response = error_response(error)
             response["WWW-Authenticate"] = 'Bearer realm="poolsadmin agents"'
             return response
-        return view(request, pool, *args, **kwargs)
+        return view(request, pool_id, *args, **kwargs)
 
     return wrapper
 
 
-def request_agent(request: HttpRequest, *, pool: AgentPool, agent_id: str | None = None) -> Agent:
+def request_agent(request: HttpRequest, *, pool_id: str, agent_id: str | None = None) -> Agent:
     """The agent the request acts as: `agent_id` (from the URL or the body) or, when the
     request names none, the `X-Agent-Id` header; proven by `X-Agent-Secret`."""
     if agent_id is None:
@@ -78,27 +88,27 @@ def request_agent(request: HttpRequest, *, pool: AgentPool, agent_id: str | None
             f"missing {AGENT_SECRET_HEADER} header: the agent_secret that register returned",
             field="agent_secret",
         )
-    return agent_authenticate(pool=pool, agent_id=agent_id, secret=secret)
+    return agent_authenticate(pool_id=pool_id, agent_id=agent_id, secret=secret)
 
 
-def pool_task(*, pool: AgentPool, task_id: int) -> WorkspaceTask:
-    """The task `task_id`, which must run in `pool` (as `pool_task_check`)."""
+def pool_task(*, pool_id: str, task_id: int) -> WorkspaceTask:
+    """The task `task_id`, which must run in the pool `pool_id` (as `pool_task_check`)."""
     task = WorkspaceTask.objects.filter(pk=task_id).first()
-    _check_pool(pool, task_id, None if task is None else task.pool_id)
+    _check_pool(pool_id, task_id, None if task is None else task.pool_id)
     assert task is not None
     return task
 
 
-def pool_task_check(*, pool: AgentPool, task_id: int) -> None:
-    """NotFound unless the task `task_id` exists, Forbidden unless it runs in `pool`: its pool
+def pool_task_check(*, pool_id: str, task_id: int) -> None:
+    """NotFound unless the task `task_id` exists, Forbidden unless it runs in `pool_id`: its pool
     column only (accept and report run this before their service reads the task). A task
     never changes pool, so checking outside the service's transaction is safe."""
     found = list(WorkspaceTask.objects.filter(pk=task_id).values_list("pool_id", flat=True))
-    _check_pool(pool, task_id, found[0] if found else None)
+    _check_pool(pool_id, task_id, found[0] if found else None)
 
 
-def _check_pool(pool: AgentPool, task_id: int, pool_id: str | None) -> None:
-    if pool_id is None:
+def _check_pool(pool_id: str, task_id: int, task_pool_id: str | None) -> None:
+    if task_pool_id is None:
         raise NotFound(f"task {task_id} does not exist")
-    if pool_id != pool.pool_id:
+    if task_pool_id != pool_id:
         raise Forbidden(f"task {task_id} does not belong to the token's pool")

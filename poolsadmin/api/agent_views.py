@@ -36,10 +36,10 @@ from poolsadmin.api.agent_auth import (
     pool_task_check,
     pool_token_required,
     request_agent,
+    token_pool,
 )
 from poolsadmin.api.http import allow_methods, field_number, field_str, json_body, json_errors
 from poolsadmin.lib.errors import Forbidden, InvalidInput
-from poolsadmin.pools.models import AgentPool
 from poolsadmin.tasks.models import WorkspaceTask
 from poolsadmin.tasks.services import task_accept, task_report
 
@@ -93,10 +93,10 @@ def _task_ids(data: dict[str, Any], name: str) -> list[int]:
 @allow_methods("POST")
 @json_errors
 @pool_token_required
-def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
+def register(request: HttpRequest, pool_id: str) -> HttpResponse:
     data = json_body(request)
     registration = agent_register(
-        pool=pool,
+        pool=token_pool(pool_id=pool_id),
         name=field_str(data, "name"),
         version=field_str(data, "version", required=False),
         ip=_client_ip(request),
@@ -111,7 +111,7 @@ def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
     response = JsonResponse(
         {
             "agent_id": registration.agent.agent_id,
-            "pool_id": pool.pool_id,
+            "pool_id": pool_id,
             "agent_secret": registration.secret,
         }
     )
@@ -122,8 +122,8 @@ def register(request: HttpRequest, pool: AgentPool) -> HttpResponse:
 @allow_methods("POST")
 @json_errors
 @pool_token_required
-def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpResponse:
-    agent = request_agent(request, pool=pool, agent_id=agent_id)
+def heartbeat(request: HttpRequest, pool_id: str, agent_id: str) -> HttpResponse:
+    agent = request_agent(request, pool_id=pool_id, agent_id=agent_id)
     data = json_body(request)
     running = _task_ids(data, "running_task_ids")
     cpu = field_number(data, "cpu", low=0, high=CPU_MAX)
@@ -146,23 +146,23 @@ def heartbeat(request: HttpRequest, pool: AgentPool, agent_id: str) -> HttpRespo
 @allow_methods("POST")
 @json_errors
 @pool_token_required
-def accept(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
+def accept(request: HttpRequest, pool_id: str, task_id: int) -> HttpResponse:
     data = json_body(request)
-    agent = request_agent(request, pool=pool, agent_id=field_str(data, "agent_id"))
-    pool_task_check(pool=pool, task_id=task_id)
+    agent = request_agent(request, pool_id=pool_id, agent_id=field_str(data, "agent_id"))
+    pool_task_check(pool_id=pool_id, task_id=task_id)
     return JsonResponse(task_json(task_accept(task_id=task_id, agent=agent)))
 
 
 @allow_methods("PUT")
 @json_errors
 @pool_token_required
-def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
+def report(request: HttpRequest, pool_id: str, task_id: int) -> HttpResponse:
     data = json_body(request)
-    agent = request_agent(request, pool=pool, agent_id=field_str(data, "agent_id"))
+    agent = request_agent(request, pool_id=pool_id, agent_id=field_str(data, "agent_id"))
     status = field_str(data, "status")
     stage = field_str(data, "stage", required=False)
     error_message = field_str(data, "error_message", required=False)
-    pool_task_check(pool=pool, task_id=task_id)
+    pool_task_check(pool_id=pool_id, task_id=task_id)
     task = task_report(
         task_id=task_id, agent=agent, status=status, stage=stage, error_message=error_message
     )
@@ -172,11 +172,11 @@ def report(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
 @allow_methods("GET")
 @json_errors
 @pool_token_required
-def detail(request: HttpRequest, pool: AgentPool, task_id: int) -> HttpResponse:
+def detail(request: HttpRequest, pool_id: str, task_id: int) -> HttpResponse:
     # A GET names no agent in its URL or body, so the agent names itself in X-Agent-Id. Any
     # agent of the pool may read any task of the pool; only updates are the assignee's.
-    request_agent(request, pool=pool)
-    return JsonResponse(task_json(pool_task(pool=pool, task_id=task_id)))
+    request_agent(request, pool_id=pool_id)
+    return JsonResponse(task_json(pool_task(pool_id=pool_id, task_id=task_id)))
 
 
 @allow_methods("POST")

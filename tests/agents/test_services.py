@@ -75,9 +75,11 @@ def test_registering_again_rotates_the_secret_with_an_event() -> None:
 
     assert second.agent.agent_id == first.agent.agent_id
     assert second.secret != first.secret
-    assert agent_authenticate(pool=pool, agent_id=first.agent.agent_id, secret=second.secret)
+    assert agent_authenticate(
+        pool_id=pool.pool_id, agent_id=first.agent.agent_id, secret=second.secret
+    )
     with pytest.raises(Forbidden) as refused:
-        agent_authenticate(pool=pool, agent_id=first.agent.agent_id, secret=first.secret)
+        agent_authenticate(pool_id=pool.pool_id, agent_id=first.agent.agent_id, secret=first.secret)
     assert refused.value.field == "agent_secret"
     event = Event.objects.get(kind="agent.reregistered")
     assert event.after is not None and event.after["secret_rotated"] is True
@@ -90,14 +92,19 @@ def test_agent_authenticate_accepts_only_the_agents_own_secret_of_the_pool() -> 
     p1, p2 = make_agent_with_secret(pool, "P1"), make_agent_with_secret(pool, "P2")
     stranger = make_agent_with_secret(other_pool, "Q1")
 
-    assert agent_authenticate(pool=pool, agent_id=p1.agent.agent_id, secret=p1.secret) == p1.agent
+    assert (
+        agent_authenticate(pool_id=pool.pool_id, agent_id=p1.agent.agent_id, secret=p1.secret)
+        == p1.agent
+    )
     for secret in ["", "ags_" + "0" * 64, p2.secret]:
         with pytest.raises(Forbidden):
-            agent_authenticate(pool=pool, agent_id=p1.agent.agent_id, secret=secret)
+            agent_authenticate(pool_id=pool.pool_id, agent_id=p1.agent.agent_id, secret=secret)
     with pytest.raises(Forbidden):  # its own secret, but the token's pool is not its pool
-        agent_authenticate(pool=pool, agent_id=stranger.agent.agent_id, secret=stranger.secret)
+        agent_authenticate(
+            pool_id=pool.pool_id, agent_id=stranger.agent.agent_id, secret=stranger.secret
+        )
     with pytest.raises(NotFound):
-        agent_authenticate(pool=pool, agent_id="agent-doesnotexist000", secret=p1.secret)
+        agent_authenticate(pool_id=pool.pool_id, agent_id="agent-doesnotexist000", secret=p1.secret)
 
 
 @pytest.mark.django_db
@@ -113,7 +120,9 @@ def test_agent_authenticate_compares_in_constant_time(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(services.hmac, "compare_digest", spy)
 
-    agent_authenticate(pool=pool, agent_id=registration.agent.agent_id, secret=registration.secret)
+    agent_authenticate(
+        pool_id=pool.pool_id, agent_id=registration.agent.agent_id, secret=registration.secret
+    )
 
     assert len(calls) == 1
 
@@ -148,7 +157,9 @@ def test_a_first_registration_that_loses_the_race_is_refused_and_changes_nothing
     assert Agent.objects.filter(pool=pool, agent_name="P1").count() == 1
     assert Pod.objects.filter(pool=pool, name="P1").count() == 1
     assert kinds(winner.agent.agent_id) == ["agent.registered"]
-    assert agent_authenticate(pool=pool, agent_id=winner.agent.agent_id, secret=winner.secret)
+    assert agent_authenticate(
+        pool_id=pool.pool_id, agent_id=winner.agent.agent_id, secret=winner.secret
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -291,7 +302,7 @@ def test_a_first_registration_whose_answer_was_lost_is_sent_again_and_proves_its
     again = agent_register(pool=pool, name="P1", proposed_secret=PROPOSED)
 
     assert again.agent.agent_id == first.agent.agent_id and again.secret == PROPOSED
-    assert agent_authenticate(pool=pool, agent_id=again.agent.agent_id, secret=PROPOSED)
+    assert agent_authenticate(pool_id=pool.pool_id, agent_id=again.agent.agent_id, secret=PROPOSED)
 
 
 @pytest.mark.django_db
@@ -304,7 +315,7 @@ def test_a_rotation_whose_answer_was_lost_is_sent_again_and_proves_itself() -> N
     again = agent_register(pool=pool, name="P1", secret=PROPOSED, proposed_secret=NEXT)
 
     assert again.agent.agent_id == first.agent.agent_id
-    assert agent_authenticate(pool=pool, agent_id=first.agent.agent_id, secret=NEXT)
+    assert agent_authenticate(pool_id=pool.pool_id, agent_id=first.agent.agent_id, secret=NEXT)
 
 
 @pytest.mark.django_db

@@ -93,3 +93,20 @@ def test_a_heartbeat_costs_as_many_queries_with_four_running_tasks_as_with_none(
     busy_count = _heartbeat_queries(client, token=token, agent=busy.agent, secret=busy.secret)
 
     assert idle_count == busy_count == STEADY_HEARTBEAT_QUERIES
+
+
+def test_a_heartbeat_reads_the_token_row_alone_not_its_pool(client: Client) -> None:
+    # The pool's row is wide; the agent API needs only its id, which the token row has.
+    pool = make_pool(name="p1")
+    token = pool_token_create(pool=pool, name="agents", actor=ADMIN).secret
+    registration = make_agent_with_secret(pool, "P1")
+    headers = {"Authorization": f"Bearer {token}", "X-Agent-Secret": registration.secret}
+    path = f"/api/v1/agents/{registration.agent.agent_id}/heartbeat"
+
+    with CaptureQueriesContext(connection) as queries:
+        response = client.post(path, "{}", content_type="application/json", headers=headers)
+
+    assert response.status_code == 200
+    token_reads = [q["sql"] for q in queries if 'FROM "pool_tokens"' in q["sql"]]
+    assert len(token_reads) == 1
+    assert "agent_pools" not in token_reads[0]
