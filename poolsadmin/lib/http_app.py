@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 import functools
 import io
+import logging
 import queue
 import threading
 import weakref
@@ -37,6 +38,8 @@ from a2wsgi.wsgi import build_environ
 from a2wsgi.wsgi_typing import ExceptionInfo, WSGIApp
 from django.conf import settings
 from django.core.wsgi import get_wsgi_application
+
+logger = logging.getLogger(__name__)
 
 PROBE_THREADS = 4  # beyond the others, for the paths that skip admission
 # A request body up to this size is read on the event loop before the request's thread starts,
@@ -126,7 +129,16 @@ class WsgiInThreads(WSGIMiddleware):
         reply = _Reply(loop, send)
         environ = build_environ(scope, cast(Any, io.BytesIO(body)))
         call = functools.partial(contextvars.copy_context().run, reply.run, self.app, environ)
-        await loop.run_in_executor(self.threads, call)
+        try:
+            await loop.run_in_executor(self.threads, call)
+        except Exception:
+            if not reply.started:
+                raise  # nothing sent yet: daphne answers 500 and logs it
+            # A large response failed half-way: end it here. Raised to daphne, whose error
+            # answer would find the response started and stop its application checker.
+            logger.exception("a response failed after it started: %s", scope.get("path"))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         await reply.finish()
 
 
@@ -168,7 +180,7 @@ class _Reply:
         self._loop = loop
         self._send = send
         self._start: dict[str, Any] | None = None
-        self._started = False  # the start went to the client
+        self.started = False  # the start went to the client
         self._chunks: list[bytes] = []
         self._size = 0
 
@@ -185,8 +197,10 @@ class _Reply:
     def _start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExceptionInfo | None = None
     ) -> Callable[[bytes], None]:
-        if exc_info is not None and self._started:
-            raise exc_info[1].with_traceback(exc_info[2])
+        if exc_info is not None:
+            if self.started:  # too late to answer otherwise (PEP 3333)
+                raise exc_info[1].with_traceback(exc_info[2])
+            self._chunks, self._size = [], 0  # the error's answer replaces what was written
         self._start = {
             "type": "http.response.start",
             "status": int(status.split(" ", 1)[0]),
@@ -205,9 +219,10 @@ class _Reply:
             asyncio.run_coroutine_threadsafe(self._flush(more=True), self._loop).result()
 
     async def _flush(self, *, more: bool) -> None:
-        if not self._started:
-            assert self._start is not None, "a WSGI application writes after start_response"
-            self._started = True
+        if not self.started:
+            if self._start is None:
+                raise RuntimeError("the WSGI application wrote before start_response")
+            self.started = True
             await self._send(self._start)
         body, self._chunks, self._size = b"".join(self._chunks), [], 0
         if body or not more:

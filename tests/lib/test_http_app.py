@@ -383,14 +383,17 @@ def test_a_body_larger_than_the_buffer_streams_to_the_thread(monkeypatch: Any) -
     monkeypatch.setattr("poolsadmin.lib.http_app.BUFFERED_BYTES", 1000)
     parts = [b"a" * 800, b"b" * 800, b"c" * 800]
 
+    echo = _Echo()
+
     sent = _exchange(
-        WsgiInThreads(_Echo(), 2),
+        WsgiInThreads(echo, 2),
         _scope("POST", "/echo", 2400),
         [{"type": "http.request", "body": p, "more_body": n < 2} for n, p in enumerate(parts)],
     )
 
     body = b"".join(m.get("body", b"") for m in sent[1:])
     assert body == b"read 2400"
+    assert echo.crossings >= 1  # the thread asked the event loop for the rest of the body
 
 
 def test_an_answer_larger_than_the_buffer_is_sent_as_it_is_made(monkeypatch: Any) -> None:
@@ -435,3 +438,84 @@ def test_an_error_of_the_application_reaches_the_server() -> None:
 
     with pytest.raises(RuntimeError, match="boom"):  # daphne answers 500 and logs it
         async_to_sync(talk)()
+
+
+class _Closing:
+    """A WSGI response iterable that counts its close() (Django's request_finished, which
+    hands the database connection back, runs in it)."""
+
+    def __init__(self, chunks: list[bytes], *, fail_after: int | None = None) -> None:
+        self.chunks = chunks
+        self.fail_after = fail_after
+        self.closed = 0
+
+    def __iter__(self) -> Any:
+        for n, chunk in enumerate(self.chunks):
+            if n == self.fail_after:
+                raise RuntimeError("the disk went away")
+            yield chunk
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_the_response_is_closed_once() -> None:
+    response = _Closing([b"a", b"b"])
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [])
+        return response
+
+    sent = _exchange(
+        WsgiInThreads(app, 2),
+        _scope("GET", "/", 0),
+        [{"type": "http.request", "body": b"", "more_body": False}],
+    )
+
+    assert sent[-1]["body"] == b"ab"
+    assert response.closed == 1
+
+
+def test_a_large_response_that_fails_half_way_is_ended_not_raised(
+    monkeypatch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Raised to daphne after the start went out, its 500 would find the response started
+    # and stop daphne's application checker for the life of the process.
+    monkeypatch.setattr("poolsadmin.lib.http_app.BUFFERED_BYTES", 1000)
+    response = _Closing([b"x" * 800] * 5, fail_after=3)
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return response
+
+    sent = _exchange(
+        WsgiInThreads(app, 2),
+        _scope("GET", "/big", 0),
+        [{"type": "http.request", "body": b"", "more_body": False}],
+    )
+
+    assert sent[0]["status"] == 200
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert 0 < sum(len(m.get("body", b"")) for m in sent[1:]) < 4000
+    assert response.closed == 1
+    assert "a response failed after it started: /big" in caplog.text
+
+
+def test_an_error_answer_replaces_what_was_written_before_anything_was_sent() -> None:
+    def app(environ: Any, start_response: Any) -> Any:
+        write = start_response("200 OK", [])
+        write(b"half of an answer")
+        try:
+            raise ValueError("found late")
+        except ValueError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b"sorry"]
+
+    sent = _exchange(
+        WsgiInThreads(app, 2),
+        _scope("GET", "/", 0),
+        [{"type": "http.request", "body": b"", "more_body": False}],
+    )
+
+    assert sent[0]["status"] == 500
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"sorry"
