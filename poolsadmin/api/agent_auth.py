@@ -48,24 +48,24 @@ def request_pool_id(request: HttpRequest) -> str:
 def token_pool(*, pool_id: str) -> AgentPool:
     """The token's pool, whole (register reads its type and slots); Unauthenticated if it
     went since the token was checked."""
-    pool = AgentPool.objects.filter(pk=pool_id).first()
-    if pool is None:
-        raise Unauthenticated("the pool token's pool no longer exists")
-    return pool
+    try:
+        return AgentPool.objects.get(pk=pool_id)
+    except AgentPool.DoesNotExist:
+        raise Unauthenticated("the pool token's pool no longer exists") from None
 
 
 def pool_token_required(view: PoolView[P]) -> Callable[Concatenate[HttpRequest, P], HttpResponse]:
-    """Authenticate the pool token and pass its pool's id to the view."""
+    """Authenticate the pool token and pass its pool's id to the view. Every 401, the view's
+    too (`token_pool`), names the scheme (RFC 6750)."""
 
     @functools.wraps(view)
     def wrapper(request: HttpRequest, *args: P.args, **kwargs: P.kwargs) -> HttpResponse:
         try:
-            pool_id = request_pool_id(request)
+            return view(request, request_pool_id(request), *args, **kwargs)
         except Unauthenticated as error:
             response = error_response(error)
             response["WWW-Authenticate"] = 'Bearer realm="poolsadmin agents"'
             return response
-        return view(request, pool_id, *args, **kwargs)
 
     return wrapper
 

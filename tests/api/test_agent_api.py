@@ -14,6 +14,7 @@ from django.test import Client
 from django.test.client import MULTIPART_CONTENT
 
 from poolsadmin.agents.models import Agent
+from poolsadmin.api import agent_auth
 from poolsadmin.events.models import Event
 from poolsadmin.lib import clock
 from poolsadmin.lib.ids import sha256_hex
@@ -195,6 +196,20 @@ def test_a_revoked_token_is_unauthenticated(api: Caller) -> None:
 
     assert response.status_code == 401
     assert "revoked" in response.json()["detail"]
+
+
+def test_a_token_whose_pool_went_meanwhile_is_unauthenticated_with_the_scheme(
+    api: Caller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool deleted between the token's read and register's read of the pool.
+    monkeypatch.setattr(agent_auth, "request_pool_id", lambda request: "pool-gone")
+
+    response = api.post("/register", {"name": "P1"})
+
+    assert response.status_code == 401
+    assert "no longer exists" in response.json()["detail"]
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    assert not Agent.objects.exists()
 
 
 def test_an_expired_token_is_unauthenticated(client: Client, pool: AgentPool) -> None:
