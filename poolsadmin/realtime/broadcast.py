@@ -139,7 +139,9 @@ def _send_on_hub_loops(layer: InMemoryChannelLayer, pool_id: str, message: dict[
     """The in-memory layer's queues belong to the event loop of the hub that listens, so the
     send runs there. A request's thread has no loop of its own: async_to_sync made a new one,
     in a new thread, for every change, and put into the hub's queue from that thread (which
-    does not wake the hub's loop: the page heard of it at the loop's next wake-up)."""
+    does not wake the hub's loop: the page heard of it at the loop's next wake-up). A
+    process serves its sockets on one loop (daphne's; a test, one at a time): with hubs of
+    one pool on two live loops each would hear the change twice."""
     from poolsadmin.realtime.fanout import pool_hub_loops  # fanout imports this module
 
     def send() -> None:
