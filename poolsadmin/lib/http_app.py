@@ -271,7 +271,7 @@ _place: contextvars.ContextVar[_Place | None] = contextvars.ContextVar("http_pla
 
 class HttpAdmission:
     """ASGI middleware: at most `places` requests inside `app` at once (those of `exempt`
-    paths aside); the request's thread sees its place (a2wsgi runs it in a copy of the
+    paths aside); the request's thread sees its place (WsgiInThreads runs it in a copy of the
     request's context)."""
 
     def __init__(self, app: WsgiInThreads, *, places: int, exempt: Iterable[str]) -> None:

@@ -130,13 +130,12 @@ class Fanout:
         try:
             yield woken
         finally:
-            with self._lock:
-                waiters = self._waiters.get(key)
-                if waiters is not None and woken in waiters:
-                    waiters.discard(woken)
-                    self._count -= 1
-                    if not waiters:
-                        del self._waiters[key]
+            with self._lock:  # registered above, and removed only here
+                waiters = self._waiters[key]
+                waiters.discard(woken)
+                self._count -= 1
+                if not waiters:
+                    del self._waiters[key]
 
     def _start_listener(self) -> None:
         if connection.vendor != "postgresql":
