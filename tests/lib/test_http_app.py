@@ -32,10 +32,10 @@ from tests.processes import ROOT
 PATIENCE_SECONDS = 30
 
 
-def _request(
-    app: Any, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    scope = {
+def _scope(
+    method: str, path: str, body_size: int, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -46,25 +46,45 @@ def _request(
         "query_string": b"",
         "root_path": "",
         "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-        + [(b"host", b"testserver"), (b"content-length", str(len(body)).encode())],
+        + [(b"host", b"testserver"), (b"content-length", str(body_size).encode())],
         "client": ("127.0.0.1", 40000),
         "server": ("testserver", 80),
     }
 
-    async def exchange() -> tuple[int, dict[str, str], bytes]:
-        talk = ApplicationCommunicator(app, scope)
-        await talk.send_input({"type": "http.request", "body": body, "more_body": False})
-        start = await talk.receive_output(PATIENCE_SECONDS)
-        content = b""
-        while True:
-            message = await talk.receive_output(PATIENCE_SECONDS)
-            content += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        sent = {k.decode().lower(): v.decode() for k, v in start["headers"]}
-        return start["status"], sent, content
 
-    return async_to_sync(exchange)()
+def _whole(body: bytes) -> list[dict[str, Any]]:
+    """A request's body in one message."""
+    return [{"type": "http.request", "body": body, "more_body": False}]
+
+
+async def _messages(
+    app: Any, scope: dict[str, Any], inputs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every message the application sends for `inputs`, to the response's last: one left
+    unread is still being sent when the test's event loop closes ("coroutine 'Queue.put' was
+    never awaited")."""
+    communicator = ApplicationCommunicator(app, scope)
+    for message in inputs:
+        await communicator.send_input(message)
+    sent = [await communicator.receive_output(PATIENCE_SECONDS)]
+    while True:
+        sent.append(await communicator.receive_output(PATIENCE_SECONDS))
+        if not sent[-1].get("more_body"):
+            return sent
+
+
+def _exchange(
+    app: Any, scope: dict[str, Any], inputs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    return async_to_sync(_messages)(app, scope, inputs)
+
+
+def _request(
+    app: Any, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    start, *rest = _exchange(app, _scope(method, path, len(body), headers), _whole(body))
+    sent = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+    return start["status"], sent, b"".join(m.get("body", b"") for m in rest)
 
 
 @pytest.fixture(scope="module")
@@ -181,17 +201,7 @@ def _admitted(held: _Held, places: int) -> HttpAdmission:
 
 
 async def _get(app: Any, path: str) -> int:
-    scope = {"type": "http", "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "query_string": b"", "root_path": "", "headers": [],
-             "server": ("testserver", 80)}  # fmt: skip
-    talk = ApplicationCommunicator(app, scope)
-    await talk.send_input({"type": "http.request", "body": b"", "more_body": False})
-    start = await talk.receive_output(PATIENCE_SECONDS)
-    # The whole body, to its last message: one left unread is still being sent when the
-    # test's event loop closes ("coroutine 'Queue.put' was never awaited").
-    while (await talk.receive_output(PATIENCE_SECONDS)).get("more_body"):
-        pass
-    return int(start["status"])
+    return int((await _messages(app, _scope("GET", path, 0), _whole(b"")))[0]["status"])
 
 
 async def _entered(held: _Held, count: int) -> None:
@@ -293,31 +303,6 @@ def test_a_thread_stuck_in_a_request_does_not_hold_the_process_exit(tmp_path: Pa
 # applications of the test's own.
 
 
-def _scope(method: str, path: str, body_size: int) -> dict[str, Any]:
-    return {"type": "http", "http_version": "1.1", "method": method, "scheme": "http",
-            "path": path, "query_string": b"", "root_path": "",
-            "headers": [(b"content-length", str(body_size).encode())],
-            "server": ("testserver", 80)}  # fmt: skip
-
-
-def _exchange(
-    app: Any, scope: dict[str, Any], inputs: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Every message the application sends for `inputs`, to the response's last."""
-
-    async def talk() -> list[dict[str, Any]]:
-        communicator = ApplicationCommunicator(app, scope)
-        for message in inputs:
-            await communicator.send_input(message)
-        sent = [await communicator.receive_output(PATIENCE_SECONDS)]
-        while True:
-            sent.append(await communicator.receive_output(PATIENCE_SECONDS))
-            if not sent[-1].get("more_body"):
-                return sent
-
-    return async_to_sync(talk)()
-
-
 class _Echo:
     """Answers with the size of the body it read, its own thread's crossings to the event loop
     counted (a2wsgi crosses for each read and each message of the response)."""
@@ -357,7 +342,7 @@ def test_a_small_request_crosses_to_its_thread_and_back_once() -> None:
     sent = _exchange(
         WsgiInThreads(echo, 2),
         _scope("POST", "/echo", len(body)),
-        [{"type": "http.request", "body": body, "more_body": False}],
+        _whole(body),
     )
 
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
@@ -403,7 +388,7 @@ def test_an_answer_larger_than_the_buffer_is_sent_as_it_is_made(monkeypatch: Any
     sent = _exchange(
         WsgiInThreads(echo, 2),
         _scope("GET", "/big", 0),
-        [{"type": "http.request", "body": b"", "more_body": False}],
+        _whole(b""),
     )
 
     bodies = [m["body"] for m in sent[1:]]
@@ -433,7 +418,7 @@ def test_an_error_of_the_application_reaches_the_server() -> None:
 
     async def talk() -> None:
         communicator = ApplicationCommunicator(WsgiInThreads(failing, 2), _scope("GET", "/", 0))
-        await communicator.send_input({"type": "http.request", "body": b"", "more_body": False})
+        await communicator.send_input(_whole(b"")[0])
         await communicator.wait(PATIENCE_SECONDS)  # raises what the application raised
 
     with pytest.raises(RuntimeError, match="boom"):  # daphne answers 500 and logs it
@@ -469,7 +454,7 @@ def test_the_response_is_closed_once() -> None:
     sent = _exchange(
         WsgiInThreads(app, 2),
         _scope("GET", "/", 0),
-        [{"type": "http.request", "body": b"", "more_body": False}],
+        _whole(b""),
     )
 
     assert sent[-1]["body"] == b"ab"
@@ -491,7 +476,7 @@ def test_a_large_response_that_fails_half_way_is_ended_not_raised(
     sent = _exchange(
         WsgiInThreads(app, 2),
         _scope("GET", "/big", 0),
-        [{"type": "http.request", "body": b"", "more_body": False}],
+        _whole(b""),
     )
 
     assert sent[0]["status"] == 200
@@ -514,7 +499,7 @@ def test_an_error_answer_replaces_what_was_written_before_anything_was_sent() ->
     sent = _exchange(
         WsgiInThreads(app, 2),
         _scope("GET", "/", 0),
-        [{"type": "http.request", "body": b"", "more_body": False}],
+        _whole(b""),
     )
 
     assert sent[0]["status"] == 500
